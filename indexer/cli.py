@@ -1,0 +1,203 @@
+"""Command line: each command parses, calls one library function, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import IndexerError
+
+log = logging.getLogger("indexer")
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("indexer: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, default=str, ensure_ascii=False))
+
+
+def output_options(fn):
+    """--json and -q/--quiet, shared by every command."""
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs on stderr.")
+    @click.option("-v", "--verbose", count=True, help="More logging on stderr.")
+    @functools.wraps(fn)
+    def wrapper(*args, quiet: bool, verbose: int, **kwargs):
+        _setup_logging(quiet, verbose)
+        return fn(*args, quiet=quiet, **kwargs)
+    return wrapper
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IndexerError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="indexer")
+def cli() -> None:
+    """Embed text and images with frozen pretrained models into a LanceDB collection, and search it."""
+
+
+def _layer(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--model", help="minilm, efficientnet-lite0, hf:<id or dir>, torchvision:<name>. "
+              "Default: the collection's model, or one picked from the sources.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
+@click.option("--layer", help="Text: hidden-state number (-1 = last). CNN: module name (e.g. layer3).")
+@click.option("--pooling", type=click.Choice(["cls", "pooler", "mean", "max"]), help="Text token pooling.")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--image-field", default="image", show_default=True, help="Table field with an image path or bytes.")
+@click.option("--id-field", help="Table field with the item id (default: `id` if present).")
+@click.option("--label-field", help="Table field with the label (default: `label` if present).")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
+@output_options
+def ingest(collection, sources, layer, as_json, quiet, **options):
+    """Embed SOURCES (folders, files, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION."""
+    from .ingest import IngestInterrupted, StrictError
+    from .ingest import ingest as run_ingest
+
+    try:
+        summary = run_ingest(collection, list(sources), layer=_layer(layer), progress=not quiet, **options)
+        code = 0
+    except (StrictError, IngestInterrupted) as exc:
+        summary, code = exc.summary, exc.exit_code
+        log.error("%s", exc)
+    _print_json(summary.to_dict()) if as_json else click.echo(summary.line())
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.argument("query", required=False)
+@click.option("--image", type=click.Path(dir_okay=False), help="Search by an image file.")
+@click.option("--id", "item_id", help="Search by a stored item (the item itself is left out).")
+@click.option("--queries", type=click.File("r"), help="JSONL of queries (- for stdin); JSONL results out.")
+@click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Results per query.")
+@click.option("--where", help="SQL filter on stored fields, applied before ranking, e.g. \"label = 'cat'\".")
+@click.option("--engine", type=click.Choice(["auto", "exact"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@output_options
+def search(collection, query, image, item_id, queries, k, where, engine, device, as_json, quiet):
+    """Nearest items in COLLECTION to QUERY (text), --image, --id, or each line of --queries."""
+    from .tasks.search import Query, search_batch
+    from .tasks.search import search as run_search
+
+    given = sum(x is not None for x in (query, image, item_id, queries))
+    if given != 1:
+        raise click.UsageError("give exactly one of QUERY, --image, --id or --queries")
+    if queries is not None:
+        qs = []
+        for n, line in enumerate(queries, start=1):
+            if line.strip():
+                try:
+                    qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
+                except json.JSONDecodeError as exc:
+                    raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
+        for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device)):
+            _print_json({**q.echo(), "results": hits})
+        return
+    hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device)
+    if as_json:
+        _print_json(hits)
+        return
+    if not hits:
+        click.echo("no results")
+    for rank, hit in enumerate(hits, start=1):
+        what = hit.get("text") or hit.get("path") or ""
+        what = " ".join(str(what).split())
+        label = f" [{hit['label']}]" if hit.get("label") else ""
+        click.echo(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}{label}  {what[:100]}")
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@output_options
+def info(collection, as_json, quiet):
+    """What COLLECTION holds: rows, model, fields, errors, size."""
+    from . import info as collection_info
+
+    data = collection_info(collection)
+    if as_json:
+        _print_json(data)
+        return
+    m = data["model"]
+    lines = [
+        f"collection   {data['path']}",
+        f"rows         {data['rows']}",
+        f"model        {m['name']} ({m['modality']}, dim {m['dim']}, layer {m['layer']}, pooling {m['pooling']}, "
+        f"{'normalized' if m['normalize'] else 'not normalized'})",
+        f"weights      sha256 {m['weights_sha256']}",
+        f"metric       {data['metric']}",
+        f"fields       {', '.join(data['fields'])}",
+        f"errors       {data['errors']} (errors.jsonl)",
+        f"index        {data['index'] or 'none (exact search)'}",
+        f"lance        version {data['lance_version']}, {data['size_bytes'] / 1e6:.1f} MB on disk",
+        f"updated      {data['updated']} (created {data['created']})",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@output_options
+def models(as_json, quiet):
+    """The model names --model accepts."""
+    from .models import list_models
+
+    names = list_models()
+    _print_json(names) if as_json else click.echo("\n".join(names))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@output_options
+def sample(directory, as_json, quiet):
+    """Write a small real corpus (labelled texts, photos, query images) into DIRECTORY."""
+    from .sample import write_sample_corpus
+
+    paths = {k: str(v) for k, v in write_sample_corpus(Path(directory)).items()}
+    _print_json(paths) if as_json else click.echo("\n".join(f"{k:8} {v}" for k, v in paths.items()))
+
+
+def main() -> None:
+    cli(prog_name="indexer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""ingest: sources -> model -> collection, streaming, incremental and resumable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import IndexerError
+from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
+from ..sources import SkippedInput, SourceOptions, check_sources, count_inputs, guess_modality, iter_records
+from ..store import Collection
+from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
+from .writer import BatchWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestSummary:
+    added: int = 0
+    updated: int = 0
+    skipped: int = 0  # unchanged since the last run: not embedded again
+    errors: int = 0  # inputs that could not be used; reasons in errors.jsonl
+    truncated: int = 0  # texts longer than the model's limit, embedded from their first tokens
+    seconds: float = 0.0
+    items_per_s: float = 0.0
+    rows: int = 0
+    collection: str = ""
+    model: str = ""
+    interrupted: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        parts = [f"{self.added} added", f"{self.updated} updated", f"{self.skipped} unchanged",
+                 f"{self.errors} errors"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated")
+        return (f"{self.collection}: " + ", ".join(parts)
+                + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {self.rows} rows")
+
+
+class StrictError(IndexerError):
+    """--strict and some inputs were skipped; the run itself completed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: IngestSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class IngestInterrupted(StrictError):
+    """Ctrl-C: what was embedded is committed; the same command resumes."""
+
+    exit_code = 130
+
+
+class _Run:
+    """Bookkeeping shared by the text and image paths: ids seen, counts, errors, progress."""
+
+    def __init__(self, collection: Collection, writer: BatchWriter, known: dict[str, str], progress):
+        self.collection, self.writer, self.known, self.progress = collection, writer, known, progress
+        self.summary = IngestSummary(collection=str(collection.path), model=collection.spec.name)
+        self.seen: set[str] = set()
+        self.pending_errors: list[SkippedInput] = []
+
+    def skip(self, item: SkippedInput) -> None:
+        self.summary.errors += 1
+        self.pending_errors.append(item)
+        log.debug("skipped %s: %s", item.source, item.reason)
+        self.progress.update(1)
+
+    def accept(self, item: Prepared | Unchanged | SkippedInput) -> Prepared | None:
+        """Count an item; return it if it needs embedding."""
+        if isinstance(item, SkippedInput):
+            self.skip(item)
+            return None
+        rid = item.id if isinstance(item, Unchanged) else item.record.id
+        if rid in self.seen:
+            self.skip(SkippedInput(getattr(getattr(item, "record", None), "source", rid),
+                                   f"duplicate id {rid!r} in this run (first occurrence kept)", rid))
+            return None
+        self.seen.add(rid)
+        if isinstance(item, Unchanged):
+            self.summary.skipped += 1
+            self.progress.update(1)
+            return None
+        return item
+
+    def emit(self, items: list[Prepared], vectors: np.ndarray, modality: str) -> None:
+        """Hand embedded rows to the writer: new ids are appended, known ids upserted."""
+        for upsert in (False, True):
+            idx = [i for i, p in enumerate(items) if (p.record.id in self.known) == upsert]
+            if idx:
+                rows = [_row(items[i], modality) for i in idx]
+                self.writer.put(rows, vectors[idx], upsert=upsert)
+                if upsert:
+                    self.summary.updated += len(idx)
+                else:
+                    self.summary.added += len(idx)
+        self.progress.update(len(items))
+        self.flush_errors()
+
+    def flush_errors(self) -> None:
+        self.collection.log_skipped(self.pending_errors)
+        self.pending_errors = []
+
+
+def _row(item: Prepared, modality: str) -> dict:
+    r = item.record
+    row = {"id": r.id, "content_hash": item.content_hash, "record_hash": item.record_hash, "source": r.source}
+    if modality == "text":
+        row["text"] = r.text
+    else:
+        row["path"] = r.path
+    row["label"] = r.label
+    row.update(r.fields)
+    return row
+
+
+def _resolve(path: str, sources: list[str], model: str | None, weights: str | None, layer,
+             pooling: str | None, normalize: bool) -> tuple[Collection | None, ModelSpec]:
+    """The collection (if it exists) and the spec to embed with: the recorded one unless flags say otherwise."""
+    if Collection.exists(path):
+        coll = Collection.open(path)
+        if model is None and weights is None and layer is None and pooling is None:
+            return coll, respec(coll.spec)
+        return coll, resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
+                                  normalize=normalize)
+    if model is None:
+        model = DEFAULT_MODELS[guess_modality(sources)]
+        log.info("no --model given: using %s", model)
+    return None, resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
+
+
+def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | None = None,
+           weights: str | None = None, layer: int | str | None = None, pooling: str | None = None,
+           normalize: bool = True, text_field: str = "text", image_field: str = "image",
+           id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
+           workers: int | None = None, device: str = "auto", precision: str = "auto",
+           strict: bool = False, progress: bool = True) -> IngestSummary:
+    """Embed `sources` into the collection at `collection` (created on first use).
+
+    Incremental: items whose content and metadata are unchanged are skipped; changed ones are
+    replaced. Resumable: rows are committed in batches, so a killed run continues where it stopped.
+
+    >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
+    >>> s.added, s.errors                                          # doctest: +SKIP
+    (120, 0)
+    """
+    from tqdm import tqdm
+
+    path = str(collection)
+    started = time.perf_counter()
+    runtime = resolve_runtime(device, precision)
+    if batch_size is not None and batch_size < 1:
+        raise IndexerError("--batch-size must be at least 1")
+    coll, spec = _resolve(path, sources, model, weights, layer, pooling, normalize)
+    modality = spec.modality
+    check_sources(sources, modality)  # before loading the model (seconds), so a typo fails at once
+    embedder = load_embedder(spec, runtime)
+    if coll is None:
+        coll = Collection.create(path, embedder.spec)
+    else:
+        coll.check_compatible(embedder.spec)
+    opts = SourceOptions(modality=modality, text_field=text_field, image_field=image_field,
+                         id_field=id_field, label_field=label_field)
+    batch_size = batch_size or embedder.default_batch_size
+
+    with coll.write_lock():
+        known = coll.record_hashes()
+        total = count_inputs(sources, opts)
+        bar = tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True, smoothing=0.05,
+                   desc=f"ingest {Path(path).name}")
+        writer = BatchWriter(coll, commit_rows=max(256, 8 * batch_size))
+        run = _Run(coll, writer, known, bar)
+        try:
+            if modality == "text":
+                _ingest_text(run, embedder, sources, opts, batch_size)
+            else:
+                _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda)
+        except KeyboardInterrupt:
+            run.summary.interrupted = True
+        finally:
+            bar.close()
+            writer.close()
+            run.flush_errors()
+        coll.compact()
+        coll.touch(embedder.spec)
+
+    s = run.summary
+    s.truncated = getattr(embedder, "truncated", 0)
+    s.seconds = time.perf_counter() - started
+    s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
+    s.rows = coll.count()
+    if s.truncated:
+        log.warning("%d texts were longer than %s tokens and were truncated", s.truncated, embedder.spec.max_length)
+    if s.errors:
+        log.warning("%d inputs skipped; reasons in %s", s.errors, coll.path / "errors.jsonl")
+    if s.interrupted:
+        raise IngestInterrupted("interrupted; committed rows are kept: run the same command to resume", s)
+    if strict and s.errors:
+        raise StrictError(f"--strict: {s.errors} inputs were skipped (see {coll.path / 'errors.jsonl'})", s)
+    return s
+
+
+def _ingest_text(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int) -> None:
+    # Embed in windows of many batches: sorting a window by length keeps padding small.
+    window: list[Prepared] = []
+    window_size = batch_size * 16
+    for record in iter_records(sources, opts):
+        item = run.accept(prepare(record, run.known))
+        if item is not None:
+            window.append(item)
+        if len(window) >= window_size:
+            _embed_text_window(run, embedder, window, batch_size)
+            window = []
+    _embed_text_window(run, embedder, window, batch_size)
+
+
+def _embed_text_window(run: _Run, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
+    if window:
+        vectors = embedder.embed([p.record.text for p in window], batch_size)
+        run.emit(window, vectors, "text")
+
+
+def _ingest_images(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int,
+                   workers: int | None, cuda: bool) -> None:
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if "-" in sources:
+        workers = 0  # stdin can be read by one process only
+    crop = embedder.spec.preprocessing.get("resize")
+    dataset = ImageInputs(sources, opts, run.known, embedder.preprocess_fn(), min_size=crop)
+    for batch in image_batches(dataset, batch_size, workers, pin_memory=cuda):
+        # batch["pixels"] holds one image per Prepared item, in order; duplicates are dropped after.
+        prepared, keep = [], []
+        for item in batch["items"]:
+            accepted = run.accept(item) is not None
+            if isinstance(item, Prepared):
+                prepared.append(item)
+                keep.append(accepted)
+        keep = np.array(keep, dtype=bool)
+        if keep.any():
+            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)])
+            run.emit([p for p, k in zip(prepared, keep) if k], vectors, "image")

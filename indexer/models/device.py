@@ -1,0 +1,60 @@
+"""Device and precision choice: CUDA with autocast when there is one, fp32 on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import IndexerError
+
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs. Not part of a model's identity: vectors made on a GPU in fp16
+    are searched with queries embedded on a CPU in fp32."""
+
+    device: torch.device
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        if self.is_cuda and self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # Pinned host memory (DataLoader pin_memory) makes this copy asynchronous on CUDA.
+        return tensor.to(self.device, non_blocking=self.is_cuda)
+
+
+def resolve_runtime(device: str = "auto", precision: Precision = "auto") -> Runtime:
+    """`auto` picks CUDA when present. CPU runs fp32 (or int8 dynamic quantisation on request)."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise IndexerError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise IndexerError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        if dev.type not in ("cpu", "cuda"):
+            raise IndexerError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if dev.type == "cpu" and precision in ("fp16", "bf16"):
+        raise IndexerError(
+            f"--precision {precision} needs a GPU; on CPU use fp32 (or int8 for text models)"
+        )
+    if dev.type == "cuda" and precision == "int8":
+        raise IndexerError("--precision int8 is a CPU mode (dynamic quantisation); on GPU use fp16 or bf16")
+    return Runtime(dev, precision)

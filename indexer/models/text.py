@@ -1,0 +1,117 @@
+"""Transformer text encoders (BERT, sentence-transformers, any AutoModel) with explicit pooling."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import IndexerError
+from .base import Embedder, ModelSpec
+from .device import Runtime
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "pooler", "mean", "max")
+
+
+def sentence_transformers_config(model_dir: Path) -> tuple[str | None, bool, int | None]:
+    """(pooling, normalize, max_seq_length) configured by a sentence-transformers directory, if any."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.exists():
+        return None, False, None
+    modules = json.loads(modules_file.read_text())
+    pooling, normalize = None, False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg = json.loads((model_dir / module["path"] / "config.json").read_text())
+            modes = [m for m, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                                      ("max", "pooling_mode_max_tokens")) if cfg.get(key)]
+            if len(modes) != 1:
+                raise IndexerError(f"{model_dir}: unsupported sentence-transformers pooling {cfg}; pass --pooling")
+            pooling = modes[0]
+        elif kind.endswith("Normalize"):
+            normalize = True
+    max_len = None
+    st_cfg = model_dir / "sentence_bert_config.json"
+    if st_cfg.exists():
+        max_len = json.loads(st_cfg.read_text()).get("max_seq_length")
+    return pooling, normalize, max_len
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (n, t, d) token states to (n, d); `mean` and `max` ignore padding."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
+    raise ValueError(pooling)
+
+
+class TextEmbedder(Embedder):
+    """Any transformers encoder. `layer` indexes `hidden_states` (0 = embeddings, -1 = last)."""
+
+    default_batch_size = 64
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime):
+        from transformers import AutoModel, AutoTokenizer
+
+        model_dir = Path(spec.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModel.from_pretrained(model_dir)
+        model.eval().requires_grad_(False)
+        if runtime.precision == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model.to(runtime.device)
+        self.runtime = runtime
+        self.truncated = 0
+
+        n_layers = model.config.num_hidden_layers
+        layer = -1 if spec.layer is None else int(spec.layer)
+        if not -(n_layers + 1) <= layer <= n_layers:
+            raise IndexerError(
+                f"--layer {layer}: {spec.name} has hidden states 0..{n_layers} (or -1..-{n_layers + 1})")
+        layer %= n_layers + 1
+        self._last_layer = layer == n_layers
+
+        st_pooling, st_normalize, st_max_len = sentence_transformers_config(model_dir)
+        pooling = spec.pooling or st_pooling
+        if pooling is None:
+            raise IndexerError(
+                f"{spec.name} configures no pooling: pass --pooling cls|pooler|mean|max")
+        if pooling not in POOLINGS:
+            raise IndexerError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
+        if pooling == "pooler" and (not self._last_layer or getattr(model, "pooler", None) is None):
+            raise IndexerError(
+                f"--pooling pooler needs the model's pooler on the last layer; {spec.name} "
+                + ("has no pooler" if getattr(model, "pooler", None) is None else f"was asked for layer {layer}")
+                + " (use cls, mean or max)")
+        limit = st_max_len or spec.max_length or self.tokenizer.model_max_length
+        limit = min(limit, getattr(model.config, "max_position_embeddings", limit) or limit)
+        dim = model.config.hidden_size
+        self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": pooling, "dim": dim,
+                                 "max_length": int(limit)})
+
+    def batch_order(self, items: Sequence[str]) -> list[int]:
+        return sorted(range(len(items)), key=lambda i: len(items[i]))
+
+    def _prepare(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(items), padding=True, truncation=True, max_length=self.spec.max_length,
+                             return_tensors="pt")
+        if enc.encodings is not None:
+            self.truncated += sum(1 for e in enc.encodings if e.overflowing)
+        return {k: self.runtime.to_device(v) for k, v in enc.items()}
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(**inputs, output_hidden_states=not self._last_layer)
+        if self.spec.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state if self._last_layer else out.hidden_states[self.spec.layer]
+        return pool(hidden, inputs["attention_mask"], self.spec.pooling)

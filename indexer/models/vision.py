@@ -1,0 +1,195 @@
+"""Image encoders: CNNs (penultimate layer or any named module, globally average-pooled) and HF
+vision transformers (CLS or mean of patch tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import IndexerError
+from .base import Embedder, ModelSpec
+from .device import Runtime
+from .text import pool
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize the short side, centre-crop, normalise: the classic ImageNet evaluation transform.
+    A plain dataclass so it pickles into DataLoader workers."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def __call__(self, image) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        x = TF.pil_to_tensor(image)
+        x = TF.resize(x, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        x = TF.center_crop(x, [self.crop])
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        return TF.normalize(x, list(self.mean), list(self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class HFImageTransform:
+    """A transformers image processor applied to one image (picklable)."""
+
+    processor: Any
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the requested layer has run: nothing above it is computed."""
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the classifier: the last nn.Linear registered in the model."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name
+    if found is None:
+        raise IndexerError("cannot find the classifier (an nn.Linear) for the penultimate layer: pass --layer")
+    parent_name, _, attr = found.rpartition(".")
+    return model.get_submodule(parent_name) if parent_name else model, attr
+
+
+def _global_pool(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.dim() == 4:  # (n, c, h, w)
+        return out.mean(dim=(2, 3))
+    if out.dim() == 3:  # (n, tokens, d)
+        return out.mean(dim=1)
+    return out.flatten(1)
+
+
+class CNNEmbedder(Embedder):
+    """Penultimate features (the pooled input of the classifier) or a named module's output,
+    global-average-pooled. `model` is any nn.Module taking (n, 3, h, w)."""
+
+    default_batch_size = 64
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime, model: nn.Module, transform: ImageTransform):
+        model.eval().requires_grad_(False)
+        self._captured: torch.Tensor | None = None
+        if spec.layer in (None, "penultimate"):
+            parent, attr = _last_linear(model)
+            setattr(parent, attr, nn.Identity())  # the model now returns the classifier's input
+            layer = "penultimate"
+        else:
+            modules = dict(model.named_modules())
+            if spec.layer not in modules or spec.layer == "":
+                top = [n for n, _ in model.named_children()]
+                raise IndexerError(f"--layer {spec.layer!r} is not a module of {spec.name}; "
+                                   f"top-level modules: {', '.join(top)} (nested names use dots, e.g. layer3.1)")
+            modules[spec.layer].register_forward_hook(self._capture)
+            layer = spec.layer
+        if runtime.is_cuda:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(runtime.device)
+        self.runtime = runtime
+        self.transform = transform
+        self._hooked = layer != "penultimate"
+        probe = torch.zeros(1, 3, transform.crop, transform.crop, device=runtime.device)
+        with torch.inference_mode():
+            dim = self._features(probe).shape[-1]
+        self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": "avg", "dim": int(dim),
+                                 "preprocessing": transform.to_dict()})
+
+    def _capture(self, _module, _inputs, output):
+        self._captured = _global_pool(output)
+        raise _StopForward
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._hooked:
+            return _global_pool(self.model(x))
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        out, self._captured = self._captured, None
+        return out
+
+    def preprocess_fn(self) -> Callable:
+        return self.transform
+
+    def _prepare(self, items: Sequence[Any]) -> torch.Tensor:
+        if isinstance(items, torch.Tensor):
+            batch = items
+        else:
+            batch = torch.stack([x if isinstance(x, torch.Tensor) else self.transform(x) for x in items])
+        batch = self.runtime.to_device(batch)
+        if self.runtime.is_cuda:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._features(inputs)
+
+
+class HFVisionEmbedder(Embedder):
+    """ViT, DINOv2 and other transformers image encoders: `cls`, `mean` (of patch tokens), `pooler`."""
+
+    default_batch_size = 32
+
+    def __init__(self, spec: ModelSpec, runtime: Runtime):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.processor = AutoImageProcessor.from_pretrained(spec.path)
+        model = AutoModel.from_pretrained(spec.path)
+        model.eval().requires_grad_(False)
+        self.model = model.to(runtime.device)
+        self.runtime = runtime
+        cfg = getattr(model.config, "vision_config", model.config)
+        n_layers = cfg.num_hidden_layers
+        layer = -1 if spec.layer is None else int(spec.layer)
+        if not -(n_layers + 1) <= layer <= n_layers:
+            raise IndexerError(f"--layer {layer}: {spec.name} has hidden states 0..{n_layers}")
+        layer %= n_layers + 1
+        self._last_layer = layer == n_layers
+        pooling = spec.pooling or "cls"
+        if pooling not in ("cls", "mean", "pooler"):
+            raise IndexerError(f"--pooling {pooling}: image transformers support cls, mean, pooler")
+        if pooling == "pooler" and not self._last_layer:
+            raise IndexerError("--pooling pooler only applies to the last layer")
+        # Tokens before the patches: CLS plus any register tokens (DINOv2 with registers).
+        self._prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+        self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": pooling, "dim": cfg.hidden_size,
+                                 "preprocessing": {"processor": type(self.processor).__name__}})
+
+    def preprocess_fn(self) -> Callable:
+        return HFImageTransform(self.processor)
+
+    def _prepare(self, items: Sequence[Any]) -> torch.Tensor:
+        if isinstance(items, torch.Tensor):
+            return self.runtime.to_device(items)
+        fn = self.preprocess_fn()
+        return self.runtime.to_device(
+            torch.stack([x if isinstance(x, torch.Tensor) else fn(x) for x in items]))
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=inputs, output_hidden_states=not self._last_layer)
+        if self.spec.pooling == "pooler":
+            if out.pooler_output is None:
+                raise IndexerError(f"{self.spec.name} has no pooler: use --pooling cls or mean")
+            return out.pooler_output
+        hidden = out.last_hidden_state if self._last_layer else out.hidden_states[self.spec.layer]
+        if self.spec.pooling == "cls":
+            return hidden[:, 0]
+        patches = hidden[:, self._prefix :]
+        return pool(patches, torch.ones(patches.shape[:2], device=patches.device), "mean")

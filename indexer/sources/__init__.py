@@ -1,0 +1,244 @@
+"""Sources: folders, single files, JSONL/CSV/Parquet tables and JSONL on stdin, read lazily.
+
+Validation happens here: a bad input becomes a SkippedInput with a reason, never an exception that
+stops the run. Only unusable arguments (a missing path, an unsupported file type) raise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import IndexerError
+from .images import IMAGE_EXTENSIONS
+from .records import RESERVED, Record, SkippedInput, content_hash
+
+TEXT_EXTENSIONS = frozenset({".txt", ".md"})
+TABLE_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"})
+
+__all__ = ["Record", "SkippedInput", "SourceOptions", "check_sources", "count_inputs", "iter_records",
+           "content_hash", "IMAGE_EXTENSIONS", "TEXT_EXTENSIONS", "guess_modality"]
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    modality: str  # "text" or "image": which files a folder contributes, which field a table row gives
+    text_field: str = "text"
+    image_field: str = "image"
+    id_field: str | None = None  # default: a row's "id" if present, else derived from the source
+    label_field: str | None = None  # default: a row's "label" if present
+
+
+def _payload_extensions(modality: str) -> frozenset[str]:
+    return IMAGE_EXTENSIONS if modality == "image" else TEXT_EXTENSIONS
+
+
+def check_sources(paths: list[str], modality: str) -> None:
+    """Fail before any work if an argument cannot be a source."""
+    if not paths:
+        raise IndexerError("no SOURCE given: pass folders, files, or - for JSONL on stdin")
+    for p in paths:
+        if p == "-":
+            continue
+        path = Path(p)
+        if not path.exists():
+            raise IndexerError(f"source not found: {p}")
+        if path.is_file():
+            ext = path.suffix.lower()
+            if ext not in TABLE_EXTENSIONS | _payload_extensions(modality):
+                kinds = "images" if modality == "image" else "text files (.txt, .md)"
+                raise IndexerError(f"unsupported source {p}: expected a folder, {kinds}, "
+                                   f"or a table ({', '.join(sorted(TABLE_EXTENSIONS))})")
+
+
+def guess_modality(paths: list[str]) -> str:
+    """image if the sources hold image files, else text (used to pick a default model)."""
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                return "image"
+            continue
+        if path.is_dir():
+            for n, file in enumerate(_walk(path, errors=[])):
+                if file.suffix.lower() in IMAGE_EXTENSIONS:
+                    return "image"
+                if file.suffix.lower() in TEXT_EXTENSIONS or n > 1000:
+                    break
+    return "text"
+
+
+def iter_records(paths: list[str], opts: SourceOptions) -> Iterator[Record | SkippedInput]:
+    for p in paths:
+        if p == "-":
+            yield from _table_rows(_jsonl_rows(sys.stdin, "stdin"), "stdin", Path.cwd(), opts)
+            continue
+        path = Path(p)
+        if path.is_dir():
+            yield from _folder(path, opts)
+        elif path.suffix.lower() in TABLE_EXTENSIONS:
+            yield from _table_rows(_open_table(path), str(path.resolve()), path.parent, opts)
+        else:
+            yield _file_record(path, path.name, opts)
+
+
+def count_inputs(paths: list[str], opts: SourceOptions) -> int | None:
+    """How many inputs the sources hold, when that is cheap to know (for the progress bar's ETA)."""
+    total = 0
+    exts = _payload_extensions(opts.modality)
+    for p in paths:
+        path = Path(p)
+        if p == "-":
+            return None
+        if path.is_dir():
+            total += sum(1 for f in _walk(path, errors=[]) if f.suffix.lower() in exts)
+        elif path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        elif path.suffix.lower() in TABLE_EXTENSIONS:
+            with open(path, "rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+            if path.suffix.lower() in (".csv", ".tsv"):
+                total -= 1  # header
+        else:
+            total += 1
+    return total
+
+
+# ---- folders and single files ----------------------------------------------------------------------
+
+def _walk(root: Path, errors: list[SkippedInput]) -> Iterator[Path]:
+    """Files under root in a stable (sorted) order; unreadable folders are reported, not fatal."""
+    def onerror(exc: OSError) -> None:
+        errors.append(SkippedInput(str(exc.filename), f"cannot read folder: {exc.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _folder(root: Path, opts: SourceOptions) -> Iterator[Record | SkippedInput]:
+    exts = _payload_extensions(opts.modality)
+    errors: list[SkippedInput] = []
+    for file in _walk(root, errors):
+        yield from errors
+        errors.clear()
+        if file.suffix.lower() in exts:
+            yield _file_record(file, file.relative_to(root).as_posix(), opts)
+    yield from errors
+
+
+def _file_record(path: Path, rid: str, opts: SourceOptions) -> Record | SkippedInput:
+    source = str(path.resolve())
+    if opts.modality == "image":
+        return Record(id=rid, source=source, path=source)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return SkippedInput(source, f"cannot read file: {exc.strerror}", rid)
+    text = _decode_text(raw)
+    if isinstance(text, SkippedInput):
+        return SkippedInput(source, text.reason, rid)
+    return Record(id=rid, source=source, text=text)
+
+
+def _decode_text(raw: bytes) -> str | SkippedInput:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return SkippedInput("", f"not valid UTF-8 text (byte {exc.start})")
+    if "\x00" in text:
+        return SkippedInput("", "binary data, not text")
+    if not text.strip():
+        return SkippedInput("", "empty text")
+    return text
+
+
+# ---- tables -----------------------------------------------------------------------------------------
+
+def _jsonl_rows(lines, name: str) -> Iterator[tuple[int, dict | SkippedInput]]:
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield n, SkippedInput(f"{name}:{n}", f"invalid JSON: {exc.msg}")
+            continue
+        if not isinstance(row, dict):
+            yield n, SkippedInput(f"{name}:{n}", "a JSONL line must be an object")
+            continue
+        yield n, row
+
+
+def _open_table(path: Path) -> Iterator[tuple[int, dict | SkippedInput]]:
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+        return
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        if ext in (".jsonl", ".ndjson"):
+            yield from _jsonl_rows(fh, path.name)
+        else:
+            reader = csv.DictReader(fh, delimiter="\t" if ext == ".tsv" else ",")
+            for n, row in enumerate(reader, start=1):
+                yield n, row
+
+
+def _table_rows(rows: Iterator[tuple[int, dict | SkippedInput]], source: str, base: Path,
+                opts: SourceOptions) -> Iterator[Record | SkippedInput]:
+    """Rows become records; without an id field a row's id is `<file name>:<row number>`."""
+    name = Path(source).name
+    for n, row in rows:
+        if isinstance(row, SkippedInput):
+            yield row
+            continue
+        yield _row_record(row, f"{source}:{n}", f"{name}:{n}", base, opts)
+
+
+def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
+                opts: SourceOptions) -> Record | SkippedInput:
+    id_key = opts.id_field or ("id" if "id" in row else None)
+    if id_key is not None:
+        if row.get(id_key) in (None, ""):
+            return SkippedInput(where, f"missing id field {id_key!r}")
+        rid = str(row[id_key])
+    else:
+        rid = default_id
+    label_key = opts.label_field or "label"
+    label = row.get(label_key)
+    label = None if label in (None, "") else str(label)
+    payload_key = opts.image_field if opts.modality == "image" else opts.text_field
+    value = row.get(payload_key)
+    used = {id_key, label_key, payload_key}
+    fields = {(f"user_{k}" if k in RESERVED else k): v for k, v in row.items() if k not in used}
+    record = Record(id=rid, source=where, label=label, fields=fields)
+    if opts.modality == "text":
+        if value is None:
+            return SkippedInput(where, f"missing text field {payload_key!r} (set --text-field)", rid)
+        if not isinstance(value, str) or not value.strip():
+            return SkippedInput(where, f"empty or non-text value in field {payload_key!r}", rid)
+        record.text = value
+    elif isinstance(value, (bytes, bytearray)):
+        record.data = bytes(value)
+    elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        record.data = bytes(value["bytes"])  # the Hugging Face datasets image struct
+    elif isinstance(value, str) and value:
+        record.path = str((base / value).resolve())
+    else:
+        return SkippedInput(where, f"missing image field {payload_key!r} (a path or bytes; set --image-field)", rid)
+    return record

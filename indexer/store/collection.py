@@ -1,0 +1,241 @@
+"""A collection directory: LanceDB table `items` + manifest.json + errors.jsonl.
+
+The Lance table is the source of truth. Every write is one Lance commit (a new version), so a run
+killed at any moment leaves the last committed state, never half a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import IndexerError
+from ..models.base import ModelSpec
+from ..sources.records import SkippedInput
+from .arrow import conform, rows_to_table
+from .manifest import MANIFEST, Manifest, now_iso
+
+log = logging.getLogger(__name__)
+
+TABLE = "items"
+ERRORS = "errors.jsonl"
+HIDDEN_COLUMNS = ("vector", "record_hash")
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Collection:
+    """Open with `Collection.open(path)`; ingest creates one with `Collection.create(path, spec)`."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+        self._db = None
+        self._table = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Collection:
+        p = Path(path)
+        if not (p / MANIFEST).is_file():
+            if p.exists():
+                raise IndexerError(f"{p} is not an indexer collection (no {MANIFEST})")
+            raise IndexerError(f"collection not found: {p} (create it with `indexer ingest {p} SOURCE`)")
+        try:
+            return cls(p, Manifest.load(p))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise IndexerError(f"{p / MANIFEST} is damaged ({exc}); restore it or re-ingest") from exc
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, spec: ModelSpec) -> Collection:
+        p = Path(path)
+        if p.exists() and any(p.iterdir()):
+            raise IndexerError(f"{p} exists and is not an empty directory or a collection")
+        p.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(model=spec)
+        manifest.save(p)
+        return cls(p, manifest)
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        return (Path(path) / MANIFEST).is_file()
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.manifest.model
+
+    def check_compatible(self, spec: ModelSpec) -> None:
+        """Refuse vectors from another model: they would be silently wrong next to these."""
+        mine, theirs = self.spec.identity(), spec.identity()
+        if mine != theirs:
+            diff = ", ".join(f"{k}: {mine[k]} here vs {theirs[k]}" for k in mine if mine[k] != theirs.get(k))
+            raise IndexerError(f"{self.path} was built with {self.spec.describe()}; refusing "
+                               f"{spec.describe()} ({diff}). Use a new collection for another model.")
+
+    def touch(self, spec: ModelSpec | None = None) -> None:
+        """Record an update (and the spec's current local path, which can move between machines)."""
+        self.manifest.updated = now_iso()
+        if spec is not None and spec.path != self.spec.path:
+            self.manifest.model = replace(self.spec, path=spec.path)
+        self.manifest.save(self.path)
+
+    @contextlib.contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """One writer at a time; the OS releases the lock if the process dies."""
+        with open(self.path / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise IndexerError(f"{self.path} is being written by another process; wait for it") from exc
+            yield
+
+    # ---- the Lance table ------------------------------------------------------------------------------
+
+    @property
+    def db(self):
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(str(self.path / "lance"))
+        return self._db
+
+    @property
+    def table(self):
+        """The LanceDB table, or None before the first commit."""
+        if self._table is None:
+            try:
+                self._table = self.db.open_table(TABLE)
+            except (FileNotFoundError, ValueError):
+                return None
+        return self._table
+
+    def dataset(self):
+        """The underlying Lance dataset (latest version), or None."""
+        table = self.table
+        if table is None:
+            return None
+        table.checkout_latest()
+        return table.to_lance()
+
+    def count(self) -> int:
+        table = self.table
+        return 0 if table is None else table.count_rows()
+
+    def version(self) -> int | None:
+        table = self.table
+        return None if table is None else table.version
+
+    def record_hashes(self) -> dict[str, str]:
+        """id -> record_hash of every stored row: what incremental ingest compares against."""
+        ds = self.dataset()
+        out: dict[str, str] = {}
+        if ds is None:
+            return out
+        for batch in ds.to_batches(columns=["id", "record_hash"], batch_size=65536):
+            out.update(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+        return out
+
+    def write(self, rows: list[dict[str, Any]], vectors: np.ndarray, upsert: bool) -> None:
+        """Commit rows in one Lance version. `upsert` replaces rows whose id already exists."""
+        if not rows:
+            return
+        data = rows_to_table(rows, vectors)
+        table = self.table
+        if table is None:
+            self._table = self.db.create_table(TABLE, data=data)
+            return
+        data, new_fields = conform(data, table.schema)
+        if new_fields:
+            table.add_columns(new_fields)
+        if upsert:
+            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        else:
+            table.add(data)
+
+    def compact(self) -> None:
+        """Merge the small fragments many batch commits leave behind (old versions stay restorable)."""
+        table = self.table
+        if table is not None and len(table.to_lance().get_fragments()) > 16:
+            table.compact_files()
+
+    def scan(self, columns: list[str], where: str | None = None, batch_size: int = 16384,
+             with_row_id: bool = False) -> Iterator[pa.RecordBatch]:
+        ds = self.dataset()
+        if ds is None:
+            return iter(())
+        try:
+            scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
+            return iter(scanner.to_batches())
+        except ValueError as exc:
+            raise IndexerError(f"invalid --where {where!r}: {str(exc).split(',')[0]}") from exc
+
+    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
+        if not row_ids:
+            return {}
+        columns = columns or self.result_columns()
+        tbl = self.table.take_row_ids(list(row_ids)).select(columns).with_row_id().to_arrow()
+        return {r.pop("_rowid"): r for r in tbl.to_pylist()}
+
+    def rows_by_id(self, ids: Iterable[str], columns: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        ids = list(ids)
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            where = f"id IN ({', '.join(_sql_str(i) for i in chunk)})"
+            for batch in self.scan(columns or self.result_columns(), where):
+                out.update((r["id"], r) for r in batch.to_pylist())
+        return out
+
+    def result_columns(self) -> list[str]:
+        table = self.table
+        return [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS]
+
+    # ---- errors.jsonl -----------------------------------------------------------------------------------
+
+    def log_skipped(self, items: list[SkippedInput]) -> None:
+        if not items:
+            return
+        t = now_iso()
+        with open(self.path / ERRORS, "a", encoding="utf-8") as fh:
+            for item in items:
+                fh.write(json.dumps({"source": item.source, "id": item.id, "reason": item.reason, "time": t}) + "\n")
+
+    def errors(self) -> list[dict[str, Any]]:
+        path = self.path / ERRORS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # ---- summary ------------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        table = self.table
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return {
+            "path": str(self.path),
+            "rows": self.count(),
+            "model": self.spec.to_dict(),
+            "metric": self.manifest.metric,
+            "dim": self.spec.dim,
+            "lance_version": self.version(),
+            "fields": [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS],
+            "errors": len(self.errors()),
+            "index": None,
+            "size_bytes": size,
+            "created": self.manifest.created,
+            "updated": self.manifest.updated,
+            "packages": self.manifest.packages,
+        }

@@ -1,0 +1,162 @@
+"""Similarity search over a collection: text, image, id or vector queries, one or many at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import IndexerError
+from ..models import Embedder, load_embedder, resolve_runtime, respec
+from ..store import Collection
+
+Engine = Literal["auto", "exact"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: exactly one of text, image (a file path), id (a stored item) or vector."""
+
+    text: str | None = None
+    image: str | None = None
+    id: str | None = None
+    vector: Sequence[float] | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "query") -> Query:
+        if not isinstance(obj, dict):
+            raise IndexerError(f"{where}: expected an object like {{\"query\": \"...\"}}")
+        keys = [k for k in ("query", "image", "id", "vector") if obj.get(k) is not None]
+        if len(keys) != 1:
+            raise IndexerError(f"{where}: give exactly one of query, image, id, vector")
+        key = keys[0]
+        return cls(**{"text" if key == "query" else key: obj[key]})
+
+    def kind(self) -> str:
+        return next(k for k in ("text", "image", "id", "vector") if getattr(self, k) is not None)
+
+    def echo(self) -> dict[str, Any]:
+        """How the query is shown next to its results (vectors are not echoed)."""
+        kind = self.kind()
+        return {"query": self.text} if kind == "text" else {kind: "<vector>" if kind == "vector" else getattr(self, kind)}
+
+
+def search(collection: Collection | str, query: str | None = None, *, image: str | None = None,
+           id: str | None = None, vector: Sequence[float] | None = None, k: int = 10, where: str | None = None,
+           engine: Engine = "auto", device: str = "auto") -> list[dict[str, Any]]:
+    """Nearest items to one query, best first: [{"id", "score" (cosine), ...stored fields}].
+
+    >>> search("notes.idx", "how do plants make energy", k=3)      # doctest: +SKIP
+    [{'id': 'bio/photosynthesis.md', 'score': 0.71, 'text': ...}, ...]
+    """
+    q = Query(text=query, image=image, id=id, vector=vector)
+    if sum(v is not None for v in (query, image, id, vector)) != 1:
+        raise IndexerError("give exactly one query: text, --image PATH, --id ID or a vector")
+    return search_batch(collection, [q], k=k, where=where, engine=engine, device=device)[0]
+
+
+def search_batch(collection: Collection | str, queries: list[Query], *, k: int = 10, where: str | None = None,
+                 engine: Engine = "auto", device: str = "auto") -> list[list[dict[str, Any]]]:
+    """Results for many queries in input order; text and image queries are embedded in batches."""
+    coll = collection if isinstance(collection, Collection) else Collection.open(collection)
+    if k < 1:
+        raise IndexerError("-k must be at least 1")
+    if engine not in ("auto", "exact"):
+        raise IndexerError(f"--engine {engine}: this collection has no ANN index; use auto or exact")
+    if not queries:
+        return []
+    vectors = _query_vectors(coll, queries, device)
+    # An --id query finds its own row first; ask for one more and drop it.
+    extra = 1 if any(q.id is not None for q in queries) else 0
+    row_ids, scores = exact_search(coll, vectors, k + extra, where)
+    rows = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}))
+    results = []
+    for q, ids, sc in zip(queries, row_ids, scores):
+        hits = [{"id": rows[r]["id"], "score": float(s), **{c: v for c, v in rows[r].items() if c != "id"}}
+                for r, s in zip(ids, sc)]
+        if q.id is not None:
+            hits = [h for h in hits if h["id"] != q.id]
+        results.append(hits[:k])
+    return results
+
+
+def exact_search(coll: Collection, queries: np.ndarray, k: int, where: str | None = None,
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+    """Brute-force cosine top-k, streaming the vectors in blocks (memory stays bounded).
+    Returns Lance row ids and scores per query, best first."""
+    m = queries.shape[0]
+    best_s = np.full((m, 0), -np.inf, dtype=np.float32)
+    best_r = np.zeros((m, 0), dtype=np.uint64)
+    for batch in coll.scan(["vector"], where=where, with_row_id=True, batch_size=65536):
+        if batch.num_rows == 0:
+            continue
+        block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+        if not coll.spec.normalize:
+            block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
+        s = queries @ block.T
+        rid = np.broadcast_to(batch.column("_rowid").to_numpy(), s.shape)
+        s = np.concatenate([best_s, s], axis=1)
+        rid = np.concatenate([best_r, rid], axis=1)
+        if s.shape[1] > k:
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            s, rid = np.take_along_axis(s, top, 1), np.take_along_axis(rid, top, 1)
+        best_s, best_r = s, rid
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
+    return [list(map(int, r)) for r in best_r], [list(s) for s in best_s]
+
+
+def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.ndarray:
+    spec = coll.spec
+    out = np.zeros((len(queries), spec.dim), dtype=np.float32)
+    embed_idx = [i for i, q in enumerate(queries) if q.text is not None or q.image is not None]
+    for q in queries:
+        if q.text is not None and spec.modality != "text":
+            raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
+                               "search it with --image PATH, --id ID or a vector")
+        if q.image is not None and spec.modality != "image":
+            raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
+                               "search it with a text query, --id ID or a vector")
+    if embed_idx:
+        embedder = _query_embedder(coll, device)
+        items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image)
+                 for i in embed_idx]
+        out[embed_idx] = embedder.embed(items)
+    id_queries = {q.id for q in queries if q.id is not None}
+    if id_queries:
+        stored = coll.rows_by_id(id_queries, columns=["id", "vector"])
+        missing = id_queries - stored.keys()
+        if missing:
+            raise IndexerError(f"id not found in {coll.path}: {', '.join(sorted(map(str, missing))[:5])}")
+    for i, q in enumerate(queries):
+        if q.id is not None:
+            out[i] = stored[q.id]["vector"]
+        elif q.vector is not None:
+            vec = np.asarray(q.vector, dtype=np.float32).reshape(-1)
+            if vec.shape[0] != spec.dim:
+                raise IndexerError(f"query vector has {vec.shape[0]} dimensions; {coll.path} has {spec.dim}")
+            out[i] = vec
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise IndexerError("a query vector is all zeros: cosine similarity is undefined")
+    return out / norms
+
+
+def _query_embedder(coll: Collection, device: str) -> Embedder:
+    embedder = load_embedder(respec(coll.spec), resolve_runtime(device))
+    coll.check_compatible(embedder.spec)
+    return embedder
+
+
+def _load_query_image(path: str):
+    from ..sources.images import ImageDecodeError, decode_image
+
+    try:
+        return decode_image(Path(path).read_bytes())
+    except FileNotFoundError as exc:
+        raise IndexerError(f"query image not found: {path}") from exc
+    except (ImageDecodeError, OSError) as exc:
+        raise IndexerError(f"cannot read query image {path}: {exc}") from exc
