@@ -175,12 +175,15 @@ class Collection:
              with_row_id: bool = False) -> Iterator[pa.RecordBatch]:
         ds = self.dataset()
         if ds is None:
-            return iter(())
+            return
         try:
             scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
-            return iter(scanner.to_batches())
-        except ValueError as exc:
-            raise IndexerError(f"invalid --where {where!r}: {str(exc).split(',')[0]}") from exc
+            yield from scanner.to_batches()
+        except ValueError as exc:  # lance reports SQL and column errors as ValueError
+            if where is None:
+                raise
+            reason = str(exc).split(", /")[0].removeprefix("Invalid user input: ")
+            raise IndexerError(f"invalid --where {where!r}: {reason}") from exc
 
     def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
         if not row_ids:

