@@ -83,10 +83,9 @@ class _Run:
         if isinstance(item, SkippedInput):
             self.skip(item)
             return None
-        rid = item.id if isinstance(item, Unchanged) else item.record.id
+        rid, source = (item.id, item.source) if isinstance(item, Unchanged) else (item.record.id, item.record.source)
         if rid in self.seen:
-            self.skip(SkippedInput(getattr(getattr(item, "record", None), "source", rid),
-                                   f"duplicate id {rid!r} in this run (first occurrence kept)", rid))
+            self.skip(SkippedInput(source, f"duplicate id {rid!r} in this run (first occurrence kept)", rid))
             return None
         self.seen.add(rid)
         if isinstance(item, Unchanged):

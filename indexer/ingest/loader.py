@@ -27,6 +27,7 @@ class Prepared:
 @dataclass
 class Unchanged:
     id: str
+    source: str
 
 
 Item = Prepared | Unchanged | SkippedInput
@@ -43,7 +44,7 @@ def prepare(record: Record | SkippedInput, known: dict[str, str]) -> Item:
     chash = content_hash(data)
     rhash = record.record_hash(chash)
     if known.get(record.id) == rhash:
-        return Unchanged(record.id)
+        return Unchanged(record.id, record.source)
     if record.text is None:
         record.data = data  # decoded by the caller; saves a second read
     return Prepared(record, chash, rhash)

@@ -31,6 +31,19 @@ class Runtime:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def prepare_model(self, model: torch.nn.Module, *, convolutional: bool = False) -> torch.nn.Module:
+        """Freeze a model and place it: eval mode, no grads, int8 dynamic quantisation of its Linear
+        layers on request (CPU), channels-last memory for CNNs on CUDA."""
+        model.eval().requires_grad_(False)
+        if self.precision == "int8":
+            if convolutional:
+                raise IndexerError("--precision int8 quantises Linear layers (transformers); "
+                                   "a CNN gains nothing from it: use fp32 on CPU")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        if convolutional and self.is_cuda:
+            model = model.to(memory_format=torch.channels_last)
+        return model.to(self.device)
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         # Pinned host memory (DataLoader pin_memory) makes this copy asynchronous on CUDA.
         return tensor.to(self.device, non_blocking=self.is_cuda)

@@ -66,10 +66,7 @@ class TextEmbedder(Embedder):
         model_dir = Path(spec.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModel.from_pretrained(model_dir)
-        model.eval().requires_grad_(False)
-        if runtime.precision == "int8":
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        self.model = model.to(runtime.device)
+        self.model = runtime.prepare_model(model)
         self.runtime = runtime
         self.truncated = 0
 

@@ -85,7 +85,6 @@ class CNNEmbedder(Embedder):
     default_batch_size = 64
 
     def __init__(self, spec: ModelSpec, runtime: Runtime, model: nn.Module, transform: ImageTransform):
-        model.eval().requires_grad_(False)
         self._captured: torch.Tensor | None = None
         if spec.layer in (None, "penultimate"):
             parent, attr = _last_linear(model)
@@ -99,9 +98,7 @@ class CNNEmbedder(Embedder):
                                    f"top-level modules: {', '.join(top)} (nested names use dots, e.g. layer3.1)")
             modules[spec.layer].register_forward_hook(self._capture)
             layer = spec.layer
-        if runtime.is_cuda:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.to(runtime.device)
+        self.model = runtime.prepare_model(model, convolutional=True)
         self.runtime = runtime
         self.transform = transform
         self._hooked = layer != "penultimate"
@@ -152,8 +149,7 @@ class HFVisionEmbedder(Embedder):
 
         self.processor = AutoImageProcessor.from_pretrained(spec.path)
         model = AutoModel.from_pretrained(spec.path)
-        model.eval().requires_grad_(False)
-        self.model = model.to(runtime.device)
+        self.model = runtime.prepare_model(model)
         self.runtime = runtime
         cfg = getattr(model.config, "vision_config", model.config)
         n_layers = cfg.num_hidden_layers
