@@ -111,10 +111,13 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
 @click.option("--queries", type=click.File("r"), help="JSONL of queries (- for stdin); JSONL results out.")
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Results per query.")
 @click.option("--where", help="SQL filter on stored fields, applied before ranking, e.g. \"label = 'cat'\".")
-@click.option("--engine", type=click.Choice(["auto", "exact"]), default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
+              help="auto: the ANN index when there is one, else exact.")
+@click.option("--nprobe", type=click.IntRange(min=1), help="Override the tuned IVF nprobe.")
+@click.option("--ef", type=click.IntRange(min=1), help="Override the tuned HNSW efSearch.")
 @click.option("--device", default="auto", show_default=True)
 @output_options
-def search(collection, query, image, item_id, queries, k, where, engine, device, as_json, quiet):
+def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, device, as_json, quiet):
     """Nearest items in COLLECTION to QUERY (text), --image, --id, or each line of --queries."""
     from .tasks.search import Query, search_batch
     from .tasks.search import search as run_search
@@ -130,10 +133,12 @@ def search(collection, query, image, item_id, queries, k, where, engine, device,
                     qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
                 except json.JSONDecodeError as exc:
                     raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
-        for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device)):
+        for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
+                                            nprobe=nprobe, ef=ef)):
             _print_json({**q.echo(), "results": hits})
         return
-    hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device)
+    hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device,
+                      nprobe=nprobe, ef=ef)
     if as_json:
         _print_json(hits)
         return
@@ -144,6 +149,30 @@ def search(collection, query, image, item_id, queries, k, where, engine, device,
         what = " ".join(str(what).split())
         label = f" [{hit['label']}]" if hit.get("label") else ""
         click.echo(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}{label}  {what[:100]}")
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "opq-ivf-pq"]),
+              default="auto", show_default=True, help="auto picks from row count, dimension and memory budget.")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="recall@10 the tuned search knobs must reach on held-out queries.")
+@click.option("--max-memory", help="Memory budget for the index, e.g. 4GB (default: 70% of available RAM).")
+@click.option("--engine", type=click.Choice(["faiss"]), default="faiss", show_default=True)
+@output_options
+def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
+    """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
+    from .index import build_index
+
+    data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine)
+    if as_json:
+        _print_json(data)
+        return
+    knobs = ", ".join(f"{k}={v}" for k, v in data["params"].items()) or "none"
+    click.echo(f"{data['kind']} index ({data['factory']}) over {data['rows']} rows: recall@10 "
+               f"{data['recall_at_10']:.3f} at {knobs}; {data['qps_single']:.0f} single-query/s, "
+               f"{data['qps_batch']:.0f} batched/s; built in {data['build_seconds']:.1f}s, "
+               f"{data['memory_bytes'] / 1e6:.1f} MB")
 
 
 @cli.command()
@@ -167,11 +196,20 @@ def info(collection, as_json, quiet):
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
-        f"index        {data['index'] or 'none (exact search)'}",
+        f"index        {_describe_index(data['index'])}",
         f"lance        version {data['lance_version']}, {data['size_bytes'] / 1e6:.1f} MB on disk",
         f"updated      {data['updated']} (created {data['created']})",
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_index(ix: dict | None) -> str:
+    if not ix:
+        return "none (exact search)"
+    knobs = ", ".join(f"{k}={v}" for k, v in ix["params"].items()) or "exact"
+    state = "current" if ix.get("current") else "behind the store (caught up on next search)"
+    return (f"{ix['engine']} {ix['kind']} ({knobs}), recall@10 {ix['recall_at_10']:.3f}, "
+            f"{ix['qps_single']:.0f} q/s single, {ix['rows']} rows, {state}")
 
 
 @cli.command()

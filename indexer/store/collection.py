@@ -206,6 +206,16 @@ class Collection:
         table = self.table
         return [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS]
 
+    def index_info(self) -> dict[str, Any] | None:
+        """index/index.json without its sweep, plus whether it reflects the current Lance version."""
+        path = self.path / "index" / "index.json"
+        if not path.exists():
+            return None
+        meta = json.loads(path.read_text())
+        meta = {k: v for k, v in meta.items() if k not in ("sweep", "files")}
+        meta["current"] = meta.get("lance_version") == self.version()
+        return meta
+
     # ---- errors.jsonl -----------------------------------------------------------------------------------
 
     def log_skipped(self, items: list[SkippedInput]) -> None:
@@ -236,7 +246,7 @@ class Collection:
             "lance_version": self.version(),
             "fields": [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS],
             "errors": len(self.errors()),
-            "index": None,
+            "index": self.index_info(),
             "size_bytes": size,
             "created": self.manifest.created,
             "updated": self.manifest.updated,

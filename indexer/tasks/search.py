@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,11 @@ from ..errors import IndexerError
 from ..models import Embedder, load_embedder, resolve_runtime, respec
 from ..store import Collection
 
-Engine = Literal["auto", "exact"]
+Engine = Literal["auto", "exact", "faiss"]
+ENGINES = ("auto", "exact", "faiss")
+EXACT_FILTER_ROWS = 20_000  # a --where matching fewer rows than this is searched exactly
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class Query:
 
 def search(collection: Collection | str, query: str | None = None, *, image: str | None = None,
            id: str | None = None, vector: Sequence[float] | None = None, k: int = 10, where: str | None = None,
-           engine: Engine = "auto", device: str = "auto") -> list[dict[str, Any]]:
+           engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
+           ef: int | None = None) -> list[dict[str, Any]]:
     """Nearest items to one query, best first: [{"id", "score" (cosine), ...stored fields}].
 
     >>> search("notes.idx", "how do plants make energy", k=3)      # doctest: +SKIP
@@ -55,32 +61,86 @@ def search(collection: Collection | str, query: str | None = None, *, image: str
     q = Query(text=query, image=image, id=id, vector=vector)
     if sum(v is not None for v in (query, image, id, vector)) != 1:
         raise IndexerError("give exactly one query: text, --image PATH, --id ID or a vector")
-    return search_batch(collection, [q], k=k, where=where, engine=engine, device=device)[0]
+    return search_batch(collection, [q], k=k, where=where, engine=engine, device=device, nprobe=nprobe, ef=ef)[0]
 
 
 def search_batch(collection: Collection | str, queries: list[Query], *, k: int = 10, where: str | None = None,
-                 engine: Engine = "auto", device: str = "auto") -> list[list[dict[str, Any]]]:
-    """Results for many queries in input order; text and image queries are embedded in batches."""
+                 engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
+                 ef: int | None = None) -> list[list[dict[str, Any]]]:
+    """Results for many queries in input order; text and image queries are embedded in batches.
+
+    engine: `exact` scans every vector; `faiss` uses the collection's ANN index (caught up with the
+    store first); `auto` uses the index when there is one. `nprobe`/`ef` override the tuned knobs.
+    """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     if k < 1:
         raise IndexerError("-k must be at least 1")
-    if engine not in ("auto", "exact"):
-        raise IndexerError(f"--engine {engine}: this collection has no ANN index; use auto or exact")
+    if engine not in ENGINES:
+        raise IndexerError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
     if not queries:
         return []
     vectors = _query_vectors(coll, queries, device)
     # An --id query finds its own row first; ask for one more and drop it.
     extra = 1 if any(q.id is not None for q in queries) else 0
-    row_ids, scores = exact_search(coll, vectors, k + extra, where)
-    rows = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}))
+    index = _index_for(coll, engine)
+    if index is None:
+        ranked, rows = _exact(coll, vectors, k + extra, where)
+    else:
+        knobs = {key: v for key, v in (("nprobe", nprobe), ("ef", ef)) if v is not None}
+        ranked, rows = _ann(coll, index, vectors, k + extra, where, knobs)
     results = []
-    for q, ids, sc in zip(queries, row_ids, scores):
-        hits = [{"id": rows[r]["id"], "score": float(s), **{c: v for c, v in rows[r].items() if c != "id"}}
-                for r, s in zip(ids, sc)]
-        if q.id is not None:
-            hits = [h for h in hits if h["id"] != q.id]
+    for q, (ids, scores) in zip(queries, ranked):
+        hits = [{"id": i, "score": float(s), **{c: v for c, v in rows[i].items() if c != "id"}}
+                for i, s in zip(ids, scores) if i in rows and i != q.id]
         results.append(hits[:k])
     return results
+
+
+def _index_for(coll: Collection, engine: str):
+    if engine == "exact":
+        return None
+    from ..index import current_index
+
+    try:
+        index = current_index(coll)
+    except IndexerError as exc:
+        if engine == "faiss" or "being written" not in str(exc):
+            raise
+        log.info("the collection is being written; searching exactly until its index can catch up")
+        return None
+    if index is None and engine == "faiss":
+        raise IndexerError(f"{coll.path} has no index: build one with `indexer index {coll.path}`")
+    return index
+
+
+Ranked = list[tuple[list[str], list[float]]]  # per query: ids and scores, best first
+
+
+def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None) -> tuple[Ranked, dict[str, dict]]:
+    row_ids, scores = exact_search(coll, vectors, k, where)
+    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}))
+    ranked = [([by_row[r]["id"] for r in ids], sc) for ids, sc in zip(row_ids, scores)]
+    return ranked, {row["id"]: row for row in by_row.values()}
+
+
+def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None,
+         knobs: dict[str, int]) -> tuple[Ranked, dict[str, dict]]:
+    allowed = None
+    if where:
+        import pyarrow as pa
+
+        matching = [b.column("id") for b in coll.scan(["id"], where)]
+        ids = pa.concat_arrays(matching) if matching else pa.array([], pa.string())
+        # Few matches: exact search among them is both exact and faster than a filtered graph walk.
+        if len(ids) <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
+            return _exact(coll, vectors, k, where)
+        allowed = index.mask_for_ids(ids)
+    positions, scores = index.search(vectors, k, allowed=allowed, knobs=knobs)
+    ranked = []
+    for pos, sc in zip(positions, scores):
+        valid = pos >= 0
+        ranked.append((index.ids_at(pos[valid]), [float(s) for s in sc[valid]]))
+    return ranked, coll.rows_by_id({i for ids, _ in ranked for i in ids})
 
 
 def exact_search(coll: Collection, queries: np.ndarray, k: int, where: str | None = None,

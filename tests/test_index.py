@@ -1,0 +1,162 @@
+"""The FAISS index: tuned recall on fresh queries, incremental catch-up, filters, damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from indexer import Collection, IndexerError, Query, search, search_batch
+from indexer.index import FaissIndex, build_index, current_index
+from indexer.models.base import ModelSpec
+
+
+def clustered(n: int, d: int, seed: int, centers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian clusters on the unit sphere (like real embeddings: many topics, spread within each)."""
+    rng = np.random.default_rng(seed)
+    if centers is None:
+        centers = rng.standard_normal((64, d)).astype(np.float32)
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), centers
+
+
+def vector_collection(path, x: np.ndarray, start: int = 0) -> Collection:
+    coll = Collection.create(path, ModelSpec(name="none", modality="vector", dim=x.shape[1]))
+    add_rows(coll, x, start)
+    return coll
+
+
+def add_rows(coll: Collection, x: np.ndarray, start: int, upsert: bool = False, tag: str = "v1") -> None:
+    rows = [{"id": f"r{start + i}", "content_hash": tag, "record_hash": f"{tag}-{start + i}", "source": "test",
+             "label": ["even", "odd"][(start + i) % 2], "n": start + i} for i in range(len(x))]
+    coll.write(rows, x, upsert=upsert)
+
+
+def fresh_recall(coll: Collection, queries: np.ndarray, k: int = 10, **kw) -> float:
+    exact = search_batch(coll, [Query(vector=q) for q in queries], k=k, engine="exact")
+    ann = search_batch(coll, [Query(vector=q) for q in queries], k=k, engine="faiss", **kw)
+    return float(np.mean([len({h["id"] for h in a} & {h["id"] for h in e}) / k for a, e in zip(ann, exact)]))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, centers = clustered(40_000, 32, seed=0)
+    q, _ = clustered(200, 32, seed=1, centers=centers)
+    return x, q
+
+
+@pytest.mark.parametrize("kind", ["auto", "ivf-flat", "ivf-pq"])
+def test_tuned_index_meets_target_on_fresh_queries(tmp_path, data, kind):
+    x, q = data
+    coll = vector_collection(tmp_path / "c.idx", x)
+    info = build_index(coll, kind=kind, target_recall=0.95)
+    assert info["kind"] == ("hnsw" if kind == "auto" else kind)
+    assert info["recall_at_10"] >= 0.95 and info["recall_queries"] == 1000
+    assert info["params"] and info["qps_single"] > 0 and info["lance_version"] == coll.version()
+    assert fresh_recall(coll, q) >= 0.94
+    assert Collection.open(coll.path).info()["index"]["current"] is True
+
+
+def test_small_collections_get_exact_flat(tmp_path, data):
+    coll = vector_collection(tmp_path / "s.idx", data[0][:3000])
+    assert build_index(coll)["kind"] == "flat"
+    assert fresh_recall(coll, data[1][:20]) == 1.0
+
+
+def test_incremental_updates_equal_a_rebuild(tmp_path, data):
+    x, q = data
+    coll = vector_collection(tmp_path / "inc.idx", x[:5000])
+    build_index(coll, kind="flat")
+    add_rows(coll, x[5000:5600], start=5000)  # new rows
+    add_rows(coll, x[6000:6100], start=100, upsert=True, tag="v2")  # r100..r199 get new vectors
+    coll.table.delete("n >= 4950 AND n < 5000")  # deleted rows
+    caught_up = search_batch(coll, [Query(vector=v) for v in q[:30]], k=10, engine="faiss")
+    index = current_index(coll)
+    assert index.is_current(coll) and int(index.live.sum()) == coll.count() == 5550
+    exact = search_batch(coll, [Query(vector=v) for v in q[:30]], k=10, engine="exact")
+    assert [[h["id"] for h in r] for r in caught_up] == [[h["id"] for h in r] for r in exact]
+    build_index(coll, kind="flat")
+    rebuilt = search_batch(coll, [Query(vector=v) for v in q[:30]], k=10, engine="faiss")
+    assert [[h["id"] for h in r] for r in caught_up] == [[h["id"] for h in r] for r in rebuilt]
+    # The moved rows are found at their new place, deleted ones never.
+    hit = search(coll, vector=x[6050], k=1, engine="faiss")[0]
+    assert hit["id"] == "r150" and hit["score"] > 0.999
+    assert not any(h["id"] in {f"r{i}" for i in range(4950, 5000)} for r in caught_up for h in r)
+
+
+def test_ivf_catch_up_has_no_stale_or_phantom_ids(tmp_path, data):
+    x, q = data
+    coll = vector_collection(tmp_path / "ivf.idx", x[:20_000])
+    build_index(coll, kind="ivf-flat")
+    add_rows(coll, x[20_000:22_000], start=20_000)
+    add_rows(coll, x[30_000:30_500], start=0, upsert=True, tag="v2")
+    coll.table.delete("n >= 19000 AND n < 20000")
+    hits = search_batch(coll, [Query(vector=v) for v in q], k=10, engine="faiss")
+    current = {f"r{i}": v for i, v in enumerate(x[:22_000]) if not 19_000 <= i < 20_000}
+    current.update({f"r{i}": x[30_000 + i] for i in range(500)})
+    for v, result in zip(q, hits):
+        for h in result:
+            assert h["id"] in current
+            assert abs(h["score"] - float(current[h["id"]] @ v)) < 1e-4  # the row's current vector
+    assert fresh_recall(coll, q) >= 0.9
+
+
+def test_growth_triggers_a_retrain(tmp_path, data, caplog):
+    x, _ = data
+    coll = vector_collection(tmp_path / "grow.idx", x[:4000])
+    build_index(coll, kind="ivf-flat")
+    add_rows(coll, x[4000:20_000], start=4000)
+    with caplog.at_level("WARNING", logger="indexer"):
+        index = current_index(coll)
+    assert "rebuilding the index" in caplog.text and index.meta["trained_rows"] == 20_000
+
+
+def test_where_filters_with_the_index(tmp_path, data):
+    x, q = data
+    coll = vector_collection(tmp_path / "f.idx", x)
+    build_index(coll)
+    broad = search_batch(coll, [Query(vector=v) for v in q[:50]], k=10, where="label = 'even'", engine="faiss")
+    exact = search_batch(coll, [Query(vector=v) for v in q[:50]], k=10, where="label = 'even'", engine="exact")
+    assert all(h["label"] == "even" for r in broad for h in r)
+    overlap = np.mean([len({h["id"] for h in a} & {h["id"] for h in e}) / 10 for a, e in zip(broad, exact)])
+    assert overlap >= 0.94
+    narrow = search(coll, vector=q[0], k=10, where="n < 300 AND label = 'odd'", engine="faiss")
+    assert len(narrow) == 10 and all(h["n"] < 300 and h["label"] == "odd" for h in narrow)
+    assert [h["id"] for h in narrow] == [h["id"] for h in search(coll, vector=q[0], k=10,
+                                                                where="n < 300 AND label = 'odd'", engine="exact")]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete-rows", "bad-json"])
+def test_damaged_index_is_detected(tmp_path, data, damage):
+    coll = vector_collection(tmp_path / "d.idx", data[0][:3000])
+    build_index(coll, kind="flat")
+    d = coll.path / "index"
+    if damage == "flip":
+        raw = bytearray((d / "faiss.index").read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (d / "faiss.index").write_bytes(bytes(raw))
+    elif damage == "truncate":
+        raw = (d / "faiss.index").read_bytes()
+        (d / "faiss.index").write_bytes(raw[: len(raw) // 2])
+    elif damage == "delete-rows":
+        (d / "rows.parquet").unlink()
+    else:
+        (d / "index.json").write_text("{not json")
+    with pytest.raises(IndexerError, match="rebuild"):
+        search(coll, vector=data[1][0], k=5)
+    build_index(coll, kind="flat")  # the hint works
+    assert len(search(coll, vector=data[1][0], k=5)) == 5
+
+
+def test_index_json_records_what_was_measured(tmp_path, data):
+    coll = vector_collection(tmp_path / "j.idx", data[0][:25_000])
+    build_index(coll, kind="hnsw", target_recall=0.9)
+    meta = json.loads((coll.path / "index" / "index.json").read_text())
+    for key in ("kind", "params", "recall_at_10", "qps_single", "qps_batch", "build_seconds", "memory_bytes",
+                "lance_version", "sweep", "files"):
+        assert key in meta
+    assert meta["params"]["ef"] >= 16 and meta["sweep"][-1]["recall"] >= 0.9
+    assert FaissIndex.open(coll).index.ntotal == 25_000
+    with pytest.raises(IndexerError, match="over --max-memory"):
+        build_index(coll, kind="hnsw", max_memory="1MB")
