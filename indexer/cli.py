@@ -81,6 +81,8 @@ def _layer(value: str | None) -> int | str | None:
 @click.option("--image-field", default="image", show_default=True, help="Table field with an image path or bytes.")
 @click.option("--id-field", help="Table field with the item id (default: `id` if present).")
 @click.option("--label-field", help="Table field with the label (default: `label` if present).")
+@click.option("--vector-field", help="Table field with precomputed embeddings: stored as they are, no model "
+              "run (.npy sources need no field). Name the model that made them with --model, or --model none.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

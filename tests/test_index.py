@@ -160,3 +160,21 @@ def test_index_json_records_what_was_measured(tmp_path, data):
     assert FaissIndex.open(coll).index.ntotal == 25_000
     with pytest.raises(IndexerError, match="over --max-memory"):
         build_index(coll, kind="hnsw", max_memory="1MB")
+
+
+def test_ingest_keeps_the_index_current(tmp_path, monkeypatch):
+    import indexer.index as index_module
+    from indexer import ingest
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x[:2000])
+    np.save(tmp_path / "b.npy", x[2000:])
+    coll_path = tmp_path / "auto.idx"
+    monkeypatch.setattr(index_module, "AUTO_INDEX_ROWS", 1500)
+    ingest(coll_path, [str(tmp_path / "a.npy")], model="none", progress=False)
+    coll = Collection.open(coll_path)
+    assert coll.index_info() is not None and coll.index_info()["rows"] == 2000  # built automatically
+    ingest(coll_path, [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], model="none", progress=False)
+    info = Collection.open(coll_path).index_info()
+    assert info["current"] and info["rows"] == 3000

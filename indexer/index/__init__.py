@@ -11,7 +11,12 @@ from .faiss_engine import KINDS, FaissIndex, parse_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "FaissIndex", "build_index", "current_index", "parse_size"]
+__all__ = ["AUTO_INDEX_ROWS", "KINDS", "FaissIndex", "build_index", "current_index", "parse_size",
+           "update_after_ingest"]
+
+# Past this many rows an exact scan costs tens of ms per query (384-d, a few cores): ingest builds an
+# index automatically from here on. Below it, exact search is both exact and fast.
+AUTO_INDEX_ROWS = 100_000
 
 
 def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto", target_recall: float = 0.95,
@@ -30,7 +35,7 @@ def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto
     return index.info()
 
 
-def current_index(coll: Collection) -> FaissIndex | None:
+def current_index(coll: Collection, locked: bool = False) -> FaissIndex | None:
     """The collection's index, brought up to date with the store first; None if there is none.
 
     Never silently stale: a store that moved on since the index was saved is caught up (rows added,
@@ -39,14 +44,32 @@ def current_index(coll: Collection) -> FaissIndex | None:
     index = FaissIndex.open(coll)
     if index is None or index.is_current(coll):
         return index
+    if locked:
+        return _catch_up(coll)
     with coll.write_lock():
-        index = FaissIndex.open(coll, mmap=False)
-        if not index.is_current(coll):
-            stats = index.catch_up(coll)
-            log.info("index caught up with the collection: %d added, %d removed", stats["added"], stats["removed"])
-            reason = index.needs_rebuild()
-            if reason:
-                log.warning("rebuilding the index: %s", reason)
-                index = FaissIndex.build(coll, kind=index.meta.get("requested_kind", index.meta["kind"]),
-                                         target_recall=index.meta["target_recall"])
+        return _catch_up(coll)
+
+
+def _catch_up(coll: Collection) -> FaissIndex:
+    index = FaissIndex.open(coll, mmap=False)
+    if index.is_current(coll):
+        return index
+    stats = index.catch_up(coll)
+    log.info("index caught up with the collection: %d added, %d removed", stats["added"], stats["removed"])
+    reason = index.needs_rebuild()
+    if reason:
+        log.warning("rebuilding the index: %s", reason)
+        index = FaissIndex.build(coll, kind=index.meta.get("requested_kind", index.meta["kind"]),
+                                 target_recall=index.meta["target_recall"])
     return index
+
+
+def update_after_ingest(coll: Collection) -> None:
+    """Called by ingest with the write lock held: keep an index current, or build one once the
+    collection is past AUTO_INDEX_ROWS."""
+    if FaissIndex.open(coll) is not None:
+        current_index(coll, locked=True)
+    elif coll.count() >= AUTO_INDEX_ROWS:
+        log.info("%d rows: building an ANN index (exact search stops being cheap past %d)",
+                 coll.count(), AUTO_INDEX_ROWS)
+        FaissIndex.build(coll)

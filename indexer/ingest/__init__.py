@@ -13,6 +13,8 @@ import torch
 
 from ..errors import IndexerError
 from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
+from ..index import update_after_ingest
+from ..models.precomputed import PrecomputedVectors
 from ..sources import SkippedInput, SourceOptions, check_sources, count_inputs, guess_modality, iter_records
 from ..store import Collection
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
@@ -94,12 +96,12 @@ class _Run:
             return None
         return item
 
-    def emit(self, items: list[Prepared], vectors: np.ndarray, modality: str) -> None:
+    def emit(self, items: list[Prepared], vectors: np.ndarray) -> None:
         """Hand embedded rows to the writer: new ids are appended, known ids upserted."""
         for upsert in (False, True):
             idx = [i for i, p in enumerate(items) if (p.record.id in self.known) == upsert]
             if idx:
-                rows = [_row(items[i], modality) for i in idx]
+                rows = [_row(items[i]) for i in idx]
                 self.writer.put(rows, vectors[idx], upsert=upsert)
                 if upsert:
                     self.summary.updated += len(idx)
@@ -113,12 +115,12 @@ class _Run:
         self.pending_errors = []
 
 
-def _row(item: Prepared, modality: str) -> dict:
+def _row(item: Prepared) -> dict:
     r = item.record
     row = {"id": r.id, "content_hash": item.content_hash, "record_hash": item.record_hash, "source": r.source}
-    if modality == "text":
+    if r.text is not None:
         row["text"] = r.text
-    else:
+    if r.path is not None:
         row["path"] = r.path
     row["label"] = r.label
     row.update(r.fields)
@@ -130,6 +132,8 @@ def _resolve(path: str, sources: list[str], model: str | None, weights: str | No
     """The collection (if it exists) and the spec to embed with: the recorded one unless flags say otherwise."""
     if Collection.exists(path):
         coll = Collection.open(path)
+        if coll.spec.name == "none":
+            raise IndexerError(f"{path} holds precomputed vectors (model none): add more with --vector-field")
         if model is None and weights is None and layer is None and pooling is None:
             return coll, respec(coll.spec)
         return coll, resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
@@ -140,16 +144,36 @@ def _resolve(path: str, sources: list[str], model: str | None, weights: str | No
     return None, resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
 
 
+def _precomputed(path: str, sources: list[str], opts: SourceOptions, model: str | None, weights, layer,
+                 pooling, normalize: bool, runtime) -> tuple[Collection | None, Embedder]:
+    """The spec for vectors made elsewhere: the named model's (its dim is checked), `none`, or the
+    collection's own."""
+    coll = Collection.open(path) if Collection.exists(path) else None
+    if model not in (None, "none"):
+        spec = load_embedder(resolve_spec(model, weights=weights, layer=layer, pooling=pooling,
+                                          normalize=normalize), runtime).spec
+    elif coll is not None and model is None:
+        spec = coll.spec
+    else:
+        first = next((r for r in iter_records(sources, opts) if getattr(r, "vector", None) is not None), None)
+        if first is None:
+            raise IndexerError("no vectors found in the sources (check --vector-field)")
+        spec = ModelSpec(name="none", modality="vector", dim=len(first.vector), normalize=normalize)
+    return coll, PrecomputedVectors(spec, runtime)
+
+
 def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | None = None,
            weights: str | None = None, layer: int | str | None = None, pooling: str | None = None,
            normalize: bool = True, text_field: str = "text", image_field: str = "image",
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
-           workers: int | None = None, device: str = "auto", precision: str = "auto",
-           strict: bool = False, progress: bool = True) -> IngestSummary:
+           vector_field: str | None = None, workers: int | None = None, device: str = "auto",
+           precision: str = "auto", strict: bool = False, progress: bool = True) -> IngestSummary:
     """Embed `sources` into the collection at `collection` (created on first use).
 
     Incremental: items whose content and metadata are unchanged are skipped; changed ones are
     replaced. Resumable: rows are committed in batches, so a killed run continues where it stopped.
+    Precomputed embeddings (`vector_field`, or .npy sources) are stored as they are, under the model
+    that made them (`model`) or `model="none"`.
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -162,16 +186,23 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     runtime = resolve_runtime(device, precision)
     if batch_size is not None and batch_size < 1:
         raise IndexerError("--batch-size must be at least 1")
-    coll, spec = _resolve(path, sources, model, weights, layer, pooling, normalize)
-    modality = spec.modality
-    check_sources(sources, modality)  # before loading the model (seconds), so a typo fails at once
-    embedder = load_embedder(spec, runtime)
+    opts_for = lambda modality: SourceOptions(  # noqa: E731
+        modality=modality, text_field=text_field, image_field=image_field, id_field=id_field,
+        label_field=label_field, vector_field=vector_field)
+    if vector_field is not None or any(Path(s).suffix.lower() == ".npy" for s in sources):
+        opts = opts_for("vector")
+        check_sources(sources, "vector")
+        coll, embedder = _precomputed(path, sources, opts, model, weights, layer, pooling, normalize, runtime)
+    else:
+        coll, spec = _resolve(path, sources, model, weights, layer, pooling, normalize)
+        opts = opts_for(spec.modality)
+        check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
+        embedder = load_embedder(spec, runtime)
     if coll is None:
         coll = Collection.create(path, embedder.spec)
     else:
         coll.check_compatible(embedder.spec)
-    opts = SourceOptions(modality=modality, text_field=text_field, image_field=image_field,
-                         id_field=id_field, label_field=label_field)
+    modality = opts.modality
     batch_size = batch_size or embedder.default_batch_size
 
     with coll.write_lock():
@@ -182,8 +213,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         writer = BatchWriter(coll, commit_rows=max(256, 8 * batch_size))
         run = _Run(coll, writer, known, bar)
         try:
-            if modality == "text":
-                _ingest_text(run, embedder, sources, opts, batch_size)
+            if modality in ("text", "vector"):
+                _ingest_windows(run, embedder, sources, opts, batch_size)
             else:
                 _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda)
         except KeyboardInterrupt:
@@ -194,6 +225,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             run.flush_errors()
         coll.compact()
         coll.touch(embedder.spec)
+        if not run.summary.interrupted:
+            update_after_ingest(coll)
 
     s = run.summary
     s.truncated = getattr(embedder, "truncated", 0)
@@ -211,24 +244,29 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     return s
 
 
-def _ingest_text(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int) -> None:
-    # Embed in windows of many batches: sorting a window by length keeps padding small.
+def _ingest_windows(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions,
+                    batch_size: int) -> None:
+    """Text and precomputed vectors, in windows of many batches (sorting a window of texts by length
+    keeps padding small)."""
     window: list[Prepared] = []
     window_size = batch_size * 16
     for record in iter_records(sources, opts):
         item = run.accept(prepare(record, run.known))
-        if item is not None:
+        if item is not None and item.record.vector is not None and len(item.record.vector) != embedder.dim:
+            run.skip(SkippedInput(item.record.source, f"vector has {len(item.record.vector)} dimensions; "
+                                  f"the collection has {embedder.dim}", item.record.id))
+        elif item is not None:
             window.append(item)
         if len(window) >= window_size:
-            _embed_text_window(run, embedder, window, batch_size)
+            _embed_window(run, embedder, window, batch_size)
             window = []
-    _embed_text_window(run, embedder, window, batch_size)
+    _embed_window(run, embedder, window, batch_size)
 
 
-def _embed_text_window(run: _Run, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
+def _embed_window(run: _Run, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
     if window:
-        vectors = embedder.embed([p.record.text for p in window], batch_size)
-        run.emit(window, vectors, "text")
+        payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in window]
+        run.emit(window, embedder.embed(payloads, batch_size))
 
 
 def _ingest_images(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int,
@@ -250,4 +288,4 @@ def _ingest_images(run: _Run, embedder: Embedder, sources: list[str], opts: Sour
         keep = np.array(keep, dtype=bool)
         if keep.any():
             vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)])
-            run.emit([p for p, k in zip(prepared, keep) if k], vectors, "image")
+            run.emit([p for p, k in zip(prepared, keep) if k], vectors)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import IndexerError
 from .images import IMAGE_EXTENSIONS
 from .records import RESERVED, Record, SkippedInput, content_hash
@@ -28,15 +30,16 @@ __all__ = ["Record", "SkippedInput", "SourceOptions", "check_sources", "count_in
 
 @dataclass(frozen=True)
 class SourceOptions:
-    modality: str  # "text" or "image": which files a folder contributes, which field a table row gives
+    modality: str  # "text", "image" or "vector": what a folder contributes, which field a table row gives
     text_field: str = "text"
     image_field: str = "image"
     id_field: str | None = None  # default: a row's "id" if present, else derived from the source
     label_field: str | None = None  # default: a row's "label" if present
+    vector_field: str | None = None  # precomputed embeddings (modality "vector")
 
 
 def _payload_extensions(modality: str) -> frozenset[str]:
-    return IMAGE_EXTENSIONS if modality == "image" else TEXT_EXTENSIONS
+    return {"image": IMAGE_EXTENSIONS, "text": TEXT_EXTENSIONS}.get(modality, frozenset({".npy"}))
 
 
 def check_sources(paths: list[str], modality: str) -> None:
@@ -49,6 +52,8 @@ def check_sources(paths: list[str], modality: str) -> None:
         path = Path(p)
         if not path.exists():
             raise IndexerError(f"source not found: {p}")
+        if modality == "vector" and path.is_dir():
+            raise IndexerError(f"{p}: precomputed vectors come from tables (.parquet, .jsonl, .csv) or .npy files")
         if path.is_file():
             ext = path.suffix.lower()
             if ext not in TABLE_EXTENSIONS | _payload_extensions(modality):
@@ -84,6 +89,8 @@ def iter_records(paths: list[str], opts: SourceOptions) -> Iterator[Record | Ski
             yield from _folder(path, opts)
         elif path.suffix.lower() in TABLE_EXTENSIONS:
             yield from _table_rows(_open_table(path), str(path.resolve()), path.parent, opts)
+        elif path.suffix.lower() == ".npy":
+            yield from _npy_rows(path)
         else:
             yield _file_record(path, path.name, opts)
 
@@ -102,6 +109,8 @@ def count_inputs(paths: list[str], opts: SourceOptions) -> int | None:
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows
+        elif path.suffix.lower() == ".npy":
+            total += len(np.load(path, mmap_mode="r"))
         elif path.suffix.lower() in TABLE_EXTENSIONS:
             with open(path, "rb") as fh:
                 total += sum(1 for line in fh if line.strip())
@@ -160,6 +169,27 @@ def _decode_text(raw: bytes) -> str | SkippedInput:
     if not text.strip():
         return SkippedInput("", "empty text")
     return text
+
+
+def _npy_rows(path: Path) -> Iterator[Record | SkippedInput]:
+    """An (n, d) array of precomputed embeddings; row i gets the id `<file name>:<i + 1>`."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 2:
+        raise IndexerError(f"{path}: expected a 2-D array of vectors, got shape {arr.shape}")
+    source = str(path.resolve())
+    for i in range(len(arr)):
+        yield _vector_record(Record(id=f"{path.name}:{i + 1}", source=f"{source}:{i + 1}"), arr[i])
+
+
+def _vector_record(record: Record, value: Any) -> Record | SkippedInput:
+    try:
+        vec = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        return SkippedInput(record.source, "vector field is not a list of numbers", record.id)
+    if vec.ndim != 1 or vec.size == 0 or not np.isfinite(vec).all():
+        return SkippedInput(record.source, "vector must be a non-empty 1-D list of finite numbers", record.id)
+    record.vector = vec
+    return record
 
 
 # ---- tables -----------------------------------------------------------------------------------------
@@ -222,11 +252,19 @@ def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
     label_key = opts.label_field or "label"
     label = row.get(label_key)
     label = None if label in (None, "") else str(label)
-    payload_key = opts.image_field if opts.modality == "image" else opts.text_field
+    payload_key = {"image": opts.image_field, "text": opts.text_field}.get(opts.modality, opts.vector_field)
     value = row.get(payload_key)
     used = {id_key, label_key, payload_key}
+    if opts.modality == "vector":
+        used.add(opts.text_field)
     fields = {(f"user_{k}" if k in RESERVED else k): v for k, v in row.items() if k not in used}
     record = Record(id=rid, source=where, label=label, fields=fields)
+    if opts.modality == "vector":
+        if value is None:
+            return SkippedInput(where, f"missing vector field {payload_key!r}", rid)
+        text = row.get(opts.text_field)
+        record.text = text if isinstance(text, str) else None  # kept alongside, for reading results
+        return _vector_record(record, value)
     if opts.modality == "text":
         if value is None:
             return SkippedInput(where, f"missing text field {payload_key!r} (set --text-field)", rid)

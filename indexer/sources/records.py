@@ -7,13 +7,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # Columns the collection owns; user fields with these names are stored with a `user_` prefix.
 RESERVED = frozenset({"id", "vector", "content_hash", "record_hash", "source", "text", "path", "label"})
 
 
 @dataclass
 class Record:
-    """One input. Exactly one of `text` / `path` / `data` carries the payload."""
+    """One input. `vector` (precomputed) or else one of `text` / `path` / `data` carries the payload."""
 
     id: str
     source: str
@@ -22,8 +24,11 @@ class Record:
     data: bytes | None = None
     label: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    vector: np.ndarray | None = None
 
     def payload_bytes(self) -> bytes:
+        if self.vector is not None:
+            return self.vector.tobytes()
         if self.text is not None:
             return self.text.encode("utf-8")
         if self.data is not None:
