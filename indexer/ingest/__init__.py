@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import IndexerError
-from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
 from ..index import update_after_ingest
+from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
 from ..models.precomputed import PrecomputedVectors
 from ..sources import SkippedInput, SourceOptions, check_sources, count_inputs, guess_modality, iter_records
 from ..store import Collection
