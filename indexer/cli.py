@@ -113,9 +113,9 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
 @click.option("--queries", type=click.File("r"), help="JSONL of queries (- for stdin); JSONL results out.")
 @click.option("-k", type=click.IntRange(min=1), default=10, show_default=True, help="Results per query.")
 @click.option("--where", help="SQL filter on stored fields, applied before ranking, e.g. \"label = 'cat'\".")
-@click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
-              help="auto: the ANN index when there is one, else exact.")
-@click.option("--nprobe", type=click.IntRange(min=1), help="Override the tuned IVF nprobe.")
+@click.option("--engine", type=click.Choice(["auto", "exact", "faiss", "lance"]), default="auto",
+              show_default=True, help="auto: the FAISS index when there is one, else exact.")
+@click.option("--nprobe", type=click.IntRange(min=1), help="Override the tuned IVF nprobe (nprobes for lance).")
 @click.option("--ef", type=click.IntRange(min=1), help="Override the tuned HNSW efSearch.")
 @click.option("--device", default="auto", show_default=True)
 @output_options
@@ -155,12 +155,13 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
 
 @cli.command()
 @click.argument("collection", type=click.Path(file_okay=False))
-@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "opq-ivf-pq"]),
+@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-flat", "ivf-pq", "opq-ivf-pq", "ivf-hnsw-sq"]),
               default="auto", show_default=True, help="auto picks from row count, dimension and memory budget.")
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="recall@10 the tuned search knobs must reach on held-out queries.")
 @click.option("--max-memory", help="Memory budget for the index, e.g. 4GB (default: 70% of available RAM).")
-@click.option("--engine", type=click.Choice(["faiss"]), default="faiss", show_default=True)
+@click.option("--engine", type=click.Choice(["faiss", "lance"]), default="faiss", show_default=True,
+              help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way.")
 @output_options
 def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
     """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
@@ -170,11 +171,8 @@ def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
     if as_json:
         _print_json(data)
         return
-    knobs = ", ".join(f"{k}={v}" for k, v in data["params"].items()) or "none"
-    click.echo(f"{data['kind']} index ({data['factory']}) over {data['rows']} rows: recall@10 "
-               f"{data['recall_at_10']:.3f} at {knobs}; {data['qps_single']:.0f} single-query/s, "
-               f"{data['qps_batch']:.0f} batched/s; built in {data['build_seconds']:.1f}s, "
-               f"{data['memory_bytes'] / 1e6:.1f} MB")
+    click.echo(f"{data['engine']} {data['kind']} index over {data['rows']} rows: {_describe_index(data)}; "
+               f"built in {data['build_seconds']:.1f}s")
 
 
 @cli.command()
@@ -199,6 +197,7 @@ def info(collection, as_json, quiet):
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
         f"index        {_describe_index(data['index'])}",
+        *([f"lance index  {_describe_index(data['lance_index'])}"] if data.get("lance_index") else []),
         f"lance        version {data['lance_version']}, {data['size_bytes'] / 1e6:.1f} MB on disk",
         f"updated      {data['updated']} (created {data['created']})",
     ]
@@ -209,9 +208,9 @@ def _describe_index(ix: dict | None) -> str:
     if not ix:
         return "none (exact search)"
     knobs = ", ".join(f"{k}={v}" for k, v in ix["params"].items()) or "exact"
-    state = "current" if ix.get("current") else "behind the store (caught up on next search)"
+    state = {True: ", current", False: ", behind the store (caught up on next search)"}.get(ix.get("current"), "")
     return (f"{ix['engine']} {ix['kind']} ({knobs}), recall@10 {ix['recall_at_10']:.3f}, "
-            f"{ix['qps_single']:.0f} q/s single, {ix['rows']} rows, {state}")
+            f"{ix['qps_single']:.0f} q/s single{state}")
 
 
 @cli.command()

@@ -178,3 +178,23 @@ def test_ingest_keeps_the_index_current(tmp_path, monkeypatch):
     ingest(coll_path, [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], model="none", progress=False)
     info = Collection.open(coll_path).index_info()
     assert info["current"] and info["rows"] == 3000
+
+
+def test_lance_engine_is_tuned_and_never_stale(tmp_path, data):
+    x, q = data
+    coll = vector_collection(tmp_path / "lance.idx", x[:20_000])
+    info = build_index(coll, engine="lance", target_recall=0.9)
+    assert info["engine"] == "lance" and info["recall_at_10"] >= 0.9 and info["params"]["nprobes"] >= 1
+    assert fresh_recall_lance(coll, q) >= 0.88  # target 0.9, less sampling noise on 200 queries
+    hits = search(coll, vector=q[0], k=10, where="label = 'odd'", engine="lance")
+    assert len(hits) == 10 and all(h["label"] == "odd" for h in hits)
+    add_rows(coll, x[30_000:30_010], start=30_000)  # not in the Lance index yet: found by its flat scan
+    hit = search(coll, vector=x[30_005], k=1, engine="lance")[0]
+    assert hit["id"] == "r30005" and hit["score"] > 0.999
+    assert Collection.open(coll.path).info()["lance_index"]["kind"] == "ivf-pq"
+
+
+def fresh_recall_lance(coll: Collection, queries: np.ndarray, k: int = 10) -> float:
+    exact = search_batch(coll, [Query(vector=v) for v in queries], k=k, engine="exact")
+    ann = search_batch(coll, [Query(vector=v) for v in queries], k=k, engine="lance")
+    return float(np.mean([len({h["id"] for h in a} & {h["id"] for h in e}) / k for a, e in zip(ann, exact)]))

@@ -8,11 +8,12 @@ import os
 from ..errors import IndexerError
 from ..store import Collection
 from .faiss_engine import KINDS, FaissIndex, parse_size
+from .lance_engine import RETRAIN_GROWTH, build_lance_index, lance_meta, lance_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO_INDEX_ROWS", "KINDS", "FaissIndex", "build_index", "current_index", "parse_size",
-           "update_after_ingest"]
+__all__ = ["AUTO_INDEX_ROWS", "KINDS", "FaissIndex", "build_index", "current_index", "lance_meta",
+           "lance_search", "parse_size", "update_after_ingest"]
 
 # Past this many rows an exact scan costs tens of ms per query (384-d, a few cores): ingest builds an
 # index automatically from here on. Below it, exact search is both exact and fast.
@@ -27,10 +28,13 @@ def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto
     0.962
     """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    if engine != "faiss":
-        raise IndexerError(f"--engine {engine}: only faiss is available in this version")
+    if engine not in ("faiss", "lance"):
+        raise IndexerError(f"--engine {engine}: choose faiss or lance")
     budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     with coll.write_lock():
+        if engine == "lance":
+            return {k: v for k, v in build_lance_index(coll, kind=kind, target_recall=target_recall).items()
+                    if k != "sweep"}
         index = FaissIndex.build(coll, kind=kind, target_recall=target_recall, max_memory=budget)
     return index.info()
 
@@ -67,9 +71,16 @@ def _catch_up(coll: Collection) -> FaissIndex:
 def update_after_ingest(coll: Collection) -> None:
     """Called by ingest with the write lock held: keep an index current, or build one once the
     collection is past AUTO_INDEX_ROWS."""
+    lance = lance_meta(coll)
+    if lance is not None:
+        if coll.count() > RETRAIN_GROWTH * lance["trained_rows"]:
+            log.warning("retraining the Lance index: the collection grew past %gx its trained size", RETRAIN_GROWTH)
+            build_lance_index(coll, kind=lance["kind"], target_recall=lance["target_recall"])
+        else:
+            coll.dataset().optimize.optimize_indices()  # fold new rows into the index
     if FaissIndex.open(coll) is not None:
         current_index(coll, locked=True)
-    elif coll.count() >= AUTO_INDEX_ROWS:
+    elif lance is None and coll.count() >= AUTO_INDEX_ROWS:
         log.info("%d rows: building an ANN index (exact search stops being cheap past %d)",
                  coll.count(), AUTO_INDEX_ROWS)
         FaissIndex.build(coll)

@@ -206,14 +206,16 @@ class Collection:
         table = self.table
         return [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS]
 
-    def index_info(self) -> dict[str, Any] | None:
-        """index/index.json without its sweep, plus whether it reflects the current Lance version."""
-        path = self.path / "index" / "index.json"
+    def index_info(self, name: str = "index.json") -> dict[str, Any] | None:
+        """index/index.json (FAISS) or index/lance.json without the sweep; a FAISS index also says
+        whether it reflects the current Lance version (Lance's own index always does)."""
+        path = self.path / "index" / name
         if not path.exists():
             return None
         meta = json.loads(path.read_text())
         meta = {k: v for k, v in meta.items() if k not in ("sweep", "files")}
-        meta["current"] = meta.get("lance_version") == self.version()
+        if meta.get("engine") == "faiss":
+            meta["current"] = meta.get("lance_version") == self.version()
         return meta
 
     # ---- errors.jsonl -----------------------------------------------------------------------------------
@@ -247,6 +249,7 @@ class Collection:
             "fields": [] if table is None else [n for n in table.schema.names if n not in HIDDEN_COLUMNS],
             "errors": len(self.errors()),
             "index": self.index_info(),
+            "lance_index": self.index_info("lance.json"),
             "size_bytes": size,
             "created": self.manifest.created,
             "updated": self.manifest.updated,

@@ -14,8 +14,8 @@ from ..errors import IndexerError
 from ..models import Embedder, load_embedder, resolve_runtime, respec
 from ..store import Collection
 
-Engine = Literal["auto", "exact", "faiss"]
-ENGINES = ("auto", "exact", "faiss")
+Engine = Literal["auto", "exact", "faiss", "lance"]
+ENGINES = ("auto", "exact", "faiss", "lance")
 EXACT_FILTER_ROWS = 20_000  # a --where matching fewer rows than this is searched exactly
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     vectors = _query_vectors(coll, queries, device)
     # An --id query finds its own row first; ask for one more and drop it.
     extra = 1 if any(q.id is not None for q in queries) else 0
+    if engine == "lance":
+        return _lance(coll, queries, vectors, k, extra, where, nprobe)
     index = _index_for(coll, engine)
     if index is None:
         ranked, rows = _exact(coll, vectors, k + extra, where)
@@ -94,6 +96,19 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
                 for i, s in zip(ids, scores) if i in rows and i != q.id]
         results.append(hits[:k])
     return results
+
+
+def _lance(coll: Collection, queries: list[Query], vectors: np.ndarray, k: int, extra: int, where: str | None,
+           nprobe: int | None) -> list[list[dict[str, Any]]]:
+    from ..index import lance_meta, lance_search
+
+    meta = lance_meta(coll)
+    if meta is None:
+        raise IndexerError(f"{coll.path} has no Lance index: build one with `indexer index {coll.path} --engine lance`")
+    knobs = {**meta["params"], **({"nprobes": nprobe} if nprobe else {})}
+    columns = coll.result_columns()
+    return [[h for h in lance_search(coll, v, k + extra, knobs, where, columns) if h["id"] != q.id][:k]
+            for q, v in zip(queries, vectors)]
 
 
 def _index_for(coll: Collection, engine: str):
