@@ -249,7 +249,7 @@ def _ingest_windows(run: _Run, embedder: Embedder, sources: list[str], opts: Sou
     """Text and precomputed vectors, in windows of many batches (sorting a window of texts by length
     keeps padding small)."""
     window: list[Prepared] = []
-    window_size = batch_size * 16
+    window_size = batch_size * 64
     for record in iter_records(sources, opts):
         item = run.accept(prepare(record, run.known))
         if item is not None and item.record.vector is not None and len(item.record.vector) != embedder.dim:
