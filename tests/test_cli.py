@@ -137,7 +137,7 @@ def test_killed_ingest_resumes_exactly(tmp_path, sig):
     import random
 
     rng = random.Random(0)
-    n = 2000
+    n = 3000
     src = write_jsonl(tmp_path / "big.jsonl",
                       [{"id": f"doc{i}", "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))} for i in range(n)])
     coll = tmp_path / "k.idx"
