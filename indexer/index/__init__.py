@@ -45,13 +45,34 @@ def current_index(coll: Collection, locked: bool = False) -> FaissIndex | None:
     Never silently stale: a store that moved on since the index was saved is caught up (rows added,
     replaced rows and deleted rows tombstoned) or, when that stops being sound, the index is rebuilt.
     """
-    index = FaissIndex.open(coll)
+    index = _open_cached(coll)
     if index is None or index.is_current(coll):
         return index
     if locked:
         return _catch_up(coll)
     with coll.write_lock():
         return _catch_up(coll)
+
+
+_OPEN: dict[str, tuple[tuple, FaissIndex]] = {}
+
+
+def _open_cached(coll: Collection) -> FaissIndex | None:
+    """Opening reads (or maps) the index and its row map: keep the last one per collection in this
+    process, keyed by index.json's identity, so repeated searches by path cost no reload."""
+    meta = coll.path / "index" / "index.json"
+    try:
+        st = meta.stat()
+    except FileNotFoundError:
+        return None
+    key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _OPEN.get(str(coll.path.resolve()))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    index = FaissIndex.open(coll)
+    if index is not None:
+        _OPEN[str(coll.path.resolve())] = (key, index)
+    return index
 
 
 def _catch_up(coll: Collection) -> FaissIndex:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,10 +221,17 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
     return out / norms
 
 
+_EMBEDDERS: dict[tuple, Embedder] = {}
+
+
 def _query_embedder(coll: Collection, device: str) -> Embedder:
-    embedder = load_embedder(respec(coll.spec), resolve_runtime(device))
-    coll.check_compatible(embedder.spec)
-    return embedder
+    """The collection's model, loaded once per process (loading takes seconds; queries take ms)."""
+    key = (json.dumps(coll.spec.identity(), sort_keys=True), coll.spec.path, device)
+    if key not in _EMBEDDERS:
+        embedder = load_embedder(respec(coll.spec), resolve_runtime(device))
+        coll.check_compatible(embedder.spec)
+        _EMBEDDERS[key] = embedder
+    return _EMBEDDERS[key]
 
 
 def _load_query_image(path: str):
