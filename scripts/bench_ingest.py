@@ -68,8 +68,8 @@ IMAGE_CACHE = Path(tempfile.gettempdir()) / "indexer-bench-cache"
 IMAGE_SET_VERSION = "v1"  # bump when make_photo changes, so stale caches are not reused
 # MiniLM (all-MiniLM-L6-v2) shape, checked against the loaded config in measure_flops.
 MINILM_D, MINILM_FF, MINILM_LAYERS, MINILM_MAX_TOKENS = 384, 1536, 6, 256
-# indexer/ingest/__init__.py::_ingest_text sorts windows of batch_size * 16 texts by length.
-INGEST_TEXT_WINDOW = BATCH * 16
+# indexer/ingest/__init__.py::_ingest_windows sorts windows of batch_size * 64 texts by length.
+INGEST_TEXT_WINDOW = BATCH * 64
 
 
 @dataclass
@@ -455,7 +455,7 @@ def build_rows(threads: int, text: dict, flops: dict, images: dict, memory: dict
     s = "3. compute"
     rows += [
         Row(s, "fp32 matmul 2048^3", f(flops["matmul_gflops"], " GFLOP/s")),
-        Row(s, "padding overhead ours (1024-text windows) / peer",
+        Row(s, "padding overhead ours (4096-text windows) / peer",
             f"{flops['ours_padding_overhead']:.1%} / {flops['peer_padding_overhead']:.1%}"),
         Row(s, "MiniLM FLOPs as run (padded), ours / peer",
             f"{flops['ours_gflop']:,.0f} / {flops['peer_gflop']:,.0f} GFLOP"),
