@@ -22,6 +22,8 @@ from .writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
+SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
+
 
 @dataclass
 class IngestSummary:
@@ -216,7 +218,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             if modality in ("text", "vector"):
                 _ingest_windows(run, embedder, sources, opts, batch_size)
             else:
-                _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda)
+                _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda, total)
         except KeyboardInterrupt:
             run.summary.interrupted = True
         finally:
@@ -270,9 +272,11 @@ def _embed_window(run: _Run, embedder: Embedder, window: list[Prepared], batch_s
 
 
 def _ingest_images(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int,
-                   workers: int | None, cuda: bool) -> None:
+                   workers: int | None, cuda: bool, total: int | None) -> None:
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        # Starting a worker costs seconds (it imports torch): not worth it for a handful of images.
+        small = total is not None and total < SMALL_IMAGE_RUN
+        workers = 0 if small else min(4, os.cpu_count() or 1)
     if "-" in sources:
         workers = 0  # stdin can be read by one process only
     crop = embedder.spec.preprocessing.get("resize")
