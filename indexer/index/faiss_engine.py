@@ -169,8 +169,9 @@ def tune(index, kind: str, queries: np.ndarray, truth: np.ndarray, target: float
 class FaissIndex:
     def __init__(self, directory: Path, index, rows: pa.Table, meta: dict[str, Any]):
         self.directory, self.index, self.meta = directory, index, meta
-        self.ids = rows.column("id")
-        self.hashes = rows.column("record_hash")
+        # One contiguous array each: take() on parquet's chunked columns costs ms per query.
+        self.ids = _chunk(rows.column("id"))
+        self.hashes = _chunk(rows.column("record_hash"))
         self.live = np.asarray(rows.column("live").to_numpy(zero_copy_only=False), dtype=bool)
 
     # -- building ---------------------------------------------------------------------------------------
@@ -202,7 +203,8 @@ class FaissIndex:
             train = x[base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]]]
             log.info("training on %d vectors", len(train))
             index.train(train)
-        index.add(x[base])
+        for start in range(0, len(base), 65536):  # chunks: x[base] at once would copy every vector
+            index.add(x[base[start : start + 65536]])
         knobs, recall, sweep = {}, 1.0, []
         if n_queries and plan.kind != "flat":
             truth = _exact_topk(x[base], x[held], RECALL_K)
@@ -326,8 +328,18 @@ class FaissIndex:
             # A filter leaves fewer candidates per probe/hop: widen the search by the inverse selectivity.
             widen = min(8.0, len(mask) / max(int(mask.sum()), 1))
             knobs = {key: int(math.ceil(v * widen)) if key in ("nprobe", "ef") else v for key, v in knobs.items()}
-        scores, positions = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k,
-                                              params=search_params(self.index, knobs, selector))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        params = search_params(self.index, knobs, selector)
+        if len(queries) > 4:
+            scores, positions = self.index.search(queries, k, params=params)
+            return positions, scores
+        # OpenMP threads only add synchronisation to a query or two (and stall on a busy machine).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, positions = self.index.search(queries, k, params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return positions, scores
 
     def ids_at(self, positions: np.ndarray) -> list[str]:
@@ -359,7 +371,8 @@ def _load_vectors(coll: Collection) -> tuple[pa.Array, pa.Array, np.ndarray]:
     if not blocks:
         return pa.array([], pa.string()), pa.array([], pa.string()), np.zeros((0, coll.spec.dim), np.float32)
     x = np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)
-    return pa.concat_arrays(ids), pa.concat_arrays(hashes), _normalized(x)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # in place: x can be GBs
+    return pa.concat_arrays(ids), pa.concat_arrays(hashes), x
 
 
 def _exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
