@@ -1,71 +1,15 @@
-"""Command line: each command parses, calls one library function, prints. No logic of its own."""
+"""Commands that build and read a collection: ingest, search, index, info, models, sample."""
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import IndexerError
-
-log = logging.getLogger("indexer")
-
-
-def _setup_logging(quiet: bool, verbose: int) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("indexer: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, default=str, ensure_ascii=False))
-
-
-def output_options(fn):
-    """--json and -q/--quiet, shared by every command."""
-    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
-    @click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs on stderr.")
-    @click.option("-v", "--verbose", count=True, help="More logging on stderr.")
-    @functools.wraps(fn)
-    def wrapper(*args, quiet: bool, verbose: int, **kwargs):
-        _setup_logging(quiet, verbose)
-        return fn(*args, quiet=quiet, **kwargs)
-    return wrapper
-
-
-class _Group(click.Group):
-    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except IndexerError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="indexer")
-def cli() -> None:
-    """Embed text and images with frozen pretrained models into a LanceDB collection, and search it."""
-
-
-def _layer(value: str | None) -> int | str | None:
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value
+from ..errors import IndexerError
+from .base import cli, log, output_options, parse_layer, print_json
 
 
 @cli.command()
@@ -92,16 +36,16 @@ def _layer(value: str | None) -> int | str | None:
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
     """Embed SOURCES (folders, files, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION."""
-    from .ingest import IngestInterrupted, StrictError
-    from .ingest import ingest as run_ingest
+    from ..ingest import IngestInterrupted, StrictError
+    from ..ingest import ingest as run_ingest
 
     try:
-        summary = run_ingest(collection, list(sources), layer=_layer(layer), progress=not quiet, **options)
+        summary = run_ingest(collection, list(sources), layer=parse_layer(layer), progress=not quiet, **options)
         code = 0
     except (StrictError, IngestInterrupted) as exc:
         summary, code = exc.summary, exc.exit_code
         log.error("%s", exc)
-    _print_json(summary.to_dict()) if as_json else click.echo(summary.line())
+    print_json(summary.to_dict()) if as_json else click.echo(summary.line())
     sys.exit(code)
 
 
@@ -121,8 +65,8 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
 @output_options
 def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, device, as_json, quiet):
     """Nearest items in COLLECTION to QUERY (text), --image, --id, or each line of --queries."""
-    from .tasks.search import Query, search_batch
-    from .tasks.search import search as run_search
+    from ..tasks.search import Query, search_batch
+    from ..tasks.search import search as run_search
 
     given = sum(x is not None for x in (query, image, item_id, queries))
     if given != 1:
@@ -137,12 +81,12 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
                     raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
         for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
                                             nprobe=nprobe, ef=ef)):
-            _print_json({**q.echo(), "results": hits})
+            print_json({**q.echo(), "results": hits})
         return
     hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device,
                       nprobe=nprobe, ef=ef)
     if as_json:
-        _print_json(hits)
+        print_json(hits)
         return
     if not hits:
         click.echo("no results")
@@ -165,11 +109,11 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
 @output_options
 def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
     """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
-    from .index import build_index
+    from ..index import build_index
 
     data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     click.echo(f"{data['engine']} {data['kind']} index over {data['rows']} rows: {_describe_index(data)}; "
                f"built in {data['build_seconds']:.1f}s")
@@ -180,11 +124,11 @@ def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
 @output_options
 def info(collection, as_json, quiet):
     """What COLLECTION holds: rows, model, fields, errors, size."""
-    from . import info as collection_info
+    from .. import info as collection_info
 
     data = collection_info(collection)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     m = data["model"]
     lines = [
@@ -217,10 +161,10 @@ def _describe_index(ix: dict | None) -> str:
 @output_options
 def models(as_json, quiet):
     """The model names --model accepts."""
-    from .models import list_models
+    from ..models import list_models
 
     names = list_models()
-    _print_json(names) if as_json else click.echo("\n".join(names))
+    print_json(names) if as_json else click.echo("\n".join(names))
 
 
 @cli.command()
@@ -228,15 +172,7 @@ def models(as_json, quiet):
 @output_options
 def sample(directory, as_json, quiet):
     """Write a small real corpus (labelled texts, photos, query images) into DIRECTORY."""
-    from .sample import write_sample_corpus
+    from ..sample import write_sample_corpus
 
     paths = {k: str(v) for k, v in write_sample_corpus(Path(directory)).items()}
-    _print_json(paths) if as_json else click.echo("\n".join(f"{k:8} {v}" for k, v in paths.items()))
-
-
-def main() -> None:
-    cli(prog_name="indexer")
-
-
-if __name__ == "__main__":
-    main()
+    print_json(paths) if as_json else click.echo("\n".join(f"{k:8} {v}" for k, v in paths.items()))

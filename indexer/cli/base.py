@@ -1,0 +1,68 @@
+"""The command group and the options every command shares."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from ..errors import IndexerError
+
+log = logging.getLogger("indexer")
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("indexer: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def print_json(data) -> None:
+    click.echo(json.dumps(data, default=str, ensure_ascii=False))
+
+
+def output_options(fn):
+    """--json and -q/--quiet, shared by every command."""
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bars or info logs on stderr.")
+    @click.option("-v", "--verbose", count=True, help="More logging on stderr.")
+    @functools.wraps(fn)
+    def wrapper(*args, quiet: bool, verbose: int, **kwargs):
+        _setup_logging(quiet, verbose)
+        return fn(*args, quiet=quiet, **kwargs)
+    return wrapper
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IndexerError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="indexer")
+def cli() -> None:
+    """Embed text and images with frozen pretrained models into a LanceDB collection, and search it."""
+
+
+def parse_layer(value: str | None) -> int | str | None:
+    """--layer: a hidden-state number for text encoders, a module name for CNNs."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
