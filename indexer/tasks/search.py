@@ -197,7 +197,7 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
             raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
                                "search it with a text query, --id ID or a vector")
     if embed_idx:
-        embedder = _query_embedder(coll, device)
+        embedder = query_embedder(coll, device)
         items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image)
                  for i in embed_idx]
         out[embed_idx] = embedder.embed(items)
@@ -224,7 +224,7 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
 _EMBEDDERS: dict[tuple, Embedder] = {}
 
 
-def _query_embedder(coll: Collection, device: str) -> Embedder:
+def query_embedder(coll: Collection, device: str) -> Embedder:
     """The collection's model, loaded once per process (loading takes seconds; queries take ms)."""
     key = (json.dumps(coll.spec.identity(), sort_keys=True), coll.spec.path, device)
     if key not in _EMBEDDERS:
