@@ -1,0 +1,197 @@
+"""Labelled features for the learning tasks (k-NN, linear probe, layer sweep): read them from a
+collection or embed them from sources, split them into folds, and score predictions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import IndexerError
+from ..sources import Record, SkippedInput, SourceOptions, check_sources, iter_records
+from ..store import Collection
+
+log = logging.getLogger(__name__)
+
+FOLDER_LABEL = "folder"  # --label-field folder: an image's parent folder names its class (ImageFolder layout)
+
+
+@dataclass
+class LabelledVectors:
+    """Rows of a collection that carry a label: ids, L2-normalised vectors (n, d), labels (str)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    labels: np.ndarray
+    unlabelled: int  # rows without a label: not used, only reported
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_labelled(coll: Collection, label_field: str = "label") -> LabelledVectors:
+    """Every labelled row of a collection, vectors normalised for cosine similarity."""
+    table = coll.table
+    if table is None or coll.count() == 0:
+        raise IndexerError(f"{coll.path} is empty: ingest something first")
+    if label_field not in table.schema.names:
+        fields = [n for n in coll.result_columns() if n not in ("id", "vector")]
+        raise IndexerError(f"{coll.path} has no field {label_field!r}; its fields: {', '.join(fields)} "
+                           "(ingest with --label-field to store labels)")
+    ids: list[str] = []
+    labels: list[str] = []
+    blocks: list[np.ndarray] = []
+    unlabelled = 0
+    for batch in coll.scan(["id", "vector", label_field], batch_size=65536):
+        raw = batch.column(label_field).to_pylist()
+        keep = np.array([v is not None and str(v) != "" for v in raw], dtype=bool)
+        unlabelled += int((~keep).sum())
+        if not keep.any():
+            continue
+        vec = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+        blocks.append(vec[keep].astype(np.float32, copy=False))
+        ids.extend(i for i, k in zip(batch.column("id").to_pylist(), keep) if k)
+        labels.extend(str(v) for v, k in zip(raw, keep) if k)
+    if not ids:
+        raise IndexerError(f"no row of {coll.path} has a value in {label_field!r}")
+    vectors = normalized(np.concatenate(blocks))
+    if unlabelled:
+        log.info("%d rows of %s have no %s: left out", unlabelled, coll.path, label_field)
+    return LabelledVectors(ids, vectors, np.array(labels, dtype=object), unlabelled)
+
+
+def normalized(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Inputs:
+    """Raw items read from sources, ready for an embedder: text strings or decoded RGB images."""
+
+    ids: list[str]
+    items: list[Any]
+    labels: list[str | None]
+    skipped: list[SkippedInput]
+
+
+def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | None = None, text_field: str = "text",
+                image_field: str = "image", id_field: str | None = None, limit: int | None = None) -> Inputs:
+    """Read (and for images decode) every input of the sources in memory: for predictions and layer
+    sweeps over labelled sets, not for collections of millions (ingest streams those)."""
+    from ..sources.images import ImageDecodeError, decode_image
+
+    sources = list(sources)
+    if not sources:
+        raise IndexerError("no sources given")
+    check_sources(sources, modality)
+    folder_labels = label_field == FOLDER_LABEL
+    opts = SourceOptions(modality=modality, text_field=text_field, image_field=image_field, id_field=id_field,
+                         label_field=None if folder_labels else label_field)
+    out = Inputs([], [], [], [])
+    for rec in iter_records(sources, opts):
+        if isinstance(rec, SkippedInput):
+            out.skipped.append(rec)
+            continue
+        item: Any = rec.text
+        if modality == "image":
+            try:
+                item = decode_image(rec.payload_bytes())
+            except (ImageDecodeError, OSError) as exc:
+                out.skipped.append(SkippedInput(rec.source, f"cannot decode image: {exc}", rec.id))
+                continue
+        out.ids.append(rec.id)
+        out.items.append(item)
+        out.labels.append(_folder_label(rec) if folder_labels else rec.label)
+        if limit is not None and len(out.ids) >= limit:
+            break
+    for s in out.skipped:
+        log.warning("skipped %s: %s", s.id or s.source, s.reason)
+    if not out.ids:
+        raise IndexerError(f"no usable {modality} input in {', '.join(sources)}")
+    return out
+
+
+def embed_new_inputs(spec: dict[str, Any] | None, sources, items, vectors, *, device: str = "auto",
+                   **fields) -> tuple[list[str], np.ndarray]:
+    """(ids, features) of new inputs, with the model a head or collection was built with."""
+    from ..models import ModelSpec, load_embedder, resolve_runtime, respec
+
+    if sum(x is not None for x in (sources, items, vectors)) != 1:
+        raise IndexerError("give exactly one of sources, items or vectors to classify")
+    if vectors is not None:
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        return [str(i) for i in range(len(vectors))], vectors
+    if spec is None or spec.get("name") == "none":
+        raise IndexerError("these features came from no known model (precomputed vectors): classify vectors")
+    model_spec = ModelSpec.from_dict(spec)
+    embedder = load_embedder(respec(model_spec), resolve_runtime(device))
+    if embedder.spec.identity() != model_spec.identity():
+        raise IndexerError(f"{model_spec.name} on this machine is not the model the head was trained on "
+                           "(different weights, layer or pooling)")
+    if sources is not None:
+        inputs = read_inputs(sources, model_spec.modality, **fields)
+        ids, raw = inputs.ids, inputs.items
+    else:
+        raw = list(items)
+        ids = [str(i) for i in range(len(raw))]
+    return ids, embedder.embed(raw)
+
+
+def _folder_label(rec: Record) -> str | None:
+    parent = Path(rec.id).parent.name
+    return parent or None
+
+
+def check_classes(labels: Sequence[str], what: str = "training set") -> list[str]:
+    """The sorted class names; at least two classes are needed to learn anything."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise IndexerError(f"the {what} has {len(classes)} class{'es' if len(classes) != 1 else ''} "
+                           f"({', '.join(classes) or 'none'}): a classifier needs at least two")
+    return classes
+
+
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold number per row, each class spread evenly over the folds (the same folds for every
+    method and layer, so their scores compare)."""
+    if n_folds < 2:
+        raise IndexerError("--folds must be at least 2")
+    if n_folds > len(labels):
+        raise IndexerError(f"--folds {n_folds} is more than the {len(labels)} labelled rows")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for cls in sorted(set(labels)):
+        members = np.flatnonzero(labels == cls)
+        rng.shuffle(members)
+        # Continue the round-robin where the previous class stopped so fold sizes stay balanced.
+        fold[members] = (np.arange(len(members)) + offset) % n_folds
+        offset += len(members)
+    smallest = min(np.sum(labels == c) for c in set(labels))
+    if smallest < n_folds:
+        log.warning("the smallest class has %d rows, fewer than %d folds: some folds never see it",
+                    smallest, n_folds)
+    return fold
+
+
+def scores(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows: true class, columns: predicted class, in `classes` order)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
+    present = [c for c in classes if c in set(y_true) or c in set(y_pred)]
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(np.mean(f)) if len(f) else 0.0,
+        "per_class": {c: {"precision": float(pi), "recall": float(ri), "f1": float(fi), "support": int(si)}
+                      for c, pi, ri, fi, si in zip(present, p, r, f, s)},
+        "classes": list(present),
+        "confusion": confusion_matrix(y_true, y_pred, labels=present).tolist(),
+    }
