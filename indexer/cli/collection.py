@@ -61,9 +61,13 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
               show_default=True, help="auto: the FAISS index when there is one, else exact.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="Override the tuned IVF nprobe (nprobes for lance).")
 @click.option("--ef", type=click.IntRange(min=1), help="Override the tuned HNSW efSearch.")
+@click.option("--mode", type=click.Choice(["vector", "text", "hybrid"]), default="vector", show_default=True,
+              help="vector: embedding similarity; text: BM25 full-text; hybrid: both, fused by reciprocal rank.")
+@click.option("--group-by-doc", is_flag=True, help="One result per document: its best passage (+ other_chunks).")
 @click.option("--device", default="auto", show_default=True)
 @output_options
-def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, device, as_json, quiet):
+def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, device,
+           as_json, quiet):
     """Nearest items in COLLECTION to QUERY (text), --image, --id, or each line of --queries."""
     from ..tasks.search import Query, search_batch
     from ..tasks.search import search as run_search
@@ -80,11 +84,11 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
                 except json.JSONDecodeError as exc:
                     raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
         for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
-                                            nprobe=nprobe, ef=ef)):
+                                            nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc)):
             print_json({**q.echo(), "results": hits})
         return
     hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device,
-                      nprobe=nprobe, ef=ef)
+                      nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc)
     if as_json:
         print_json(hits)
         return
@@ -94,7 +98,8 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
         what = hit.get("text") or hit.get("path") or ""
         what = " ".join(str(what).split())
         label = f" [{hit['label']}]" if hit.get("label") else ""
-        click.echo(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}{label}  {what[:100]}")
+        where_in = "".join(f" {key} {hit[key]}" for key in ("page", "heading") if hit.get(key) not in (None, ""))
+        click.echo(f"{rank:>3}. {hit['score']:.4f}  {hit['id']}{label}{where_in}  {what[:100]}")
 
 
 @cli.command()

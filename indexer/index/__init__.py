@@ -8,11 +8,12 @@ import os
 from ..errors import IndexerError
 from ..store import Collection
 from .faiss_engine import KINDS, FaissIndex, parse_size
+from .fulltext import fts_search, update_fts_index
 from .lance_engine import RETRAIN_GROWTH, build_lance_index, lance_meta, lance_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO_INDEX_ROWS", "KINDS", "FaissIndex", "build_index", "current_index", "lance_meta",
+__all__ = ["AUTO_INDEX_ROWS", "KINDS", "FaissIndex", "build_index", "current_index", "fts_search", "lance_meta",
            "lance_search", "parse_size", "update_after_ingest"]
 
 # Past this many rows an exact scan costs tens of ms per query (384-d, a few cores): ingest builds an
@@ -92,6 +93,7 @@ def _catch_up(coll: Collection) -> FaissIndex:
 def update_after_ingest(coll: Collection) -> None:
     """Called by ingest with the write lock held: keep an index current, or build one once the
     collection is past AUTO_INDEX_ROWS."""
+    update_fts_index(coll)  # first: it makes a Lance version, and the FAISS index must reflect the last one
     lance = lance_meta(coll)
     if lance is not None:
         if coll.count() > RETRAIN_GROWTH * lance["trained_rows"]:

@@ -14,9 +14,12 @@ import numpy as np
 from ..errors import IndexerError
 from ..models import Embedder, load_embedder, resolve_runtime, respec
 from ..store import Collection
+from .hybrid import HYBRID_DEPTH, group_by_document, reciprocal_rank_fusion
 
 Engine = Literal["auto", "exact", "faiss", "lance"]
 ENGINES = ("auto", "exact", "faiss", "lance")
+Mode = Literal["vector", "text", "hybrid"]
+MODES = ("vector", "text", "hybrid")
 EXACT_FILTER_ROWS = 20_000  # a --where matching fewer rows than this is searched exactly
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,9 @@ class Query:
 def search(collection: Collection | str, query: str | None = None, *, image: str | None = None,
            id: str | None = None, vector: Sequence[float] | None = None, k: int = 10, where: str | None = None,
            engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
-           ef: int | None = None) -> list[dict[str, Any]]:
-    """Nearest items to one query, best first: [{"id", "score" (cosine), ...stored fields}].
+           ef: int | None = None, mode: Mode = "vector", group_by_doc: bool = False) -> list[dict[str, Any]]:
+    """Nearest items to one query, best first: [{"id", "score", ...stored fields}] (score: cosine for
+    mode vector, BM25 for text, fused reciprocal-rank score for hybrid).
 
     >>> search("notes.idx", "how do plants make energy", k=3)      # doctest: +SKIP
     [{'id': 'bio/photosynthesis.md', 'score': 0.71, 'text': ...}, ...]
@@ -62,24 +66,75 @@ def search(collection: Collection | str, query: str | None = None, *, image: str
     q = Query(text=query, image=image, id=id, vector=vector)
     if sum(v is not None for v in (query, image, id, vector)) != 1:
         raise IndexerError("give exactly one query: text, --image PATH, --id ID or a vector")
-    return search_batch(collection, [q], k=k, where=where, engine=engine, device=device, nprobe=nprobe, ef=ef)[0]
+    return search_batch(collection, [q], k=k, where=where, engine=engine, device=device, nprobe=nprobe, ef=ef,
+                        mode=mode, group_by_doc=group_by_doc)[0]
 
 
 def search_batch(collection: Collection | str, queries: list[Query], *, k: int = 10, where: str | None = None,
                  engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
-                 ef: int | None = None) -> list[list[dict[str, Any]]]:
+                 ef: int | None = None, mode: Mode = "vector",
+                 group_by_doc: bool = False) -> list[list[dict[str, Any]]]:
     """Results for many queries in input order; text and image queries are embedded in batches.
 
     engine: `exact` scans every vector; `faiss` uses the collection's ANN index (caught up with the
     store first); `auto` uses the index when there is one. `nprobe`/`ef` override the tuned knobs.
+    mode: `vector` ranks by embedding similarity; `text` by BM25 over the stored text (full-text
+    index); `hybrid` fuses both rankings by reciprocal rank fusion (tasks/hybrid.py: `vector_score`
+    and `text_score` say what each contributed). group_by_doc: the k best documents, each as its best
+    passage with `other_chunks`.
     """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     if k < 1:
         raise IndexerError("-k must be at least 1")
     if engine not in ENGINES:
         raise IndexerError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    if mode not in MODES:
+        raise IndexerError(f"--mode {mode}: choose one of {', '.join(MODES)}")
     if not queries:
         return []
+    if mode != "vector":
+        _check_text_mode(coll, queries, mode)
+
+    def ranked(depth: int) -> list[list[dict[str, Any]]]:
+        return _ranked(coll, queries, depth, mode, where, engine, device, nprobe, ef)
+
+    if not group_by_doc:
+        return [hits[:k] for hits in ranked(k)]
+    # Several passages of one document can fill the top: look deeper until k documents are found.
+    depth, total = max(4 * k, HYBRID_DEPTH), coll.count()
+    while True:
+        results = ranked(depth)
+        groups = [group_by_document(hits, k) for hits in results]
+        if depth >= total or all(len(g) >= k or len(h) < depth - 1 for g, h in zip(groups, results)):
+            return groups
+        depth *= 4
+
+
+def _check_text_mode(coll: Collection, queries: list[Query], mode: str) -> None:
+    from ..index.fulltext import require_text
+
+    require_text(coll, mode)
+    if any(q.text is None for q in queries):
+        raise IndexerError(f"--mode {mode} needs a text query (not --image, --id or a vector)")
+
+
+def _ranked(coll: Collection, queries: list[Query], depth: int, mode: str, where: str | None, engine: str,
+            device: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
+    """Up to `depth` hits per query, best first, ranked the way `mode` says."""
+    from ..index.fulltext import fts_search
+
+    if mode == "text":
+        return [fts_search(coll, q.text, depth, where) for q in queries]
+    each = depth if mode == "vector" else max(depth, HYBRID_DEPTH)
+    by_vector = _vector_hits(coll, queries, each, where, engine, device, nprobe, ef)
+    if mode == "vector":
+        return by_vector
+    return [reciprocal_rank_fusion(v, fts_search(coll, q.text, each, where))[:depth]
+            for q, v in zip(queries, by_vector)]
+
+
+def _vector_hits(coll: Collection, queries: list[Query], k: int, where: str | None, engine: str, device: str,
+                 nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
     vectors = _query_vectors(coll, queries, device)
     # An --id query finds its own row first; ask for one more and drop it.
     extra = 1 if any(q.id is not None for q in queries) else 0
