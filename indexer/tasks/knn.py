@@ -39,7 +39,7 @@ DEFAULT_FOLDS = 5
 _BLOCK_BYTES = 256 << 20  # similarity block held at once by the exact search
 
 
-def vote(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int, temperature: float = DEFAULT_TEMPERATURE,
+def vote_probabilities(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int, temperature: float = DEFAULT_TEMPERATURE,
          how: Vote = "weighted") -> np.ndarray:
     """(m, k) similarities and class indices of the neighbours -> (m, n_classes) probabilities.
     Missing neighbours (class -1) carry no vote."""
@@ -150,9 +150,10 @@ class KnnSettings:
 
 def knn_eval(collection: Collection | str, label_field: str = "label", *, test: Collection | str | None = None,
              folds: int | None = None, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-             vote: Vote = "weighted", engine: KnnEngine = "auto") -> dict[str, Any]:
+             vote: Vote = "weighted", engine: KnnEngine = "auto", out: str | None = None) -> dict[str, Any]:
     """Accuracy of the k-NN classifier: on a labelled `test` collection, or by `folds`-fold
-    cross-validation within the collection (default 5 folds).
+    cross-validation within the collection (default 5 folds). `out`: a folder for the JSON report
+    and the confusion-matrix PNG.
 
     >>> knn_eval("photos.idx", "label", folds=5)["accuracy"]        # doctest: +SKIP
     0.93
@@ -178,14 +179,19 @@ def knn_eval(collection: Collection | str, label_field: str = "label", *, test: 
             probs[inside] = _classify(ref, ref.data.vectors[inside], settings, exclude=inside)
         y_true, n_train, split = list(ref.data.labels), int(len(ref.data) * (n_folds - 1) / n_folds), {"folds": n_folds}
     y_pred = [ref.classes[i] for i in probs.argmax(axis=1)]
-    return {**scores(y_true, y_pred, ref.classes), **settings.to_dict(), "n_train": n_train, "n_test": len(y_true),
-            "unlabelled": ref.data.unlabelled, "engine": ref.engine, "label_field": label_field, **split,
-            "seconds": round(time.perf_counter() - start, 3)}
+    result = {**scores(y_true, y_pred, ref.classes), **settings.to_dict(), "n_train": n_train,
+              "n_test": len(y_true), "unlabelled": ref.data.unlabelled, "engine": ref.engine,
+              "label_field": label_field, **split, "seconds": round(time.perf_counter() - start, 3)}
+    if out is not None:
+        from .plots import write_eval_report
+
+        result["files"] = write_eval_report(result, out, "knn", f"k-NN ({vote}, k={settings.k}) on {coll.path.name}")
+    return result
 
 
 def _classify(ref: Reference, queries: np.ndarray, s: KnnSettings, exclude: np.ndarray | None = None) -> np.ndarray:
     sims, classes = ref.topk(queries, s.k, exclude)
-    return vote(sims, classes, len(ref.classes), s.temperature, s.vote)
+    return vote_probabilities(sims, classes, len(ref.classes), s.temperature, s.vote)
 
 
 def knn_eval_arrays(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, *,
@@ -224,7 +230,7 @@ def knn_predict(collection: Collection | str, sources: Sequence[str] | None = No
     queries = normalized(queries)
     sims, rows = ref.neighbours(queries, settings.k)
     classes = np.where(rows >= 0, ref.y[np.maximum(rows, 0)], -1)
-    probs = vote(sims, classes, len(ref.classes), settings.temperature, settings.vote)
+    probs = vote_probabilities(sims, classes, len(ref.classes), settings.temperature, settings.vote)
     out = []
     for n, item_id in enumerate(ids):
         order = np.argsort(-probs[n], kind="stable")

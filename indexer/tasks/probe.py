@@ -173,9 +173,11 @@ def probe_eval_arrays(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray
 
 
 def probe_eval(collection: Collection | str, label_field: str = "label", *, test: Collection | str | None = None,
-               folds: int | None = None, save: str | os.PathLike | None = None) -> dict[str, Any]:
+               folds: int | None = None, save: str | os.PathLike | None = None,
+               out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Linear-probe accuracy on a labelled `test` collection or by cross-validation (default 5 folds);
-    `save` also fits the head on every labelled row and writes it.
+    `save` also fits the head on every labelled row and writes it; `out`: a folder for the JSON report
+    and the confusion-matrix PNG.
 
     >>> probe_eval("photos.idx", "label", save="label.probe.npz")["accuracy"]   # doctest: +SKIP
     0.95
@@ -216,6 +218,10 @@ def probe_eval(collection: Collection | str, label_field: str = "label", *, test
                           **split})
         result["saved"] = str(head.save(save))
     result["seconds"] = round(time.perf_counter() - start, 3)
+    if out is not None:
+        from .plots import write_eval_report
+
+        result["files"] = write_eval_report(result, out, "probe", f"linear probe on {coll.path.name}")
     return result
 
 

@@ -1,0 +1,124 @@
+"""Commands that learn on frozen features: knn, probe, layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .base import cli, output_options, print_json
+
+
+def predict_inputs(fn):
+    """Where --predict reads fields from, and the device to embed on."""
+    for decorator in reversed((
+        click.option("--text-field", default="text", show_default=True, help="--predict tables: the text field."),
+        click.option("--image-field", default="image", show_default=True, help="--predict tables: the image field."),
+        click.option("--id-field", help="--predict tables: the id field."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    )):
+        fn = decorator(fn)
+    return fn
+
+
+def _eval_options(fn):
+    for decorator in reversed((
+        click.option("--label-field", default="label", show_default=True, help="The stored field holding labels."),
+        click.option("--test", type=click.Path(file_okay=False, exists=True),
+                     help="Evaluate on this labelled collection (same model) instead of cross-validation."),
+        click.option("--folds", type=click.IntRange(min=2), help="Cross-validation folds (default 5)."),
+        click.option("--out", type=click.Path(file_okay=False), help="Write the JSON report and a confusion PNG here."),
+    )):
+        fn = decorator(fn)
+    return fn
+
+
+def _print_eval(result: dict, what: str) -> None:
+    split = f"test collection {result['test']}" if "test" in result else f"{result['folds']}-fold cross-validation"
+    click.echo(f"{what}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
+               f"({split}; {result['n_test']} predictions, {result['n_train']} training rows"
+               + (f", {result['unlabelled']} unlabelled rows left out" if result.get("unlabelled") else "") + ")")
+    click.echo(f"{'class':24} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
+    for cls, m in result["per_class"].items():
+        click.echo(f"{cls[:24]:24} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['support']:8d}")
+    for name, path in result.get("files", {}).items():
+        click.echo(f"{name}: {path}")
+
+
+def _print_predictions(predictions: list[dict], as_json: bool) -> None:
+    if as_json:
+        print_json(predictions)
+        return
+    for p in predictions:
+        top = ", ".join(f"{c} {v:.3f}" for c, v in list(p["probabilities"].items())[:3])
+        near = ", ".join(n["id"] for n in p.get("neighbours", [])[:3])
+        click.echo(f"{p['id']}\t{p['label']}\t{top}" + (f"\tnearest: {near}" if near else ""))
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False, exists=True))
+@_eval_options
+@click.option("--eval", "evaluate", is_flag=True, help="Measure accuracy (cross-validation or --test).")
+@click.option("--predict", "predict", multiple=True, help="Classify these sources (files, folders, tables, - for "
+              "JSONL on stdin); repeatable.")
+@click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
+              help="Weighted vote: each neighbour adds exp(similarity / T).")
+@click.option("--vote", type=click.Choice(["weighted", "majority"]), default="weighted", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
+              help="auto: the collection's FAISS index when it has one, else exact.")
+@predict_inputs
+@output_options
+def knn(collection, label_field, test, folds, out, evaluate, predict, k, temperature, vote, engine, text_field,
+        image_field, id_field, device, as_json, quiet):
+    """k-NN classifier over COLLECTION's labelled rows (DINO protocol: cosine, top-20, exp(sim/0.07) votes)."""
+    from ..tasks.knn import knn_eval, knn_predict
+
+    if evaluate == bool(predict):
+        raise click.UsageError("give --eval or --predict SOURCE")
+    if predict:
+        preds = knn_predict(collection, list(predict), label_field=label_field, k=k, temperature=temperature,
+                            vote=vote, engine=engine, device=device, text_field=text_field, image_field=image_field,
+                            id_field=id_field)
+        _print_predictions(preds, as_json)
+        return
+    result = knn_eval(collection, label_field, test=test, folds=folds, k=k, temperature=temperature, vote=vote,
+                      engine=engine, out=out)
+    if as_json:
+        print_json(result)
+    else:
+        _print_eval(result, f"k-NN ({result['vote']}, k={result['k']}, T={result['temperature']}, {result['engine']})")
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(exists=True))
+@_eval_options
+@click.option("--save", type=click.Path(dir_okay=False), help="Fit the head on every labelled row and save it "
+              "(.npz) for `indexer probe HEAD --predict`.")
+@click.option("--predict", "predict", multiple=True, help="Classify these sources with a saved head (COLLECTION "
+              "is then the head file) or with a head fitted on COLLECTION; repeatable.")
+@predict_inputs
+@output_options
+def probe(collection, label_field, test, folds, out, save, predict, text_field, image_field, id_field, device,
+          as_json, quiet):
+    """Linear probe: logistic regression on COLLECTION's frozen features (C chosen on a validation split).
+
+    COLLECTION may be a head saved with --save when used with --predict."""
+    from ..tasks.probe import probe_eval, probe_predict
+
+    if Path(collection).is_file() and not predict:
+        raise click.UsageError(f"{collection} is a file: a saved head is used with --predict SOURCE")
+    if predict:
+        if test or folds or save or out:
+            raise click.UsageError("--predict takes no --test, --folds, --save or --out")
+        preds = probe_predict(collection, list(predict), label_field=label_field, device=device,
+                              text_field=text_field, image_field=image_field, id_field=id_field)
+        _print_predictions(preds, as_json)
+        return
+    result = probe_eval(collection, label_field, test=test, folds=folds, save=save, out=out)
+    if as_json:
+        print_json(result)
+        return
+    _print_eval(result, f"linear probe (C {', '.join(f'{c:g}' for c in result['C'])})")
+    if result.get("saved"):
+        click.echo(f"head saved: {result['saved']}")
