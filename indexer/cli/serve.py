@@ -1,0 +1,44 @@
+"""`indexer serve`: the HTTP API and search page over one or more collections."""
+
+from __future__ import annotations
+
+import click
+
+from .base import cli, log, output_options, print_json
+
+
+@cli.command()
+@click.argument("collections", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The default is reachable from this machine only.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--token", envvar="INDEXER_TOKEN", help="Require `Authorization: Bearer TOKEN` on every route but "
+              "/health (or set INDEXER_TOKEN, which keeps it out of the process list).")
+@click.option("--max-body", default="20MB", show_default=True, help="Largest request body (uploads included).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+              help="Largest uploaded image, in pixels.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most concurrent queries answered by one batched search (1: no batching).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Hold a batch's first query this long for others to join (0: batch only what queued "
+              "while the previous batch ran).")
+@click.option("--device", default="auto", show_default=True)
+@output_options
+def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, device, as_json, quiet):
+    """Serve COLLECTIONS over HTTP: a JSON API (/docs) and a search page (/)."""
+    from ..errors import IndexerError
+    from ..index import parse_size
+    from ..serve import serve as run
+
+    try:
+        max_body = parse_size(max_body)
+    except IndexerError:
+        raise click.BadParameter(f"{max_body!r}: expected a size like 20MB", param_hint="--max-body") from None
+
+    def ready(url: str) -> None:
+        page = f"{url}?token=..." if token else url
+        print_json({"url": url}) if as_json else click.echo(f"serving {len(collections)} collection(s) on {url}")
+        log.info("search page: %s  API docs: %sdocs", page, url)
+
+    run(list(collections), host=host, port=port, token=token, max_body=max_body,
+        max_pixels=max_pixels, max_batch=max_batch, batch_wait=batch_wait_ms / 1000, device=device, on_ready=ready)
