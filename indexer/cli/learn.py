@@ -122,3 +122,45 @@ def probe(collection, label_field, test, folds, out, save, predict, text_field, 
     _print_eval(result, f"linear probe (C {', '.join(f'{c:g}' for c in result['C'])})")
     if result.get("saved"):
         click.echo(f"head saved: {result['saved']}")
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--label-field", default="label", show_default=True,
+              help="The field holding labels (`folder`: an image's parent folder names its class).")
+@click.option("--model", help="Default: minilm for text, efficientnet-lite0 for images.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
+@click.option("--layers", help="all (default) or a comma list: hidden-state numbers for transformers, module "
+              "names (or penultimate) for CNNs.")
+@click.option("--pooling", help="Transformers: comma list of cls, mean, max, pooler (default: cls,mean,max).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
+@click.option("--max-items", type=click.IntRange(min=2), help="Use at most this many inputs.")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--out", type=click.Path(file_okay=False), help="Write layers.json and layers.png here.")
+@predict_inputs
+@output_options
+def layers(sources, label_field, model, weights, layers, pooling, folds, k, max_items, batch_size, out, text_field,
+           image_field, id_field, device, as_json, quiet):
+    """Accuracy of k-NN and a linear probe on every layer of a backbone over labelled SOURCES; recommends
+    the layer (and pooling) to ingest with."""
+    from ..tasks.layers import sweep_layers
+
+    poolings = [p.strip() for p in pooling.split(",") if p.strip()] if pooling else None
+    result = sweep_layers(list(sources), label_field, model=model, layers=layers, pooling=poolings, weights=weights,
+                          folds=folds, k=k, out=out, batch_size=batch_size, device=device, text_field=text_field,
+                          image_field=image_field, id_field=id_field, max_items=max_items, progress=not quiet)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"{result['model']}: {result['n_items']} items, {result['n_classes']} classes, "
+               f"{result['folds']}-fold cross-validation, k={result['k']}")
+    click.echo(f"  {'layer':>14} {'pooling':>8} {'dim':>5} {'k-NN acc':>9} {'k-NN F1':>8} {'probe acc':>10} "
+               f"{'probe F1':>9}")
+    for r in result["rows"]:
+        mark = "*" if r["best"] else " "
+        click.echo(f"{mark} {str(r['layer']):>14} {r['pooling']:>8} {r['dim']:>5} {r['knn_accuracy']:9.4f} "
+                   f"{r['knn_macro_f1']:8.4f} {r['probe_accuracy']:10.4f} {r['probe_macro_f1']:9.4f}")
+    click.echo(f"recommended: indexer ingest COLL SOURCE {result['best']['flags']}")
+    for name, path in result.get("files", {}).items():
+        click.echo(f"{name}: {path}")

@@ -48,15 +48,17 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
 def layers_png(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """k-NN and linear-probe accuracy per layer, one line per pooling, best layer marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 3), 4.5))
     layers = list(dict.fromkeys(str(r["layer"]) for r in rows))
     poolings = list(dict.fromkeys(r.get("pooling") for r in rows))
-    for pooling in poolings:
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers) + 3), 4.5))
+    for n, pooling in enumerate(poolings):
         sel = [r for r in rows if r.get("pooling") == pooling]
         x = [layers.index(str(r["layer"])) for r in sel]
-        suffix = f" ({pooling})" if pooling else ""
-        ax.plot(x, [r["knn_accuracy"] for r in sel], marker="o", label=f"k-NN{suffix}")
-        ax.plot(x, [r["probe_accuracy"] for r in sel], marker="s", linestyle="--", label=f"linear probe{suffix}")
+        suffix = f" ({pooling})" if pooling != "avg" else ""
+        color = f"C{n}"  # one colour per pooling; solid k-NN, dashed probe
+        ax.plot(x, [r["knn_accuracy"] for r in sel], marker="o", color=color, label=f"k-NN{suffix}")
+        ax.plot(x, [r["probe_accuracy"] for r in sel], marker="s", linestyle="--", color=color,
+                label=f"linear probe{suffix}")
     best = next((r for r in rows if r.get("best")), None)
     if best is not None:
         ax.axvline(layers.index(str(best["layer"])), color="grey", alpha=0.4, linewidth=6, label="recommended")
