@@ -32,10 +32,15 @@ from .base import cli, log, output_options, parse_layer, print_json
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU.")
+@click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
+              "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "
+              "collection; 0 turns it off.")
+@click.option("--chunk-overlap", type=click.IntRange(min=0), help="Tokens shared by consecutive passages.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
-    """Embed SOURCES (folders, files, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION."""
+    """Embed SOURCES (folders, files, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION.
+    Documents: .txt, .md, .html (visible text) and .pdf (text per page)."""
     from ..ingest import IngestInterrupted, StrictError
     from ..ingest import ingest as run_ingest
 
@@ -142,6 +147,7 @@ def info(collection, as_json, quiet):
         f"model        {m['name']} ({m['modality']}, dim {m['dim']}, layer {m['layer']}, pooling {m['pooling']}, "
         f"{'normalized' if m['normalize'] else 'not normalized'})",
         f"weights      sha256 {m['weights_sha256']}",
+        *_describe_finetuned((m.get("options") or {}).get("finetuned")),
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
@@ -151,6 +157,18 @@ def info(collection, as_json, quiet):
         f"updated      {data['updated']} (created {data['created']})",
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_finetuned(ft: dict | None) -> list[str]:
+    """The provenance of a model written by `indexer finetune` (the full record is its indexer-model.json)."""
+    if not ft:
+        return []
+    val = ft.get("validation", {})
+    return [f"finetuned    from {ft['base']} (sha256 {ft['base_weights_sha256'][:12]}), top {ft['unfreeze']} of "
+            f"{ft['n_blocks']} blocks ({', '.join(ft['unfrozen_blocks']) or 'head only'}), {ft['epochs_run']} epochs",
+            f"             on {', '.join(ft['sources'])} ({ft['label_field']}: {len(ft['labels'])} classes); "
+            f"validation k-NN {val.get('finetuned_knn_accuracy', 0):.3f} (base {val.get('base_knn_accuracy', 0):.3f}), "
+            f"probe {val.get('finetuned_probe_accuracy', 0):.3f} (base {val.get('base_probe_accuracy', 0):.3f})"]
 
 
 def _describe_index(ix: dict | None) -> str:

@@ -17,6 +17,7 @@ from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve
 from ..models.precomputed import PrecomputedVectors
 from ..sources import SkippedInput, SourceOptions, check_sources, count_inputs, guess_modality, iter_records
 from ..store import Collection
+from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
 from .writer import BatchWriter
 
@@ -32,6 +33,7 @@ class IngestSummary:
     skipped: int = 0  # unchanged since the last run: not embedded again
     errors: int = 0  # inputs that could not be used; reasons in errors.jsonl
     truncated: int = 0  # texts longer than the model's limit, embedded from their first tokens
+    removed: int = 0  # stored passages a changed document no longer has, deleted
     seconds: float = 0.0
     items_per_s: float = 0.0
     rows: int = 0
@@ -47,6 +49,8 @@ class IngestSummary:
                  f"{self.errors} errors"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.removed:
+            parts.append(f"{self.removed} old passages removed")
         return (f"{self.collection}: " + ", ".join(parts)
                 + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {self.rows} rows")
 
@@ -169,13 +173,17 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
            normalize: bool = True, text_field: str = "text", image_field: str = "image",
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
            vector_field: str | None = None, workers: int | None = None, device: str = "auto",
-           precision: str = "auto", strict: bool = False, progress: bool = True) -> IngestSummary:
+           precision: str = "auto", strict: bool = False, progress: bool = True,
+           chunk_tokens: int | None = None, chunk_overlap: int | None = None) -> IngestSummary:
     """Embed `sources` into the collection at `collection` (created on first use).
 
     Incremental: items whose content and metadata are unchanged are skipped; changed ones are
     replaced. Resumable: rows are committed in batches, so a killed run continues where it stopped.
     Precomputed embeddings (`vector_field`, or .npy sources) are stored as they are, under the model
     that made them (`model`) or `model="none"`.
+    `chunk_tokens` splits each text into passages of at most that many model tokens (consecutive ones
+    sharing `chunk_overlap`), stored as `DOCID#N` rows with doc_id, chunk, start, end, page, heading;
+    the collection remembers the setting (`chunk_tokens=0` turns it off).
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -200,6 +208,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
         embedder = load_embedder(spec, runtime)
+    chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
     if coll is None:
         coll = Collection.create(path, embedder.spec)
     else:
@@ -214,9 +223,10 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
                    desc=f"ingest {Path(path).name}")
         writer = BatchWriter(coll, commit_rows=max(256, 8 * batch_size))
         run = _Run(coll, writer, known, bar)
+        passages = Passages(chunker, stored_chunks(coll), known)
         try:
             if modality in ("text", "vector"):
-                _ingest_windows(run, embedder, sources, opts, batch_size)
+                _ingest_windows(run, embedder, sources, opts, batch_size, passages)
             else:
                 _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda, total)
         except KeyboardInterrupt:
@@ -225,7 +235,10 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             bar.close()
             writer.close()
             run.flush_errors()
+        if not run.summary.interrupted:
+            run.summary.removed = coll.delete(passages.orphans)
         coll.compact()
+        coll.manifest.chunking = chunker.settings() if chunker else None
         coll.touch(embedder.spec)
         if not run.summary.interrupted:
             update_after_ingest(coll)
@@ -247,18 +260,22 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
 
 
 def _ingest_windows(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions,
-                    batch_size: int) -> None:
+                    batch_size: int, passages: Passages) -> None:
     """Text and precomputed vectors, in windows of many batches (sorting a window of texts by length
-    keeps padding small)."""
+    keeps padding small). Documents are split into passages first when the collection chunks."""
     window: list[Prepared] = []
     window_size = batch_size * 64
-    for record in iter_records(sources, opts):
-        item = run.accept(prepare(record, run.known))
-        if item is not None and item.record.vector is not None and len(item.record.vector) != embedder.dim:
-            run.skip(SkippedInput(item.record.source, f"vector has {len(item.record.vector)} dimensions; "
-                                  f"the collection has {embedder.dim}", item.record.id))
-        elif item is not None:
-            window.append(item)
+    for document in iter_records(sources, opts):
+        records = passages.expand(document)
+        if len(records) > 1 and run.progress.total is not None:
+            run.progress.total += len(records) - 1  # the bar counts passages
+        for record in records:
+            item = run.accept(prepare(record, run.known))
+            if item is not None and item.record.vector is not None and len(item.record.vector) != embedder.dim:
+                run.skip(SkippedInput(item.record.source, f"vector has {len(item.record.vector)} dimensions; "
+                                      f"the collection has {embedder.dim}", item.record.id))
+            elif item is not None:
+                window.append(item)
         if len(window) >= window_size:
             _embed_window(run, embedder, window, batch_size)
             window = []

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexerError
+from .documents import DOCUMENT_EXTENSIONS, read_document
 from .images import IMAGE_EXTENSIONS
 from .records import RESERVED, Record, SkippedInput, content_hash
 
-TEXT_EXTENSIONS = frozenset({".txt", ".md"})
+TEXT_EXTENSIONS = DOCUMENT_EXTENSIONS  # .txt .md .markdown .html .htm .pdf
 TABLE_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"})
 
 __all__ = ["Record", "SkippedInput", "SourceOptions", "check_sources", "count_inputs", "iter_records",
@@ -57,7 +58,7 @@ def check_sources(paths: list[str], modality: str) -> None:
         if path.is_file():
             ext = path.suffix.lower()
             if ext not in TABLE_EXTENSIONS | _payload_extensions(modality):
-                kinds = "images" if modality == "image" else "text files (.txt, .md)"
+                kinds = "images" if modality == "image" else f"documents ({', '.join(sorted(TEXT_EXTENSIONS))})"
                 raise IndexerError(f"unsupported source {p}: expected a folder, {kinds}, "
                                    f"or a table ({', '.join(sorted(TABLE_EXTENSIONS))})")
 
@@ -153,22 +154,11 @@ def _file_record(path: Path, rid: str, opts: SourceOptions) -> Record | SkippedI
         raw = path.read_bytes()
     except OSError as exc:
         return SkippedInput(source, f"cannot read file: {exc.strerror}", rid)
-    text = _decode_text(raw)
-    if isinstance(text, SkippedInput):
-        return SkippedInput(source, text.reason, rid)
-    return Record(id=rid, source=source, text=text)
-
-
-def _decode_text(raw: bytes) -> str | SkippedInput:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return SkippedInput("", f"not valid UTF-8 text (byte {exc.start})")
-    if "\x00" in text:
-        return SkippedInput("", "binary data, not text")
-    if not text.strip():
-        return SkippedInput("", "empty text")
-    return text
+    doc = read_document(path, raw)
+    if isinstance(doc, str):
+        return SkippedInput(source, doc, rid)
+    text, layout = doc
+    return Record(id=rid, source=source, text=text, layout=layout)
 
 
 def _npy_rows(path: Path) -> Iterator[Record | SkippedInput]:

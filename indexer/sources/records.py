@@ -25,6 +25,7 @@ class Record:
     label: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     vector: np.ndarray | None = None
+    layout: Any = None  # documents: where pages and headings start in `text` (sources.documents.Layout)
 
     def payload_bytes(self) -> bytes:
         if self.vector is not None:

@@ -12,6 +12,9 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 BASE_COLUMNS = ("id", "vector", "content_hash", "record_hash", "source")
+# A field that is null in a whole first batch still needs its real type (a passage's page is an
+# integer, null for documents without pages).
+NULL_TYPES = {"page": pa.int64(), "chunk": pa.int64(), "start": pa.int64(), "end": pa.int64()}
 
 
 def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -19,12 +22,12 @@ def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
 
 
-def _column(values: list[Any]) -> pa.Array:
+def _column(values: list[Any], name: str = "") -> pa.Array:
     """Infer one user field's type; mixed or nested values are kept as JSON text."""
     try:
         arr = pa.array(values)
         if pa.types.is_null(arr.type):
-            return pa.array(values, type=pa.string())
+            return pa.array(values, type=NULL_TYPES.get(name, pa.string()))
         if not (pa.types.is_struct(arr.type) or pa.types.is_list(arr.type) or pa.types.is_map(arr.type)):
             return arr
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -40,7 +43,7 @@ def rows_to_table(rows: list[dict[str, Any]], vectors: np.ndarray) -> pa.Table:
     columns = {"id": pa.array([r["id"] for r in rows], type=pa.string()), "vector": vector_array(vectors)}
     for name in names:
         if name != "id":
-            columns[name] = _column([r.get(name) for r in rows])
+            columns[name] = _column([r.get(name) for r in rows], name)
     return pa.table(columns)
 
 

@@ -165,6 +165,13 @@ class Collection:
         else:
             table.add(data)
 
+    def delete(self, ids: Iterable[str]) -> int:
+        """Delete the rows with these ids in one Lance commit; returns how many ids were given."""
+        ids = list(ids)
+        if ids and self.table is not None:
+            self.table.delete(f"id IN ({', '.join(_sql_str(i) for i in ids)})")
+        return len(ids)
+
     def compact(self) -> None:
         """Merge the small fragments many batch commits leave behind (old versions stay restorable)."""
         table = self.table

@@ -55,16 +55,19 @@ class Manifest:
     created: str = field(default_factory=now_iso)
     updated: str = field(default_factory=now_iso)
     packages: dict[str, str] = field(default_factory=package_versions)
+    chunking: dict[str, int] | None = None  # {"tokens", "overlap"} when texts are stored as passages
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "model": self.model.to_dict(), "metric": self.metric,
-                "created": self.created, "updated": self.updated, "packages": self.packages}
+                "created": self.created, "updated": self.updated, "packages": self.packages,
+                "chunking": self.chunking}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(model=ModelSpec.from_dict(data["model"]), metric=data.get("metric", "cosine"),
                    schema_version=data.get("schema_version", SCHEMA_VERSION), created=data.get("created", ""),
-                   updated=data.get("updated", ""), packages=data.get("packages", {}))
+                   updated=data.get("updated", ""), packages=data.get("packages", {}),
+                   chunking=data.get("chunking"))
 
     def save(self, directory: Path) -> None:
         write_json_atomic(directory / MANIFEST, self.to_dict())
