@@ -81,3 +81,25 @@ def tiny_vit_dir(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def served_collections(tmp_path_factory, sample_corpus) -> dict[str, Path]:
+    """The sample texts (minilm) and photos (efficientnet-lite0) as two collections, for the HTTP tests."""
+    from indexer import ingest
+
+    root = tmp_path_factory.mktemp("served")
+    ingest(root / "texts.idx", [str(sample_corpus["texts"])], model="minilm", progress=False)
+    ingest(root / "images.idx", [str(sample_corpus["images"])], model="efficientnet-lite0", progress=False)
+    return {"texts": root / "texts.idx", "images": root / "images.idx"}
+
+
+@pytest.fixture(scope="session")
+def open_server(served_collections) -> str:
+    """A real `indexer serve` process (no token) over both collections; its base URL. Limits are set low
+    so the tests can cross them cheaply: 2 MB bodies, 1 megapixel images."""
+    from .serving import running_server
+
+    with running_server([served_collections["texts"], served_collections["images"]],
+                        "--max-body", "2MB", "--max-pixels", "1000000") as url:
+        yield url

@@ -1,0 +1,289 @@
+"""The HTTP service, tested against a real `indexer serve` process on loopback: every route, the token,
+bad inputs, limits, and concurrent queries answered through the micro-batcher."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .serving import running_server
+
+pytestmark = pytest.mark.slow
+
+
+def _jpeg(path) -> bytes:
+    return path.read_bytes()
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _search(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/search", json=body, timeout=60)
+
+
+def _upload(url: str, route: str, data: bytes, name: str = "q.jpg", **fields) -> httpx.Response:
+    return httpx.post(f"{url}{route}", files={"image": (name, data, "application/octet-stream")},
+                      data={k: str(v) for k, v in fields.items()}, timeout=60)
+
+
+def test_health_collections_and_page(open_server):
+    assert httpx.get(f"{open_server}/health").json() == {"status": "ok"}
+    colls = {c["name"]: c for c in httpx.get(f"{open_server}/collections").json()["collections"]}
+    assert (colls["texts"]["rows"], colls["texts"]["modality"], colls["texts"]["dim"]) == (48, "text", 384)
+    assert (colls["images"]["rows"], colls["images"]["modality"], colls["images"]["model"]) == (
+        16, "image", "efficientnet-lite0")
+    page = httpx.get(f"{open_server}/")
+    assert page.status_code == 200 and 'id="q"' in page.text and "/static/app.js" in page.text
+    for asset in ("/static/app.js", "/static/app.css"):
+        r = httpx.get(f"{open_server}{asset}")
+        assert r.status_code == 200
+        # Offline by construction: nothing the page loads comes from another host.
+        assert "http://" not in r.text and "https://" not in r.text
+    assert "https://" not in page.text
+
+
+def test_text_search_ranks_by_meaning(open_server):
+    r = _search(open_server, collection="texts", query="space telescopes and galaxies", k=5)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    hits = body["results"]
+    assert (body["collection"], body["k"], len(hits)) == ("texts", 5, 5)
+    assert hits[0]["label"] == "astronomy" and "text" in hits[0] and "vector" not in hits[0]
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and body["took_ms"] > 0
+    filtered = _search(open_server, collection="texts", query="space telescopes", where="label = 'cooking'", k=3)
+    assert {h["label"] for h in filtered.json()["results"]} == {"cooking"}
+
+
+def test_image_upload_finds_its_original_and_serves_it(open_server, sample_corpus):
+    r = _upload(open_server, "/search", _jpeg(sample_corpus["queries"] / "cat-edited.jpg"), collection="images", k=3)
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]
+    assert top["id"] == "cat.jpg" and top["score"] > 0.8
+    original = httpx.get(f"{open_server}{top['image_url']}")
+    assert original.status_code == 200 and original.headers["content-type"] == "image/jpeg"
+    assert original.content == (sample_corpus["images"] / "cat.jpg").read_bytes()
+    thumb = httpx.get(f"{open_server}{top['image_url']}", params={"size": 64})
+    assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) == 64
+
+
+def test_search_by_id_and_by_vector(open_server):
+    more = _search(open_server, collection="images", id="cat.jpg", k=4).json()["results"]
+    assert len(more) == 4 and "cat.jpg" not in [h["id"] for h in more]
+    text = httpx.get(f"{open_server}/items/texts/astronomy-5").json()
+    assert text["label"] == "astronomy" and "vector" not in text
+    vec = httpx.post(f"{open_server}/embed", json={"collection": "texts", "input": text["text"]}).json()
+    assert (vec["model"], vec["dim"], len(vec["embeddings"])) == ("minilm", 384, 1)
+    top = _search(open_server, collection="texts", vector=vec["embeddings"][0], k=1).json()["results"][0]
+    assert top["id"] == "astronomy-5" and top["score"] > 0.999
+
+
+def test_embed_matches_the_library(open_server, minilm, sample_corpus):
+    texts = ["a cat sat on the mat", "interest rates and bonds"]
+    r = httpx.post(f"{open_server}/embed", json={"collection": "texts", "input": texts}, timeout=60)
+    assert np.allclose(np.array(r.json()["embeddings"]), minilm.embed(texts), atol=1e-4)
+    img = _upload(open_server, "/embed", _jpeg(sample_corpus["images"] / "flower.jpg"), collection="images")
+    assert img.status_code == 200 and len(img.json()["embeddings"][0]) == 1280
+
+
+def test_openai_compatible_embeddings(open_server, minilm):
+    texts = ["hello world", "the moon orbits the earth"]
+    r = httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert [d["index"] for d in body["data"]] == [0, 1] and {d["object"] for d in body["data"]} == {"embedding"}
+    got = np.array([d["embedding"] for d in body["data"]])
+    assert np.allclose(got, minilm.embed(texts), atol=1e-4)
+    # Real token counts from the model's tokenizer ([CLS] hello world [SEP] = 4).
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 8
+    one = httpx.post(f"{open_server}/v1/embeddings", json={"model": "texts", "input": "hello world"}).json()
+    assert one["usage"]["prompt_tokens"] == 4
+    # OpenAI's own client asks for base64 by default: little-endian float32.
+    b64 = httpx.post(f"{open_server}/v1/embeddings",
+                     json={"model": "minilm", "input": texts, "encoding_format": "base64"}).json()
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in b64["data"]])
+    assert np.allclose(decoded, got, atol=1e-6)
+
+
+def test_metrics_count_requests_by_route_and_status(open_server):
+    for _ in range(3):
+        _search(open_server, collection="texts", query="bread and flour")
+    _search(open_server, collection="nope", query="x")
+    text = httpx.get(f"{open_server}/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines['indexer_http_requests_total{method="POST",route="/search",status="200"}']) >= 3
+    assert float(lines['indexer_http_requests_total{method="POST",route="/search",status="404"}']) >= 1
+    inf = 'indexer_http_request_duration_seconds_bucket{method="POST",route="/search",le="+Inf"}'
+    count = 'indexer_http_request_duration_seconds_count{method="POST",route="/search"}'
+    assert lines[inf] == lines[count] and float(lines[count]) >= 4
+    assert float(lines["indexer_search_batch_size_count"]) >= 3
+    assert lines['indexer_collection_rows{collection="texts"}'] == "48"
+
+
+def test_openapi_and_offline_docs(open_server):
+    spec = httpx.get(f"{open_server}/openapi.json").json()
+    assert {"/search", "/embed", "/v1/embeddings", "/collections", "/health", "/metrics"} <= set(spec["paths"])
+    assert set(spec["paths"]["/search"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                                "multipart/form-data"}
+    docs = httpx.get(f"{open_server}/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn." not in docs.text and "fonts.googleapis" not in docs.text
+    assert httpx.get(f"{open_server}/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(open_server):
+    topics = {"astronomy": "stars galaxies and telescopes", "cooking": "bread dough and baking",
+              "finance": "interest rates and stock markets"}
+    before = _batch_stats(open_server)
+    jobs = [(label, q) for label, q in topics.items() for _ in range(6)]
+
+    def ask(job):
+        return job[0], _search(open_server, collection="texts", query=job[1], k=1)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert all(r.status_code == 200 for _, r in answers)
+    labels = {label: {r.json()["results"][0]["label"] for lab, r in answers if lab == label} for label in topics}
+    assert labels == {label: {label} for label in topics}, labels
+    after = _batch_stats(open_server)
+    calls, queries = after[0] - before[0], after[1] - before[1]
+    assert queries == len(jobs) and calls < len(jobs), (calls, queries)
+
+
+def test_one_bad_query_does_not_fail_its_batch(open_server):
+    """A zero vector passes the checks but fails inside search_batch: its batch is rerun one by one."""
+    zero = [0.0] * 384
+    jobs = [{"query": "bread"}] * 6 + [{"vector": zero}] + [{"query": "galaxies"}] * 6
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda b: _search(open_server, collection="texts", k=2, **b), jobs))
+    assert [r.status_code for r in answers] == [200] * 6 + [400] + [200] * 6
+    assert "zero" in answers[6].json()["error"]
+
+
+def _batch_stats(url: str) -> tuple[float, float]:
+    lines = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                 if line.startswith("indexer_search_batch_size_"))
+    return float(lines["indexer_search_batch_size_count"]), float(lines["indexer_search_batch_size_sum"])
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"collection": "texts", "query": ""}, 400, "empty query"),
+    ({"collection": "texts", "query": "   "}, 400, "empty query"),
+    ({"collection": "texts"}, 400, "empty query"),
+    ({"collection": "texts", "query": "a", "id": "b"}, 400, "exactly one"),
+    ({"collection": "images", "query": "a cat"}, 400, "image embeddings"),
+    ({"query": "a cat"}, 400, "several collections"),
+    ({"collection": "nope", "query": "a cat"}, 404, "unknown collection"),
+    ({"collection": "texts", "id": "no-such-id"}, 404, "no item"),
+    ({"collection": "texts", "query": "a", "k": 0}, 422, "k"),
+    ({"collection": "texts", "query": "a", "k": "many"}, 422, "k"),
+    ({"collection": "texts", "query": "a", "engine": "warp"}, 422, "engine"),
+    ({"collection": "texts", "query": "a", "colour": "red"}, 422, "colour"),
+    ({"collection": "texts", "vector": [0.1, 0.2]}, 400, "dimensions"),
+    ({"collection": "texts", "query": "a", "where": "label = = 'x'"}, 400, "where"),
+    ({"collection": "texts", "query": "a", "engine": "faiss"}, 400, "no index"),
+])
+def test_bad_search_requests(open_server, body, status, words):
+    r = _search(open_server, **body)
+    _assert_error(r, status, words)
+
+
+def test_bad_uploads_and_bodies(open_server, sample_corpus):
+    cat = _jpeg(sample_corpus["queries"] / "cat-edited.jpg")
+    _assert_error(_upload(open_server, "/search", cat[: len(cat) // 3], collection="images"), 400, "corrupt")
+    _assert_error(_upload(open_server, "/search", b"just some text", "notes.txt", collection="images"), 415, "not an image")
+    _assert_error(_upload(open_server, "/search", b"", collection="images"), 400, "empty")
+    _assert_error(_upload(open_server, "/search", cat, collection="texts"), 400, "text embeddings")
+    _assert_error(_upload(open_server, "/search", _png(1200, 1000), collection="images"), 413, "pixels")
+    _assert_error(_upload(open_server, "/embed", cat, collection="texts"), 400, "send text")
+    big = b"x" * (3 * 1024 * 1024)
+    _assert_error(_upload(open_server, "/search", big, collection="images"), 413, "larger than")
+    _assert_error(httpx.post(f"{open_server}/search", content=b"{not json", headers={"content-type": "application/json"}),
+                  400, "invalid JSON")
+    _assert_error(httpx.post(f"{open_server}/search", content=b"query=cat", headers={"content-type": "text/plain"}),
+                  415, "content type")
+    # A chunked body has no Content-Length: the limit still holds.
+    chunks = (b"x" * 65536 for _ in range(48))
+    _assert_error(httpx.post(f"{open_server}/search", content=chunks, headers={"content-type": "application/json"}),
+                  413, "larger than")
+
+
+def test_bad_embedding_and_item_requests(open_server):
+    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "gpt-4", "input": "x"}), 404, "unknown model")
+    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": []}), 400, "empty")
+    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": [""]}), 400, "empty")
+    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"input": "x"}), 422, "model")
+    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": "x", "dimensions": 3}),
+                  400, "384")
+    _assert_error(httpx.post(f"{open_server}/embed", json={"collection": "images", "input": "x"}), 400, "upload")
+    _assert_error(httpx.get(f"{open_server}/items/images/no-such.jpg/image"), 404, "no item")
+    _assert_error(httpx.get(f"{open_server}/items/texts/astronomy-5/image"), 404, "no image")
+    _assert_error(httpx.get(f"{open_server}/items/nope/cat.jpg/image"), 404, "unknown collection")
+    _assert_error(httpx.get(f"{open_server}/items/images/cat.jpg/image", params={"size": 99999}), 400, "size")
+    # Ids are keys into the table, never paths: traversal finds nothing.
+    for item in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
+        _assert_error(httpx.get(f"{open_server}/items/images/{item}/image"), 404, "no item")
+    _assert_error(httpx.get(f"{open_server}/no/such/route"), 404, "no such route")
+
+
+def _assert_error(r: httpx.Response, status: int, words: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and words.lower() in body["error"].lower(), body
+    assert "Traceback" not in r.text
+
+
+def test_token_guards_every_route_but_health(served_collections):
+    token = "s3cret-token"
+    with running_server([served_collections["texts"]], env={"INDEXER_TOKEN": token}) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        good = {"authorization": f"Bearer {token}"}
+        for bad in ({}, {"authorization": "Bearer wrong"}, {"authorization": token}):
+            for method, route in (("GET", "/collections"), ("POST", "/search"), ("GET", "/metrics"),
+                                  ("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                                  ("POST", "/v1/embeddings"), ("GET", "/items/texts/astronomy-5")):
+                r = httpx.request(method, f"{url}{route}", headers=bad, json={"query": "x"})
+                assert r.status_code == 401, (route, bad, r.text)
+                assert "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/collections", headers=good).status_code == 200
+        hits = httpx.post(f"{url}/search", headers=good, json={"query": "galaxies", "k": 2}, timeout=60).json()
+        assert len(hits["results"]) == 2 and hits["collection"] == "texts"
+        # A browser opens /?token=... once and gets an HttpOnly, SameSite=Strict session cookie.
+        assert httpx.get(f"{url}/?token=wrong").status_code == 401
+        login = httpx.get(f"{url}/?token={token}")
+        assert login.status_code == 303 and login.headers["location"] == "/"
+        cookie = login.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and token not in cookie
+        session = dict(c.split("=", 1) for c in [cookie.split(";")[0]])
+        assert httpx.get(f"{url}/collections", cookies=session).status_code == 200
+        assert httpx.get(f"{url}/collections", cookies={"indexer_session": "forged"}).status_code == 401
+        metrics = httpx.get(f"{url}/metrics", headers=good).text
+        assert 'route="/collections",status="401"' in metrics
+
+
+def test_cli_refuses_a_busy_port_and_a_missing_collection(served_collections, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(served_collections["texts"]),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(tmp_path / "missing.idx")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "collection not found" in r.stderr
