@@ -1,0 +1,66 @@
+"""The dedup command: exact and near duplicates, groups, keep policy, --against, --apply, --restore."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import IndexerError
+from .base import cli, output_options, print_json
+
+
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, help="Cosine similarity at or above which two items are duplicates "
+              "(default per modality: see README).")
+@click.option("--method", type=click.Choice(["auto", "exact", "knn", "semdedup"]), default="auto", show_default=True,
+              help="auto: exact range search up to 50k items, IVF range search up to 5M, k-means partitions past.")
+@click.option("--keep", type=click.Choice(["first", "oldest", "longest", "largest", "central"]), default="first",
+              show_default=True, help="Which item of a group stays: smallest id, stored earliest, longest text, "
+              "most pixels/bytes, or the group's medoid.")
+@click.option("--signal", type=click.Choice(["embedding", "combined"]), default="embedding", show_default=True,
+              help="combined (images): mean of the cosine and a perceptual-hash similarity.")
+@click.option("--against", type=click.Path(file_okay=False), help="Report the items of COLLECTION that duplicate "
+              "something in this collection (train/test leakage).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the result: .json, .csv (one row per "
+              "pair) or .html (sampled pairs around the threshold and a similarity histogram).")
+@click.option("--apply", is_flag=True, help="Delete the items to drop (one new Lance version; restorable).")
+@click.option("--restore", "restore_version", type=int, help="Undo an --apply: restore this Lance version "
+              "(the version_before it reported) as a new version.")
+@click.option("--calibrate", is_flag=True, help="Transform a sample of the collection's own items and print "
+              "the estimated precision/recall per threshold (needs the collection's model).")
+@click.option("--sample", "sample_size", type=click.IntRange(min=4), default=200, show_default=True,
+              help="Items --calibrate transforms.")
+@output_options
+def dedup(collection, threshold, method, keep, signal, against, out, apply, restore_version, calibrate, sample_size,
+          as_json, quiet):
+    """Find exact and near duplicates in COLLECTION; nothing is deleted without --apply."""
+    if restore_version is not None:
+        from ..tasks.dedup import restore
+
+        data = restore(collection, restore_version)
+        print_json(data) if as_json else click.echo(
+            f"restored version {data['restored']} as version {data['version_after']}: {data['rows']} rows")
+        return
+    if calibrate:
+        if apply or against:
+            raise IndexerError("--calibrate only measures: run it without --apply and --against")
+        from ..tasks.dedup_calibrate import calibrate as run_calibrate
+
+        result = run_calibrate(collection, sample=sample_size)
+        print_json(result.to_dict()) if as_json else click.echo(result.table())
+        return
+    from ..tasks.dedup import dedup as run_dedup
+    from ..tasks.dedup_report import write_output
+
+    report = run_dedup(collection, threshold=threshold, method=method, keep=keep, signal=signal, against=against,
+                       apply=apply)
+    if out:
+        write_output(report, out)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    click.echo(report.line())
+    for d in report.dropped[:20]:
+        click.echo(f"  drop {d['id']}  (keep {d['kept']}, cosine {d['score']:.4f})")
+    if len(report.dropped) > 20:
+        click.echo(f"  ... {len(report.dropped) - 20} more (--json or --out for all)")
