@@ -14,6 +14,9 @@ from .errors import IndexerError
 from .ingest import IngestSummary, ingest
 from .models import Embedder, ModelSpec, list_models, load_embedder
 from .store import Collection
+from .tasks.knn import knn_eval, knn_predict
+from .tasks.layers import sweep_layers
+from .tasks.probe import ProbeHead, probe_eval, probe_predict
 from .tasks.search import Query, search, search_batch
 
 __version__ = "0.1.0"
@@ -24,5 +27,6 @@ def info(collection: str | os.PathLike) -> dict[str, Any]:
     return Collection.open(collection).info()
 
 
-__all__ = ["Collection", "Embedder", "IndexerError", "IngestSummary", "ModelSpec", "Query", "info", "ingest",
-           "list_models", "load_embedder", "search", "search_batch"]
+__all__ = ["Collection", "Embedder", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query", "info",
+           "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
+           "search", "search_batch", "sweep_layers"]
