@@ -87,7 +87,7 @@ function setImage(file) {
   const preview = $("preview");
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
-  $("drop-text").textContent = `${file.name}: searching for similar images`;
+  $("drop-text").textContent = `${file.name}: drop another image to search again`;
   searchImage(file);
 }
 
@@ -106,8 +106,10 @@ function highlighted(text, query) {
     p.textContent = shown;
     return p;
   }
-  const escaped = terms.map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
-  const re = new RegExp(`(${escaped.join("|")})`, "giu");
+  // A crude stem (telescopes -> telescope*) so plural and singular both light up.
+  const stems = terms.map((t) => (t.length > 4 ? t.replace(/(es|s)$/, "") : t)
+    .replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+  const re = new RegExp(`(${stems.map((t) => `${t}[\\p{L}\\p{N}]*`).join("|")})`, "giu");
   for (const [i, part] of shown.split(re).entries()) {
     if (!part) continue;
     if (i % 2) {
