@@ -239,3 +239,24 @@ def test_layer_sweep_errors(sample_corpus, tmp_path):
     unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"text": "one"}, {"text": "two"}])
     none = run("layers", unlabelled)
     assert none.exit_code == 1 and "class" in none.output
+
+
+def test_layer_keys_and_one_pass_features_for_each_family(tiny_vit_dir, resnet18_weights, sample_corpus):
+    from indexer.models import load_embedder
+    from indexer.models.layers import available_layers, embed_layers
+
+    photos = [Image.open(p).convert("RGB") for p in sorted(sample_corpus["images"].glob("*.jpg"))[:3]]
+    resnet = load_embedder("resnet18", weights=str(resnet18_weights))
+    keys = available_layers(resnet)
+    assert [k[0] for k in keys] == ["layer1", "layer2", "layer3", "layer4", "penultimate"]
+    feats = embed_layers(resnet, photos, keys)
+    assert [feats[k].shape for k in keys] == [(3, 64), (3, 128), (3, 256), (3, 512), (3, 512)]
+    # The penultimate row is exactly what the embedder itself produces.
+    np.testing.assert_allclose(feats[("penultimate", "avg")], resnet.embed(photos), atol=1e-5)
+
+    vit = load_embedder(f"hf:{tiny_vit_dir}")
+    keys = available_layers(vit)
+    assert keys == [(i, p) for i in range(3) for p in ("cls", "mean")]
+    feats = embed_layers(vit, photos, keys)
+    np.testing.assert_allclose(feats[(2, "cls")], vit.embed(photos), atol=1e-5)
+    assert all(np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-5) for f in feats.values())

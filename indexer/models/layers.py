@@ -115,7 +115,9 @@ def _transformer_taps(embedder: Embedder, keys: Sequence[LayerKey], text: bool) 
             if pooling == "pooler":
                 feats[(layer, pooling)] = out.pooler_output
                 continue
-            hidden = out.hidden_states[layer]
+            # The last layer as ingest reads it: ViTs apply a final LayerNorm that hidden_states lacks.
+            last = layer == len(out.hidden_states) - 1
+            hidden = out.last_hidden_state if last else out.hidden_states[layer]
             if text:
                 feats[(layer, pooling)] = pool(hidden, inputs["attention_mask"], pooling)
             elif pooling == "cls":
