@@ -123,6 +123,11 @@ class Embedder(ABC):
             feats = F.normalize(feats, dim=-1)
         return feats.cpu().numpy()
 
+    def forward_features(self, items: Sequence[Any]) -> torch.Tensor:
+        """(n, d) features before normalisation, with autograd on: the path fine-tuning trains through,
+        the same preprocessing and pooling as `embed_batch`."""
+        return self._forward(self._prepare(items))
+
     def batch_order(self, items: Sequence[Any]) -> list[int]:
         """The order to process items in; text sorts by length so padding is minimal."""
         return list(range(len(items)))

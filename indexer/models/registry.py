@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import IndexerError
 from .base import Embedder, Modality, ModelSpec, sha256_files
 from .device import Runtime, resolve_runtime
+from .finetuned import build_model_dir, is_model_dir, read_manifest, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +196,16 @@ NAMED: dict[str, Backbone] = {
 
 def list_models() -> list[str]:
     """Named backbones, then the families accepted by prefix."""
-    return [*NAMED, "hf:<hub id or directory>", "torchvision:<name> (or the bare name, e.g. resnet50)"]
+    return [*NAMED, "hf:<hub id or directory>", "torchvision:<name> (or the bare name, e.g. resnet50)",
+            "MODEL_DIR (written by indexer finetune)"]
 
 
 def _backbone_for(name: str) -> Backbone:
     if name in NAMED:
         return NAMED[name]
+    if is_model_dir(name):  # written by `indexer finetune`; checked before hf: it may hold a config.json too
+        modality = read_manifest(name)["modality"]
+        return Backbone("finetuned", modality, "fine-tuned model directory", resolve_model_dir, build_model_dir)
     if name.startswith("hf:") or (Path(name).expanduser().is_dir() and (Path(name) / "config.json").exists()):
         return Backbone("hf", "text", "transformers model", _hf_resolve, _build_hf)
     if name.startswith("torchvision:") or name in _torchvision_names():
@@ -214,6 +219,8 @@ def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | No
     backbone = _backbone_for(name)
     if backbone.name == "hf" and not name.startswith("hf:"):
         name = f"hf:{name}"
+    if backbone.name == "finetuned":
+        name = str(Path(name).expanduser().resolve())
     path, sha, options = backbone.resolve(name, weights)
     if weights:
         options = {**options, "weights": weights}

@@ -1,0 +1,44 @@
+"""`indexer finetune`: unfreeze the top blocks of a backbone, train them on labelled data, write a model."""
+
+from __future__ import annotations
+
+import click
+
+from .base import cli, output_options, print_json
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--label-field", required=True, help="Table field with the class label (`folder`: an image's "
+              "parent folder).")
+@click.option("--model", help="Base model: minilm, efficientnet-lite0, hf:<id or dir>, torchvision:<name>. "
+              "Default: picked from the sources.")
+@click.option("--unfreeze", type=click.IntRange(min=0), required=True,
+              help="Blocks to train, counted from the top (transformer layers, CNN stages); 0: the head alone.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="MODEL_DIR to write (then: indexer ingest COLL SOURCE --model MODEL_DIR).")
+@click.option("--pooling", type=click.Choice(["cls", "pooler", "mean", "max"]),
+              help="Text token pooling, for a transformers model that configures none.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="At most this many.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Head learning rate (AdamW); the backbone trains at a tenth of it.")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), help="Override the backbone's rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Held-out share of each class (early stopping, before/after table).")
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--image-field", default="image", show_default=True)
+@click.option("--id-field", help="Table field with the item id.")
+@click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (mixed precision "
+              "on GPU, fp32 on CPU).")
+@output_options
+def finetune(sources, as_json, quiet, **options):
+    """Fine-tune the top --unfreeze blocks of a model on the labelled SOURCES and write --out as a model."""
+    from ..tasks.finetune import finetune as run_finetune
+
+    report = run_finetune(list(sources), progress=not quiet, **options)
+    print_json(report.to_dict()) if as_json else click.echo(report.summary())

