@@ -342,6 +342,7 @@ def write_near_duplicate_sets(directory, seed: int = 0) -> dict[str, Any]:
     for name, path in sorted(photo_paths().items()):
         with Image.open(path) as src:
             img = src.convert("RGB")
+        img.thumbnail((512, 512))  # photo-sized, and quick to embed in tests
         img.save(images / f"{name}.jpg", quality=92)
         group = [f"{name}.jpg"]
         for t in SET_IMAGE_TRANSFORMS:
