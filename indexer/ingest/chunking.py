@@ -60,7 +60,7 @@ class Chunker:
         starts_word = [i == 0 or words[i] is None or words[i] != words[i - 1] for i in range(n)]
         kind = [_ANY] + [_cut_kind(text, offsets[i - 1][1], offsets[i][0]) if starts_word[i] else -1
                          for i in range(1, n)] + [_PARAGRAPH]
-        out: list[Span] = []
+        cuts: list[tuple[int, int]] = []  # token ranges [first, cut)
         first = 0
         while first < n:
             last = first + self.tokens  # exclusive
@@ -72,24 +72,31 @@ class Chunker:
                 if kind[cut] < _WORD:  # no space in the second half: the last one before it, else
                     # the last word boundary, else (one word longer than the window) inside the word
                     cut = max(range(first + 1, last + 1), key=lambda i: (min(kind[i], _WORD), i))
-            out.append(self._fit(text, offsets, first, cut))
+            cuts.append((first, cut))
             if cut >= n:
                 break
             # The overlap starts at a word that follows a space (not mid-word, not at a stray "."),
             # else at any word boundary, else the next passage starts where this one ends.
             back = range(max(cut - self.overlap, first + 1), cut)
             first = next((i for i in back if kind[i] >= _WORD), next((i for i in back if starts_word[i]), cut))
-        return out
+        return self._fit(text, offsets, cuts)
 
-    def _fit(self, text: str, offsets: list[tuple[int, int]], first: int, cut: int) -> Span:
-        """The span of tokens [first, cut), re-tokenised on its own and trimmed if that is longer (a
-        span cut inside a word, or a tokenizer whose words depend on context, can do that)."""
-        span = Span(offsets[first][0], offsets[cut - 1][1])
-        while cut - first > 1 and len(self.tokenizer(text[span.start:span.end], add_special_tokens=False,
-                                                      verbose=False)["input_ids"]) > self.tokens:
-            cut -= 1
-            span = Span(span.start, offsets[cut - 1][1])
-        return span
+    def _fit(self, text: str, offsets: list[tuple[int, int]], cuts: list[tuple[int, int]]) -> list[Span]:
+        """Spans of the token ranges, each re-tokenised on its own (in one batch) and trimmed if that
+        comes out longer: a span cut inside a word, or a tokenizer whose words depend on context, can."""
+        spans = [Span(offsets[first][0], offsets[cut - 1][1]) for first, cut in cuts]
+        lengths = self._lengths([text[s.start:s.end] for s in spans])
+        for i, ((first, cut), length) in enumerate(zip(cuts, lengths)):
+            while length > self.tokens and cut - first > 1:
+                cut -= 1
+                spans[i] = Span(spans[i].start, offsets[cut - 1][1])
+                length = self._lengths([text[spans[i].start:spans[i].end]])[0]
+        return spans
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     def split(self, record: Record) -> list[Record]:
         """A document record -> one record per passage: id `DOCID#N` (N from 0), with the passage's
