@@ -296,12 +296,17 @@ def test_group_by_doc_and_cli(tmp_path):
         f"Bridge number {i} crosses the river with steel cables and stone towers." for i in range(30)))
     for i, s in enumerate(SENTENCES[1:6]):
         (d / f"note{i}.txt").write_text(s + "\n")
+    # A file list (@FILE): one source per line, relative to the list; comments and blank lines ignored.
+    (tmp_path / "sources.lst").write_text("# the knowledge base\n" + "".join(
+        f"docs/{f.name}\n\n" for f in sorted(d.iterdir())))
     runner = CliRunner()
-    res = runner.invoke(cli, ["ingest", str(tmp_path / "g.idx"), str(d), "--chunk-tokens", "24",
-                              "--chunk-overlap", "4", "--json", "-q"])
+    res = runner.invoke(cli, ["ingest", str(tmp_path / "g.idx"), f"@{tmp_path / 'sources.lst'}",
+                              "--chunk-tokens", "24", "--chunk-overlap", "4", "--json", "-q"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert summary["added"] > 10 and summary["errors"] == 0
+    rows = _rows(Collection.open(tmp_path / "g.idx"))
+    assert {r["doc_id"] for r in rows.values()} == {"bridges.md"} | {f"note{i}.txt" for i in range(5)}
 
     q = ["search", str(tmp_path / "g.idx"), "a bridge over the river", "-k", "4", "--json", "-q"]
     flat = json.loads(runner.invoke(cli, q + ["--mode", "hybrid"]).output)

@@ -39,7 +39,7 @@ from .base import cli, log, output_options, parse_layer, print_json
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
-    """Embed SOURCES (folders, files, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION.
+    """Embed SOURCES (folders, files, @FILE-LIST, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION.
     Documents: .txt, .md, .html (visible text) and .pdf (text per page)."""
     from ..ingest import IngestInterrupted, StrictError
     from ..ingest import ingest as run_ingest

@@ -15,7 +15,15 @@ from ..errors import IndexerError
 from ..index import update_after_ingest
 from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
 from ..models.precomputed import PrecomputedVectors
-from ..sources import SkippedInput, SourceOptions, check_sources, count_inputs, guess_modality, iter_records
+from ..sources import (
+    SkippedInput,
+    SourceOptions,
+    check_sources,
+    count_inputs,
+    expand_file_lists,
+    guess_modality,
+    iter_records,
+)
 from ..store import Collection
 from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
@@ -192,6 +200,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     from tqdm import tqdm
 
     path = str(collection)
+    sources = expand_file_lists(sources)
     started = time.perf_counter()
     runtime = resolve_runtime(device, precision)
     if batch_size is not None and batch_size < 1:

@@ -26,7 +26,7 @@ TEXT_EXTENSIONS = DOCUMENT_EXTENSIONS  # .txt .md .markdown .html .htm .pdf
 TABLE_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"})
 
 __all__ = ["Record", "SkippedInput", "SourceOptions", "check_sources", "count_inputs", "iter_records",
-           "content_hash", "IMAGE_EXTENSIONS", "TEXT_EXTENSIONS", "guess_modality"]
+           "content_hash", "IMAGE_EXTENSIONS", "TEXT_EXTENSIONS", "expand_file_lists", "guess_modality"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,23 @@ class SourceOptions:
 
 def _payload_extensions(modality: str) -> frozenset[str]:
     return {"image": IMAGE_EXTENSIONS, "text": TEXT_EXTENSIONS}.get(modality, frozenset({".npy"}))
+
+
+def expand_file_lists(paths: list[str]) -> list[str]:
+    """`@LIST` stands for the sources LIST names, one per line (relative to LIST's folder; blank lines
+    and `#` comments ignored): a file list for document sets that are not one folder."""
+    out = []
+    for p in paths:
+        if not p.startswith("@"):
+            out.append(p)
+            continue
+        listing = Path(p[1:])
+        try:
+            lines = listing.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise IndexerError(f"cannot read file list {listing}: {exc.strerror}") from exc
+        out += [str(listing.parent / line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    return out
 
 
 def check_sources(paths: list[str], modality: str) -> None:

@@ -13,6 +13,7 @@ import io
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -29,9 +30,13 @@ class Layout:
     def page_at(self, offset: int) -> int | None:
         return bisect.bisect_right(self.pages, offset) if self.pages else None
 
+    @cached_property
+    def _heading_offsets(self) -> list[int]:
+        return [h[0] for h in self.headings]
+
     def heading_at(self, offset: int) -> str | None:
         """The nearest heading at or before `offset`."""
-        i = bisect.bisect_right([h[0] for h in self.headings], offset)
+        i = bisect.bisect_right(self._heading_offsets, offset)
         return self.headings[i - 1][1] if i else None
 
 
