@@ -85,21 +85,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def served_collections(tmp_path_factory, sample_corpus) -> dict[str, Path]:
-    """The sample texts (minilm) and photos (efficientnet-lite0) as two collections, for the HTTP tests."""
+    """The sample texts (minilm), photos (efficientnet-lite0) and chunked Markdown documents (minilm) as
+    three collections, for the HTTP tests."""
     from indexer import ingest
 
     root = tmp_path_factory.mktemp("served")
     ingest(root / "texts.idx", [str(sample_corpus["texts"])], model="minilm", progress=False)
     ingest(root / "images.idx", [str(sample_corpus["images"])], model="efficientnet-lite0", progress=False)
-    return {"texts": root / "texts.idx", "images": root / "images.idx"}
+    # Documents cut into passages: three Markdown files, each a few passages long.
+    docs = root / "docs"
+    docs.mkdir()
+    topics = {"astronomy.md": "Telescopes collect light from distant galaxies and stars.",
+              "baking.md": "Bread rises because yeast ferments the sugars in the dough.",
+              "rates.md": "Central banks raise interest rates to slow down inflation."}
+    for name, sentence in topics.items():
+        sections = [f"## Part {i}\n\n" + " ".join([sentence] * 6) for i in range(1, 4)]
+        (docs / name).write_text(f"# {name[:-3].title()}\n\n" + "\n\n".join(sections) + "\n")
+    ingest(root / "docs.idx", [str(docs)], model="minilm", chunk_tokens=64, chunk_overlap=8, progress=False)
+    return {"texts": root / "texts.idx", "images": root / "images.idx", "docs": root / "docs.idx"}
 
 
 @pytest.fixture(scope="session")
 def open_server(served_collections) -> str:
-    """A real `indexer serve` process (no token) over both collections; its base URL. Limits are set low
+    """A real `indexer serve` process (no token) over the served collections; its base URL. Limits are set low
     so the tests can cross them cheaply: 2 MB bodies, 1 megapixel images."""
     from .serving import running_server
 
-    with running_server([served_collections["texts"], served_collections["images"]],
-                        "--max-body", "2MB", "--max-pixels", "1000000") as url:
+    with running_server(list(served_collections.values()), "--max-body", "2MB", "--max-pixels", "1000000") as url:
         yield url

@@ -42,6 +42,7 @@ def test_health_collections_and_page(open_server):
     assert (colls["texts"]["rows"], colls["texts"]["modality"], colls["texts"]["dim"]) == (48, "text", 384)
     assert (colls["images"]["rows"], colls["images"]["modality"], colls["images"]["model"]) == (
         16, "image", "efficientnet-lite0")
+    assert "doc_id" in colls["docs"]["fields"] and colls["docs"]["rows"] > 3
     page = httpx.get(f"{open_server}/")
     assert page.status_code == 200 and 'id="q"' in page.text and "/static/app.js" in page.text
     for asset in ("/static/app.js", "/static/app.css"):
@@ -75,6 +76,19 @@ def test_image_upload_finds_its_original_and_serves_it(open_server, sample_corpu
     assert original.content == (sample_corpus["images"] / "cat.jpg").read_bytes()
     thumb = httpx.get(f"{open_server}{top['image_url']}", params={"size": 64})
     assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) == 64
+
+
+def test_text_and_hybrid_modes_and_passages_grouped_by_document(open_server):
+    text = _search(open_server, collection="texts", query="telescope", mode="text", k=3).json()["results"]
+    assert text and all("telescope" in h["text"].lower() for h in text)
+    hybrid = _search(open_server, collection="texts", query="baking bread", mode="hybrid", k=3).json()
+    assert hybrid["mode"] == "hybrid" and hybrid["results"][0]["label"] == "cooking"
+    passages = _search(open_server, collection="docs", query="yeast and dough", k=4).json()["results"]
+    assert len(passages) == 4 and passages[0]["doc_id"] == "baking.md" and passages[0]["heading"]
+    assert len({p["doc_id"] for p in passages}) < 4  # several passages of one document
+    grouped = _search(open_server, collection="docs", query="yeast and dough", k=3, group_by_doc=True).json()
+    docs = [h["doc_id"] for h in grouped["results"]]
+    assert docs[0] == "baking.md" and sorted(docs) == ["astronomy.md", "baking.md", "rates.md"]
 
 
 def test_search_by_id_and_by_vector(open_server):
@@ -193,6 +207,8 @@ def _batch_stats(url: str) -> tuple[float, float]:
     ({"collection": "texts", "vector": [0.1, 0.2]}, 400, "dimensions"),
     ({"collection": "texts", "query": "a", "where": "label = = 'x'"}, 400, "where"),
     ({"collection": "texts", "query": "a", "engine": "faiss"}, 400, "no index"),
+    ({"collection": "texts", "id": "astronomy-5", "mode": "hybrid"}, 400, "needs a text query"),
+    ({"collection": "texts", "query": "a", "mode": "fuzzy"}, 422, "mode"),
 ])
 def test_bad_search_requests(open_server, body, status, words):
     r = _search(open_server, **body)
@@ -205,6 +221,7 @@ def test_bad_uploads_and_bodies(open_server, sample_corpus):
     _assert_error(_upload(open_server, "/search", b"just some text", "notes.txt", collection="images"), 415, "not an image")
     _assert_error(_upload(open_server, "/search", b"", collection="images"), 400, "empty")
     _assert_error(_upload(open_server, "/search", cat, collection="texts"), 400, "text embeddings")
+    _assert_error(_upload(open_server, "/search", cat, collection="images", mode="text"), 400, "needs a text query")
     _assert_error(_upload(open_server, "/search", _png(1200, 1000), collection="images"), 413, "pixels")
     _assert_error(_upload(open_server, "/embed", cat, collection="texts"), 400, "send text")
     big = b"x" * (3 * 1024 * 1024)

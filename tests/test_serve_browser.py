@@ -68,6 +68,19 @@ def test_search_page_in_chromium(browser, open_server, sample_corpus, tmp_path):
     assert first_id not in [h.get_attribute("data-id") for h in page.locator("#results .hit").all()]
     assert page.locator("#results .hit").first.locator(".label").text_content() == "astronomy"
 
+    # Passages: full-text mode, grouped by document, each result saying where it comes from.
+    page.select_option("#collection", "docs")
+    page.select_option("#mode", "text")
+    page.check("#group")
+    page.fill("#k", "3")
+    page.fill("#q", "yeast dough")
+    page.click("#go")
+    _status(page, "results for yeast dough")
+    where = page.locator("#results .where").all_text_contents()
+    assert where[0].startswith("baking.md") and "passage" in where[0] and len(where) == len(set(where))
+    page.fill("#k", "12")
+    page.select_option("#mode", "vector")
+
     # Images: upload an edited crop of the cat, see the original first as a loaded thumbnail.
     page.select_option("#collection", "images")
     page.set_input_files("#file", str(sample_corpus["queries"] / "cat-edited.jpg"))

@@ -63,7 +63,9 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     where: str | None = Field(None, description="SQL filter on stored fields, e.g. \"label = 'cat'\".")
     engine: Literal["auto", "exact", "faiss", "lance"] = "auto"
-    mode: Literal["vector", "text", "hybrid"] = Field("vector", description="text and hybrid need a text query.")
+    mode: Literal["vector", "text", "hybrid"] = Field(
+        "vector", description="vector: by embedding; text: BM25 over stored text; hybrid: both, fused (RRF).")
+    group_by_doc: bool = Field(False, description="Chunked collections: the k best documents, each as its best passage.")
 
 
 class EmbedRequest(BaseModel):
@@ -135,7 +137,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         start = time.perf_counter()
         req, image = await _parse(request, SearchRequest)
         served = service.collection(req.collection)
-        params = SearchParams(k=req.k, where=req.where, engine=req.engine, mode=req.mode)
+        params = SearchParams(k=req.k, where=req.where, engine=req.engine, mode=req.mode, group_by_doc=req.group_by_doc)
         given = [x is not None for x in (req.query, req.id, req.vector, image)]
         if sum(given) != 1:
             raise ServeError("give exactly one of query, id, vector or an image upload"

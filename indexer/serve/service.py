@@ -8,7 +8,6 @@ fight over them, while one batched pass embeds 16 short texts in about the time 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -57,6 +56,7 @@ class SearchParams:
     where: str | None = None
     engine: str = "auto"
     mode: str = "vector"
+    group_by_doc: bool = False
 
 
 @dataclass
@@ -116,8 +116,6 @@ class Service:
         self.max_batch = max(1, max_batch)
         self.batch_wait = batch_wait
         self.batch_sizes = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
-        params = inspect.signature(search_batch).parameters
-        self._has_mode = "mode" in params
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="indexer-compute")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
@@ -186,8 +184,8 @@ class Service:
             raise ServeError(f"k must be between 1 and {MAX_K}")
         if params.mode not in MODES:
             raise ServeError(f"mode {params.mode!r}: choose one of {', '.join(MODES)}")
-        if params.mode != "vector" and not self._has_mode:
-            raise ServeError(f"mode {params.mode!r} is not available in this version: use mode 'vector'")
+        if params.mode != "vector" and kind != "text":
+            raise ServeError(f"mode {params.mode!r} needs a text query: search by {kind} with mode 'vector'")
 
     async def search(self, name: str | None, query: Query, params: SearchParams) -> list[dict[str, Any]]:
         served = self.collection(name)
@@ -237,9 +235,8 @@ class Service:
 
     def _search(self, name: str, params: SearchParams, queries: list[Query]) -> list[list[dict[str, Any]]]:
         served = self.collections[name]
-        extra = {"mode": params.mode} if self._has_mode else {}
         return search_batch(served.coll, queries, k=params.k, where=params.where, engine=params.engine,
-                            device=self.device, **extra)
+                            device=self.device, mode=params.mode, group_by_doc=params.group_by_doc)
 
     # ---- embeddings -----------------------------------------------------------------------------------------
 

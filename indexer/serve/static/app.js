@@ -19,7 +19,7 @@ function current() {
 
 function settings() {
   return { collection: $("collection").value, k: Number($("k").value) || 10,
-           mode: $("mode").value, engine: $("engine").value };
+           mode: $("mode").value, engine: $("engine").value, group_by_doc: $("group").checked };
 }
 
 function onCollection() {
@@ -31,6 +31,9 @@ function onCollection() {
   $("q").placeholder = text ? "Search by text" : "Drop an image below, or click a result for more like it";
   $("q").disabled = !text;
   $("drop").hidden = c.modality !== "image";
+  // Passages of documents (ingested with --chunk-tokens) can be grouped by their document.
+  $("group-label").hidden = !c.fields.includes("doc_id");
+  if ($("group-label").hidden) $("group").checked = false;
 }
 
 async function loadCollections() {
@@ -78,7 +81,7 @@ function searchImage(file) {
 }
 
 function moreLike(id) {
-  search({ ...settings(), mode: "vector", id }, `more like ${id}`);
+  search({ ...settings(), mode: "vector", group_by_doc: false, id }, `more like ${id}`);
 }
 
 function setImage(file) {
@@ -159,6 +162,13 @@ function render(data, label) {
     meta.append(score);
     card.append(meta);
     if (!hit.image_url && hit.text) card.append(highlighted(String(hit.text), query));
+    if (hit.doc_id != null) {
+      const where = document.createElement("div");
+      where.className = "where";
+      where.textContent = [hit.doc_id, hit.page != null ? `page ${hit.page}` : null, hit.heading,
+                           hit.chunk != null ? `passage ${hit.chunk}` : null].filter(Boolean).join(" · ");
+      card.append(where);
+    }
     card.addEventListener("click", () => moreLike(hit.id));
     return card;
   }));
