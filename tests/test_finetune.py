@@ -308,3 +308,27 @@ def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
     assert load_embedder(str(out)).embed(["a test"]).shape == (1, 384)
     assert np.isfinite([h["val_loss"] for h in report["history"]]).all()
+
+
+# ---- other families: a torchvision ResNet (state dict + arch) and an HF vision transformer --------------------
+
+@pytest.mark.parametrize("family", ["resnet18", "vit"])
+def test_other_families_write_loadable_model_dirs(family, photo_variants, resnet18_weights, tiny_vit_dir, tmp_path):
+    model, weights = ("resnet18", str(resnet18_weights)) if family == "resnet18" else (f"hf:{tiny_vit_dir}", None)
+    rows = [json.loads(line) for line in photo_variants.read_text().splitlines()]
+    src = write_jsonl(photo_variants.parent / "two-each.jsonl", [r for r in rows if "-plain" in r["image"] or
+                                                                  "-flip" in r["image"]])  # 8 images, 4 classes
+    out = tmp_path / f"{family}-ft"
+    report = finetune([str(src)], "label", model=model, weights=weights, unfreeze=1, out=out, epochs=1,
+                      batch_size=8, device="cpu", progress=False)
+    assert report.unfrozen_blocks == (["layer4"] if family == "resnet18" else [report.unfrozen_blocks[0]])
+    emb = load_embedder(str(out))
+    manifest = json.loads((out / "indexer-model.json").read_text())
+    assert emb.spec.options["finetuned"]["base"] == model and emb.spec.weights_sha256 == manifest["weights_sha256"]
+    assert manifest["weights_sha256"] != manifest["base_weights_sha256"]
+    vecs = emb.embed([Image.open(photo_variants.parent / "cat-plain.png").convert("RGB")])
+    assert vecs.shape == (1, emb.dim) and np.isfinite(vecs).all()
+    if family == "resnet18":
+        assert emb.spec.options["arch"] == "resnet18" and (out / "model.pt").exists()
+    else:
+        assert report.unfrozen_blocks[0].endswith("+layernorm") and (out / "preprocessor_config.json").exists()

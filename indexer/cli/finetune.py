@@ -13,6 +13,7 @@ from .base import cli, output_options, print_json
               "parent folder).")
 @click.option("--model", help="Base model: minilm, efficientnet-lite0, hf:<id or dir>, torchvision:<name>. "
               "Default: picked from the sources.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
 @click.option("--unfreeze", type=click.IntRange(min=0), required=True,
               help="Blocks to train, counted from the top (transformer layers, CNN stages); 0: the head alone.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),

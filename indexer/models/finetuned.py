@@ -60,7 +60,10 @@ def save_backbone(embedder: Embedder, base: ModelSpec, out: Path) -> tuple[str, 
     out.mkdir(parents=True, exist_ok=True)
     model = embedder.model
     if base.path and Path(base.path).is_dir():
+        from transformers.utils import logging as hf_logging
+
         _copy_model_files(Path(base.path), out)
+        hf_logging.disable_progress_bar()  # stderr belongs to our own progress bars
         model.save_pretrained(out, safe_serialization=True)
         if embedder.modality == "text" and not (out / "modules.json").exists():
             _write_sentence_transformers_config(out, embedder.spec)

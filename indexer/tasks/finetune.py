@@ -475,11 +475,11 @@ def _run_key(base: ModelSpec, data: LabelledSet, unfreeze: int, hyper: Hyper, la
 
 
 def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.PathLike, model: str | None = None,
-             unfreeze: int = 1, pooling: str | None = None, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-             backbone_lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, val_fraction: float = 0.2,
-             patience: int = DEFAULT_PATIENCE, seed: int = 0, device: str = "auto", text_field: str = "text",
-             image_field: str = "image", id_field: str | None = None, workers: int | None = None,
-             progress: bool = True) -> FinetuneReport:
+             weights: str | None = None, unfreeze: int = 1, pooling: str | None = None,
+             epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, backbone_lr: float | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, val_fraction: float = 0.2, patience: int = DEFAULT_PATIENCE,
+             seed: int = 0, device: str = "auto", text_field: str = "text", image_field: str = "image",
+             id_field: str | None = None, workers: int | None = None, progress: bool = True) -> FinetuneReport:
     """Fine-tune the top `unfreeze` blocks of `model` plus a linear head on the labelled `sources`,
     keep the epoch with the best validation accuracy, and write `out` as a model directory
     (`indexer ingest COLL SOURCE --model OUT`). A killed run continues from its last epoch when the
@@ -493,7 +493,7 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
     if model is None:
         model = DEFAULT_MODELS[guess_modality(sources)]
         log.info("no --model given: using %s", model)
-    base = resolve_spec(model, pooling=pooling)
+    base = resolve_spec(model, weights=weights, pooling=pooling)
     data = read_labelled(sources, base.modality, label_field, text_field=text_field, image_field=image_field,
                          id_field=id_field)
     check_labels(data.labels)  # before loading the model: a one-class file fails at once
