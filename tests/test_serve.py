@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -292,7 +293,6 @@ def test_token_guards_every_route_but_health(served_collections):
 def test_cli_refuses_a_busy_port_and_a_missing_collection(served_collections, tmp_path):
     import socket
     import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,3 +304,12 @@ def test_cli_refuses_a_busy_port_and_a_missing_collection(served_collections, tm
     r = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(tmp_path / "missing.idx")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "collection not found" in r.stderr
+
+
+def test_missing_extra_names_it(monkeypatch, tmp_path):
+    from indexer import IndexerError
+    from indexer.serve import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `indexer[serve]` were not installed
+    with pytest.raises(IndexerError, match=r"indexer\[serve\]"):
+        serve([tmp_path / "any.idx"], port=0)
