@@ -151,6 +151,7 @@ def info(collection, as_json, quiet):
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
+        *([f"passages     at most {c['tokens']} tokens, {c['overlap']} overlap"] if (c := data.get("chunking")) else []),
         f"index        {_describe_index(data['index'])}",
         *([f"lance index  {_describe_index(data['lance_index'])}"] if data.get("lance_index") else []),
         f"lance        version {data['lance_version']}, {data['size_bytes'] / 1e6:.1f} MB on disk",

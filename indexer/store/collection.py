@@ -261,4 +261,5 @@ class Collection:
             "created": self.manifest.created,
             "updated": self.manifest.updated,
             "packages": self.manifest.packages,
+            "chunking": self.manifest.chunking,
         }
