@@ -217,3 +217,18 @@ def test_tuned_index_on_real_minilm_embeddings(tmp_path, minilm):
     info = build_index(coll, kind="ivf-flat", target_recall=0.9)
     assert info["recall_at_10"] >= 0.9
     assert fresh_recall(coll, fresh) >= 0.88
+
+
+def test_auto_falls_back_to_a_kind_that_reaches_the_target(tmp_path, monkeypatch):
+    """Near-uniform vectors defeat a small HNSW search: auto moves on to IVF (any recall as nprobe grows)
+    rather than settling below the target."""
+    from indexer.index import faiss_engine
+
+    monkeypatch.setattr(faiss_engine, "FLAT_BELOW", 1000)
+    monkeypatch.setattr(faiss_engine, "EF_SWEEP", (1,))  # an HNSW search this narrow cannot reach 0.95
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 64)).astype(np.float32)
+    coll = vector_collection(tmp_path / "u.idx", x / np.linalg.norm(x, axis=1, keepdims=True))
+    info = build_index(coll, kind="auto", target_recall=0.95)
+    assert info["kind"] == "ivf-flat" and info["recall_at_10"] >= 0.95
+    assert build_index(coll, kind="hnsw", target_recall=0.95)["kind"] == "hnsw"  # an explicit kind is kept

@@ -32,6 +32,9 @@ RECALL_K = 10
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 NPROBE_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 KFACTOR_SWEEP = (1, 2, 4, 8, 16, 32)
+# What auto builds instead when a kind cannot reach the target recall on this data (ivf-flat reaches
+# any recall as nprobe grows; flat is exact).
+FALLBACK = {"hnsw": "ivf-flat", "ivf-flat": "flat"}
 FLAT_BELOW = 20_000  # exact search over this many vectors takes well under a few ms
 HNSW_BELOW = 300_000  # HNSW build time on a few cores stays in minutes up to here
 RETRAIN_GROWTH = 4.0  # retrain IVF/PQ once the collection is this many times the trained size
@@ -179,7 +182,6 @@ class FaissIndex:
     @classmethod
     def build(cls, coll: Collection, kind: str = "auto", target_recall: float = 0.95,
               max_memory: int | None = None, seed: int = 0) -> FaissIndex:
-        import faiss
 
         if not 0 < target_recall <= 1:
             raise IndexerError("--target-recall must be in (0, 1]")
@@ -190,28 +192,26 @@ class FaissIndex:
         if n == 0:
             raise IndexerError(f"{coll.path} is empty: ingest something first")
         plan = choose_plan(n, d, kind, max_memory)
-        log.info("building %s index (%s) over %d vectors of dim %d", plan.kind, plan.factory, n, d)
         rng = np.random.default_rng(seed)
         # Held-out queries: taken from the collection, left out of the index while tuning, added after.
         n_queries = min(1000, n // 10) if n >= 200 else 0
         order = rng.permutation(n)
         held, base = np.sort(order[:n_queries]), np.sort(order[n_queries:])
-        index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
-        if plan.kind == "hnsw":
-            faiss.downcast_index(index).hnsw.efConstruction = 80
-        if not index.is_trained:
-            train = x[base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]]]
-            log.info("training on %d vectors", len(train))
-            index.train(train)
-        for start in range(0, len(base), 65536):  # chunks: x[base] at once would copy every vector
-            index.add(x[base[start : start + 65536]])
-        knobs, recall, sweep = {}, 1.0, []
-        if n_queries and plan.kind != "flat":
-            truth = _exact_topk(x[base], x[held], RECALL_K)
-            knobs, recall, sweep = tune(index, plan.kind, x[held], truth, target_recall)
-            log.info("tuned %s: recall@%d %.3f (target %.2f)", knobs, RECALL_K, recall, target_recall)
-            if recall < target_recall:
-                log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", target_recall, recall)
+        truth = _exact_topk(x[base], x[held], RECALL_K) if n_queries and plan.kind != "flat" else None
+        while True:
+            index, knobs, recall, sweep = _build_tuned(plan, x, base, held, truth, target_recall, rng)
+            # auto never settles below the target while a kind that reaches it fits in memory.
+            fallback = FALLBACK.get(plan.kind) if kind == "auto" and recall < target_recall else None
+            if fallback is None:
+                break
+            try:
+                plan = choose_plan(n, d, fallback, max_memory)
+            except IndexerError:
+                break
+            log.info("recall %.3f is below %.2f: trying %s", recall, target_recall, plan.kind)
+            truth = truth if plan.kind != "flat" else None
+        if recall < target_recall:
+            log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", target_recall, recall)
         if n_queries:
             index.add(x[held])
         position_order = np.concatenate([base, held])
@@ -352,6 +352,28 @@ class FaissIndex:
 
     def info(self) -> dict[str, Any]:
         return {k: v for k, v in self.meta.items() if k not in ("sweep", "files")}
+
+
+def _build_tuned(plan: Plan, x: np.ndarray, base: np.ndarray, held: np.ndarray, truth: np.ndarray | None,
+                 target_recall: float, rng) -> tuple[Any, dict, float, list]:
+    """Train and fill one index with the base rows and tune its knobs on the held-out queries."""
+    import faiss
+
+    log.info("building %s index (%s) over %d vectors of dim %d", plan.kind, plan.factory, len(x), x.shape[1])
+    index = faiss.index_factory(x.shape[1], plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = 80
+    if not index.is_trained:
+        train = x[base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]]]
+        log.info("training on %d vectors", len(train))
+        index.train(train)
+    for start in range(0, len(base), 65536):  # chunks: x[base] at once would copy every vector
+        index.add(x[base[start : start + 65536]])
+    if truth is None:
+        return index, {}, 1.0, []
+    knobs, recall, sweep = tune(index, plan.kind, x[held], truth, target_recall)
+    log.info("tuned %s: recall@%d %.3f (target %.2f)", knobs, RECALL_K, recall, target_recall)
+    return index, knobs, recall, sweep
 
 
 def _chunk(arr) -> pa.Array:
