@@ -13,3 +13,5 @@ echo; echo '$ indexer search sample/texts.idx "how do plants turn sunlight into 
 $ix search sample/texts.idx "how do plants turn sunlight into food" -k 3
 echo; echo '$ indexer search sample/images.idx --image sample/queries/cat-edited.jpg -k 3'
 $ix search sample/images.idx --image sample/queries/cat-edited.jpg -k 3
+echo; echo '$ indexer knn sample/texts.idx --eval      # k-NN classifier on the frozen features, 5-fold CV'
+$ix knn sample/texts.idx --eval -q
