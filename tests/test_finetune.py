@@ -152,6 +152,21 @@ def test_finetuned_text_model_ingests_with_provenance(minilm_run, topic_texts, t
     assert run("ingest", base_coll, topic_texts, "--model", out).exit_code == 1
 
 
+def test_head_only_trains_on_features_computed_once(topic_texts, tmp_path, minilm, monkeypatch):
+    calls = []
+    original = type(minilm).forward_features
+    monkeypatch.setattr(type(minilm), "forward_features", lambda self, items: calls.append(1) or original(self, items))
+    report = finetune([str(topic_texts)], "label", model="minilm", unfreeze=0, out=tmp_path / "head", epochs=5,
+                      lr=0.01, batch_size=8, device="cpu", progress=False)
+    assert not calls  # no forward pass through the backbone while training
+    assert report.unfrozen_blocks == [] and report.epochs_run >= 3
+    assert report.comparison["finetuned"]["head_accuracy"] >= report.comparison["base"]["probe_accuracy"]
+    base = load_file(Path(minilm.spec.path) / "model.safetensors")
+    assert not _changed(base, load_file(tmp_path / "head" / "model.safetensors"))
+    head = torch.load(tmp_path / "head" / "head.pt", weights_only=True)
+    assert head["classes"] == list(TOPICS) and head["state_dict"]["weight"].shape == (3, 384)
+
+
 def test_finished_model_dir_is_not_overwritten(minilm_run, topic_texts):
     out, _ = minilm_run
     result = run("finetune", topic_texts, "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--out", out)
@@ -301,6 +316,8 @@ def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     done = json.loads(state.read_text())["epoch"]
     assert 1 <= done < 3 and not (out / "indexer-model.json").exists()
 
+    other = run("finetune", *args, "--lr", 0.01)  # other settings: not this checkpoint's run
+    assert other.exit_code == 1 and "checkpoint of a different run" in other.output
     result = run("finetune", *args, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

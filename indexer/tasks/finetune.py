@@ -260,6 +260,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.is_cuda and runtime.precision == "fp16")
         self.forward_size = ForwardSize(hyper.batch_size)
+        # With no block unfrozen the backbone is a fixed function: its features are computed once.
+        self.frozen_features = not blocks
 
     def train_mode(self, on: bool) -> None:
         """Everything frozen stays in eval mode (BatchNorm statistics and dropout off); the unfrozen
@@ -271,7 +273,8 @@ class Trainer:
                 module.train(on)
 
     def logits(self, inputs: Any) -> torch.Tensor:
-        feats = self.embedder.forward_features(inputs).float()
+        """Inputs for the model, or (head only) its features computed once before training."""
+        feats = inputs if self.frozen_features else self.embedder.forward_features(inputs).float()
         return self.head(F.normalize(feats, dim=-1) * self.scale)
 
     def step(self, inputs: Any, targets: torch.Tensor) -> float:
@@ -533,6 +536,13 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
     trainer = Trainer(embedder, blocks, len(classes), hyper, steps_per_epoch * epochs)
     trainer.forward_size = forward
     labels_of = [data.labels[i] for i in train_rows], [data.labels[i] for i in val_rows]
+    if trainer.frozen_features:
+        features = torch.from_numpy(before).to(runtime.device)  # row i of `before` is row i of `data`
+
+        def batches_of(lists: list[list[int]]) -> Iterator[tuple[list[int], Any]]:
+            return ((idx, features[idx]) for idx in lists)
+    else:
+        batches_of = batches
     state: dict[str, Any] = {"key": key, "epoch": 0, "history": [], "best": None, "best_state": None,
                              "bad_epochs": 0, "finished": False,
                              "before": _compare((before[train_rows], labels_of[0]), (before[val_rows], labels_of[1]))}
@@ -563,12 +573,12 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
         bar = tqdm(total=len(train_batches), desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
                    dynamic_ncols=True, leave=True)
         losses = []
-        for idx, inputs in batches(train_batches):
+        for idx, inputs in batches_of(train_batches):
             losses.append(trainer.step(inputs, torch.as_tensor(y[idx], device=runtime.device)))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         trainer.train_mode(False)
-        val_loss, val_acc = trainer.evaluate(batches(batches.in_order(val_rows, forward.size)), y)
+        val_loss, val_acc = trainer.evaluate(batches_of(batches.in_order(val_rows, forward.size)), y)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
         bar.close()
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),

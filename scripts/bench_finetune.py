@@ -1,0 +1,102 @@
+"""Time per epoch of `indexer finetune` on this machine for both packaged models.
+
+Data (made here, offline): N_TEXTS sentences on six topics (the sample corpus sentences with random
+words appended) for MiniLM, and N_IMAGES edits (crops, flips, brightness, rotations) of the sample
+photos, labelled by photo, for EfficientNet-Lite0. Each model is timed with the head alone
+(--unfreeze 0) and with its top blocks unfrozen, in the same run, so the ratio is meaningful on a
+shared machine. Prints the load average beside the figures.
+
+    nice -n 5 .venv/bin/python scripts/bench_finetune.py [--texts 500] [--images 200] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageEnhance, ImageOps
+
+from indexer.sample import write_sample_corpus
+from indexer.tasks.finetune import finetune
+
+WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree car road sun moon star water fire "
+         "stone market price bank loan river city music song game ball team win lose").split()
+
+
+def make_texts(root: Path, corpus: dict[str, Path], n: int, rng: random.Random) -> Path:
+    rows = [json.loads(line) for line in corpus["texts"].read_text().splitlines()]
+    out = []
+    for i in range(n):
+        r = rng.choice(rows)
+        out.append({"id": f"t{i}", "text": r["text"] + " " + " ".join(rng.choices(WORDS, k=rng.randint(3, 15))),
+                    "label": r["label"]})
+    path = root / "texts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
+
+
+def make_images(root: Path, corpus: dict[str, Path], n: int, rng: random.Random) -> Path:
+    photos = sorted(corpus["images"].glob("*.jpg"))
+    (root / "img").mkdir()
+    rows = []
+    for i in range(n):
+        src = photos[i % len(photos)]
+        with Image.open(src) as img:
+            im = img.convert("RGB")
+        w, h = im.size
+        left, top = rng.randint(0, w // 5), rng.randint(0, h // 5)
+        im = im.crop((left, top, left + w * 4 // 5, top + h * 4 // 5)).resize((320, 240))
+        im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3)).rotate(rng.uniform(-15, 15))
+        if rng.random() < 0.5:
+            im = ImageOps.mirror(im)
+        name = f"img/{src.stem}-{i}.jpg"
+        im.save(root / name, quality=90)
+        rows.append({"image": name, "label": src.stem})
+    path = root / "images.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=500)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    import torch
+
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus = write_sample_corpus(root / "sample")
+        runs = [("minilm", make_texts(root, corpus, args.texts, rng), args.texts, (0, 2)),
+                ("efficientnet-lite0", make_images(root, corpus, args.images, rng), args.images, (0, 3))]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+              f"{args.epochs} epochs, batch {args.batch_size}, 20% held out; seconds per epoch = train + validation",
+              file=sys.stderr)
+        print(f"{'model':<20}{'items':>7}{'unfreeze':>10}{'s/epoch':>9}{'train items/s':>15}"
+              f"{'base probe':>12}{'tuned probe':>12}{'load avg (1m)':>15}")
+        for model, src, n, unfreezes in runs:
+            for unfreeze in unfreezes:
+                start = time.perf_counter()
+                report = finetune([str(src)], "label", model=model, unfreeze=unfreeze, out=root / f"{model}-{unfreeze}",
+                                  epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs,
+                                  device="cpu", progress=False)
+                per_epoch = report.seconds_per_epoch
+                print(f"{model:<20}{n:>7}{unfreeze:>10}{per_epoch:>9.1f}{report.n_train / per_epoch:>15.1f}"
+                      f"{report.comparison['base']['probe_accuracy']:>12.3f}"
+                      f"{report.comparison['finetuned']['probe_accuracy']:>12.3f}"
+                      f"{os.getloadavg()[0]:>15.2f}", flush=True)
+                print(f"  total {time.perf_counter() - start:.1f}s incl. model load and the before/after "
+                      f"embedding passes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
