@@ -4,7 +4,8 @@ Data (made here, offline): N_TEXTS sentences on six topics (the sample corpus se
 words appended) for MiniLM, and N_IMAGES edits (crops, flips, brightness, rotations) of the sample
 photos, labelled by photo, for EfficientNet-Lite0. Each model is timed with the head alone
 (--unfreeze 0) and with its top blocks unfrozen, in the same run, so the ratio is meaningful on a
-shared machine. Prints the load average beside the figures.
+shared machine. Prints the load average beside the figures, and the process CPU time per epoch (all
+threads), which a busy machine inflates much less than wall time.
 
     nice -n 5 .venv/bin/python scripts/bench_finetune.py [--texts 500] [--images 200] [--epochs 2]
 """
@@ -81,7 +82,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
               f"{args.epochs} epochs, batch {args.batch_size}, 20% held out; seconds per epoch = train + validation",
               file=sys.stderr)
-        print(f"{'model':<20}{'items':>7}{'unfreeze':>10}{'s/epoch':>9}{'train items/s':>15}"
+        print(f"{'model':<20}{'items':>7}{'unfreeze':>10}{'s/epoch':>9}{'CPU s/epoch':>13}{'train items/s':>15}"
               f"{'base probe':>12}{'tuned probe':>12}{'load avg (1m)':>15}")
         for model, src, n, unfreezes in runs:
             for unfreeze in unfreezes:
@@ -90,7 +91,8 @@ def main() -> None:
                                   epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs,
                                   device="cpu", progress=False)
                 per_epoch = report.seconds_per_epoch
-                print(f"{model:<20}{n:>7}{unfreeze:>10}{per_epoch:>9.1f}{report.n_train / per_epoch:>15.1f}"
+                cpu = sum(h["cpu_seconds"] for h in report.history) / len(report.history)
+                print(f"{model:<20}{n:>7}{unfreeze:>10}{per_epoch:>9.1f}{cpu:>13.1f}{report.n_train / per_epoch:>15.1f}"
                       f"{report.comparison['base']['probe_accuracy']:>12.3f}"
                       f"{report.comparison['finetuned']['probe_accuracy']:>12.3f}"
                       f"{os.getloadavg()[0]:>15.2f}", flush=True)

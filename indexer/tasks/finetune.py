@@ -338,7 +338,54 @@ def embed_rows(embedder: Embedder, batches: Batches, rows: np.ndarray, forward: 
     return np.asarray(done, dtype=np.int64)[order], (np.concatenate(feats) if feats else np.zeros((0, dim)))[order]
 
 
+def _epoch(trainer: Trainer, epoch: int, epochs: int, batches_of: Callable, train_batches: list[list[int]],
+           val_batches: list[list[int]], y: np.ndarray, progress: bool) -> dict[str, float]:
+    """One pass over the training rows, then the validation score; a progress bar on stderr."""
+    from tqdm import tqdm
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    device = trainer.embedder.runtime.device
+    trainer.train_mode(True)
+    bar = tqdm(total=len(train_batches), desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
+               dynamic_ncols=True, leave=True)
+    losses = []
+    for idx, inputs in batches_of(train_batches):
+        losses.append(trainer.step(inputs, torch.as_tensor(y[idx], device=device)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    trainer.train_mode(False)
+    val_loss, val_acc = trainer.evaluate(batches_of(val_batches), y)
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
+    bar.close()
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, trainer: Trainer, state: dict[str, Any], epochs: int) -> None:
+    """Everything the next epoch needs, written atomically; state.json beside it for people."""
+    _save_atomic({**state, "trainable": trainer.trainable_state(), "optimizer": trainer.optimizer.state_dict(),
+                  "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+                  "rng": _rng_state(), "forward_batch": trainer.forward_size.size}, path)
+    write_json_atomic(path.parent / "state.json", {"epoch": state["epoch"], "epochs": epochs,
+                                                   "history": state["history"], "best_epoch": state["best"]["epoch"]})
+
+
+def _load_checkpoint(path: Path, key: str, trainer: Trainer, fresh: dict[str, Any]) -> dict[str, Any]:
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    if saved.get("key") != key:
+        raise IndexerError(f"{path.parent.parent} holds a checkpoint of a different run (other data, model or "
+                           "settings): rerun the original command, or choose another --out")
+    trainer.load_trainable_state(saved["trainable"])
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.scheduler.load_state_dict(saved["scheduler"])
+    trainer.scaler.load_state_dict(saved["scaler"])
+    trainer.forward_size.size = saved.get("forward_batch", trainer.forward_size.size)
+    _set_rng_state(saved["rng"])
+    return {k: saved[k] for k in fresh}
+
 
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -487,8 +534,6 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
     keep the epoch with the best validation accuracy, and write `out` as a model directory
     (`indexer ingest COLL SOURCE --model OUT`). A killed run continues from its last epoch when the
     same call is made again."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     sources = [sources] if isinstance(sources, str) else list(sources)
     if epochs < 1 or batch_size < 1 or patience < 1:
@@ -520,7 +565,8 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
                        data.skipped)
     batches = Batches(data, embedder, workers)
     classes = check_labels(data.labels)
-    y = np.array([classes.index(label) for label in data.labels], dtype=np.int64)
+    class_of = {c: n for n, c in enumerate(classes)}
+    y = np.array([class_of[label] for label in data.labels], dtype=np.int64)
     train_rows, val_rows = stratified_split(data.labels, val_fraction, seed)
     for s in data.skipped:
         log.debug("skipped %s: %s", s.id or s.source, s.reason)
@@ -548,55 +594,27 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
                              "before": _compare((before[train_rows], labels_of[0]), (before[val_rows], labels_of[1]))}
     resumed_from = None
     if ckpt_file.exists():
-        saved = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-        if saved.get("key") != key:
-            raise IndexerError(f"{out_dir} holds a checkpoint of a different run (other data, model or settings): "
-                               f"rerun the original command, or choose another --out")
-        trainer.load_trainable_state(saved["trainable"])
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.scheduler.load_state_dict(saved["scheduler"])
-        trainer.scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"])
-        forward.size = saved.get("forward_batch", forward.size)
-        state = {k: saved[k] for k in state}
+        state = _load_checkpoint(ckpt_file, key, trainer, state)
         resumed_from = state["epoch"]
         log.info("resuming %s after epoch %d of %d", out_dir, state["epoch"], epochs)
 
     while not state["finished"] and state["epoch"] < epochs:
         epoch = state["epoch"] + 1
-        t0 = time.perf_counter()
         order = np.random.default_rng([seed, epoch]).permutation(train_rows)
         train_batches = [[int(i) for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
         if len(train_batches) > 1 and len(train_batches[-1]) == 1:
             train_batches.pop()  # a batch of one breaks BatchNorm in train mode and is noise anyway
-        trainer.train_mode(True)
-        bar = tqdm(total=len(train_batches), desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
-                   dynamic_ncols=True, leave=True)
-        losses = []
-        for idx, inputs in batches_of(train_batches):
-            losses.append(trainer.step(inputs, torch.as_tensor(y[idx], device=runtime.device)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        trainer.train_mode(False)
-        val_loss, val_acc = trainer.evaluate(batches_of(batches.in_order(val_rows, forward.size)), y)
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
-        bar.close()
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                 "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
+        entry = _epoch(trainer, epoch, epochs, batches_of, train_batches,
+                       batches.in_order(val_rows, forward.size), y, progress)
         state["history"].append(entry)
         best = state["best"]
-        if best is None or val_acc > best["val_accuracy"] or (val_acc == best["val_accuracy"]
-                                                              and val_loss < best["val_loss"]):
+        if best is None or (entry["val_accuracy"], -entry["val_loss"]) > (best["val_accuracy"], -best["val_loss"]):
             state["best"], state["best_state"], state["bad_epochs"] = entry, trainer.trainable_state(), 0
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         state["finished"] = state["bad_epochs"] >= patience or epoch >= epochs
-        _save_atomic({**state, "trainable": trainer.trainable_state(), "optimizer": trainer.optimizer.state_dict(),
-                      "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-                      "rng": _rng_state(), "forward_batch": forward.size}, ckpt_file)
-        write_json_atomic(ckpt_dir / "state.json", {"epoch": epoch, "epochs": epochs, "history": state["history"],
-                                                    "best_epoch": state["best"]["epoch"]})
+        _save_checkpoint(ckpt_file, trainer, state, epochs)
 
     # The best epoch's weights become the model; its features are the "after" column.
     trainer.load_trainable_state(state["best_state"])
