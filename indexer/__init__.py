@@ -14,6 +14,7 @@ from .errors import IndexerError
 from .ingest import IngestSummary, ingest
 from .models import Embedder, ModelSpec, list_models, load_embedder
 from .store import Collection
+from .tasks.dedup import dedup
 from .tasks.knn import knn_eval, knn_predict
 from .tasks.layers import sweep_layers
 from .tasks.probe import ProbeHead, probe_eval, probe_predict
@@ -27,6 +28,6 @@ def info(collection: str | os.PathLike) -> dict[str, Any]:
     return Collection.open(collection).info()
 
 
-__all__ = ["Collection", "Embedder", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query", "info",
+__all__ = ["Collection", "Embedder", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query", "dedup", "info",
            "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
            "search", "search_batch", "sweep_layers"]

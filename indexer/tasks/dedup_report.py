@@ -23,7 +23,7 @@ from .dedup import DedupReport, load_vectors
 
 BAND_WIDTH = 0.05
 PAIRS_PER_BAND = 6
-HISTOGRAM_SAMPLE = 5000
+HISTOGRAM_SAMPLE = 2000
 
 
 def write_output(report: DedupReport, path: str | Path) -> Path:
