@@ -22,9 +22,12 @@ from .base import cli, log, output_options, print_json
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Hold a batch's first query this long for others to join (0: batch only what queued "
               "while the previous batch ran).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
+              "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
 @click.option("--device", default="auto", show_default=True)
 @output_options
-def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, device, as_json, quiet):
+def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, device, as_json,
+          quiet):
     """Serve COLLECTIONS over HTTP: a JSON API (/docs) and a search page (/)."""
     from ..errors import IndexerError
     from ..index import parse_size
@@ -41,4 +44,5 @@ def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch
         log.info("search page: %s  API docs: %sdocs", page, url)
 
     run(list(collections), host=host, port=port, token=token, max_body=max_body,
-        max_pixels=max_pixels, max_batch=max_batch, batch_wait=batch_wait_ms / 1000, device=device, on_ready=ready)
+        max_pixels=max_pixels, max_batch=max_batch, batch_wait=batch_wait_ms / 1000, threads=threads, device=device,
+        on_ready=ready)

@@ -95,13 +95,13 @@ def _body_doc(model: type[BaseModel], *form_fields: str) -> dict:
 
 def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = None, max_body: int = MAX_BODY,
                max_pixels: int = MAX_PIXELS, device: str = "auto", max_batch: int = 32,
-               batch_wait: float = 0.0) -> FastAPI:
+               batch_wait: float = 0.0, threads: int | None = None) -> FastAPI:
     """The app serving `collections` (opened now: a missing one fails here, not on the first request).
 
     >>> app = create_app(["notes.idx", "photos.idx"], token="s3cret")      # doctest: +SKIP
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)                        # doctest: +SKIP
     """
-    service = Service(collections, device=device, max_batch=max_batch, batch_wait=batch_wait)
+    service = Service(collections, device=device, max_batch=max_batch, batch_wait=batch_wait, threads=threads)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
