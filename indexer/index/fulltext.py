@@ -16,6 +16,7 @@ from ..store import Collection
 log = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
+MAX_SEGMENTS = 8
 FTS_INDEX = "text_fts"
 # English stemming and stop words, accents folded; positions kept so "quoted phrases" work.
 FTS_PARAMS = {"with_position": True, "stem": True, "remove_stop_words": True, "ascii_folding": True,
@@ -47,8 +48,14 @@ def update_fts_index(coll: Collection) -> None:
     if not any(ix["name"] == FTS_INDEX for ix in ds.list_indices()):
         log.info("building the full-text index over %d rows", ds.count_rows())
         ds.create_scalar_index(TEXT_COLUMN, index_type="INVERTED", name=FTS_INDEX, replace=True, **FTS_PARAMS)
-    elif ds.stats.index_stats(FTS_INDEX).get("num_unindexed_rows", 0):
-        ds.optimize.optimize_indices(index_names=[FTS_INDEX])
+    else:
+        stats = ds.stats.index_stats(FTS_INDEX)
+        if stats.get("num_unindexed_rows", 0):
+            # New rows go into a new segment (a few % of a full build; merging every segment costs a
+            # third of one); segments are merged once there are enough to slow queries.
+            segments = stats.get("num_indices", 1)
+            ds.optimize.optimize_indices(index_names=[FTS_INDEX],
+                                         num_indices_to_merge=segments if segments >= MAX_SEGMENTS else 0)
 
 
 def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
