@@ -19,7 +19,7 @@ def serve(collections: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", 
     device, max_batch, batch_wait, threads). `on_ready(url)` is called once the socket is bound."""
     uvicorn = attempt_import("uvicorn", "serve")
     attempt_import("fastapi", "serve")
-    attempt_import("multipart", "serve")  # python-multipart: image uploads
+    attempt_import("python_multipart", "serve")  # image uploads
     from .app import create_app
 
     app = create_app(collections, token=token, **options)
