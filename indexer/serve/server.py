@@ -16,7 +16,8 @@ log = logging.getLogger("indexer")
 def serve(collections: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, on_ready: Callable[[str], None] | None = None, **options) -> None:
     """Serve `collections` until interrupted. `options` go to `create_app` (max_body, max_pixels,
-    device, max_batch, batch_wait, threads). `on_ready(url)` is called once the socket is bound."""
+    device, max_batch, batch_wait, threads). `on_ready(url)` is called once the socket is bound and
+    the models are loaded."""
     uvicorn = attempt_import("uvicorn", "serve")
     attempt_import("fastapi", "serve")
     attempt_import("python_multipart", "serve")  # image uploads
@@ -26,12 +27,13 @@ def serve(collections: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", 
     if not token and not _is_loopback(host):
         log.warning("serving on %s without --token: anyone who can reach this machine can query and "
                     "read the collections", host)
-    sock = _bind(host, port)
-    url = f"http://{_url_host(host)}:{sock.getsockname()[1]}/"
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
-    if on_ready:
-        on_ready(url)
+    sock = _bind(host, port)  # first: a busy port fails before seconds of model loading
     try:
+        app.state.service.warm_up()
+        url = f"http://{_url_host(host)}:{sock.getsockname()[1]}/"
+        if on_ready:
+            on_ready(url)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

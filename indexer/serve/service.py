@@ -128,14 +128,21 @@ class Service:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="indexer-compute")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self._warm = False
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Load every query model and index now, so the first request does not pay for it (and a model
+        that cannot load is a one-line error before the server starts, not a failed startup)."""
+        if not self._warm:
+            self._executor.submit(self._warm_up).result()
+
     async def start(self) -> None:
-        """Load every query model and index now, so the first request does not pay for it."""
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run_batches())
-        await self.compute(self._warm_up)
+        if not self._warm:
+            await self.compute(self._warm_up)
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -157,6 +164,7 @@ class Service:
                 query_embedder(s.coll, self.device).embed([sample])
             search_batch(s.coll, [Query(vector=np.ones(s.coll.spec.dim, np.float32))], k=1, device=self.device)
             log.info("serving %s: %d rows, %s", s.name, s.coll.count(), s.coll.spec.describe())
+        self._warm = True
 
     async def compute(self, fn, *args):
         """Run fn on the compute thread."""
