@@ -4,6 +4,9 @@
 const $ = (id) => document.getElementById(id);
 let collections = [];
 let imageFile = null;
+// Words too common to be worth highlighting.
+const STOP = new Set(("a an and are as at be by do does for from has have how in into is it its of on or "
+  + "that the their this to was what when where which who why will with").split(" "));
 
 async function api(path, options = {}) {
   const res = await fetch(path, { credentials: "same-origin", ...options });
@@ -96,7 +99,7 @@ function setImage(file) {
 
 // Query terms in a text, as DOM nodes (no innerHTML: stored text is never parsed as markup).
 function highlighted(text, query) {
-  const terms = (query || "").toLowerCase().match(/[\p{L}\p{N}]{2,}/gu) || [];
+  const terms = ((query || "").toLowerCase().match(/[\p{L}\p{N}]{2,}/gu) || []).filter((t) => !STOP.has(t));
   let start = 0;
   const lower = text.toLowerCase();
   const first = Math.min(...terms.map((t) => lower.indexOf(t)).filter((i) => i >= 0));
