@@ -47,6 +47,7 @@ EXACT_BELOW = 50_000  # a flat range search over this many vectors takes seconds
 SEMDEDUP_ABOVE = 5_000_000  # past this, a spread of m costs ~m^2 the work of semdedup: hours on a few cores
 TARGET_PAIR_RECALL = 0.995
 MAX_SPREAD = 16  # lists a vector may join as a base (knn)
+TUNING_QUERIES = 20_000
 THIN_EVIDENCE = 200  # fewer sampled pairs than this cannot certify the recall target: one list of margin
 QUERY_BLOCK = 16_384
 # signal="combined" scores a pair by the mean of the embedding cosine and the pHash similarity; its
@@ -189,16 +190,19 @@ def restore(collection: Collection | str, version: int) -> dict[str, Any]:
 def load_vectors(coll: Collection) -> Vectors:
     ids: list[str] = []
     hashes: list[str] = []
-    blocks = []
+    n = coll.count()
+    if n == 0:
+        raise IndexerError(f"{coll.path} is empty: ingest something first")
+    x = np.empty((n, coll.spec.dim), dtype=np.float32)  # filled in place: one copy of GBs, not two
     for batch in coll.scan(["id", "content_hash", "vector"], batch_size=65536):
+        block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+        if len(ids) + batch.num_rows > len(x):  # a writer appended since count(): make room
+            x = np.concatenate([x, np.empty((len(ids) + batch.num_rows - len(x), x.shape[1]), np.float32)])
+        x[len(ids) : len(ids) + batch.num_rows] = block
         ids.extend(batch.column("id").to_pylist())
         hashes.extend(batch.column("content_hash").to_pylist())
-        blocks.append(batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1))
-    if not blocks:
-        raise IndexerError(f"{coll.path} is empty: ingest something first")
-    x = np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)
-    del blocks
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # in place: x can be GBs
+    x = x[: len(ids)]
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return Vectors(ids, hashes, x)
 
 
@@ -385,36 +389,37 @@ def range_pairs_partitioned(base: np.ndarray, threshold: float, queries: np.ndar
 
 def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_assign: np.ndarray,
                  threshold: float, target: float, seed: int, same: bool) -> dict[str, Any]:
-    """Exact neighbours (top 20, no index) of up to 2000 sampled queries: a pair is found at spread m when
-    the two vectors' m nearest lists intersect. With too few pairs at the threshold to measure with,
-    measure a little lower (the 100th best sampled similarity, at most 0.05 below): more pairs, a bit
-    harder ones."""
-    import faiss
-
+    """Up to TUNING_QUERIES sampled queries, each joined with the vectors whose nearest list is among its
+    widest spread (the reference pairs: cheap, so the sample can be large enough to hold hundreds of pairs
+    even when duplicates are rare). A reference pair is found at spread m when one vector's nearest list is
+    among the other's m nearest. With fewer than THIN_EVIDENCE pairs at the threshold, measure a little
+    lower (0.05: more pairs, a bit harder ones) and then add one list of margin."""
+    nlist = int(max(b_assign.max(), q_assign.max())) + 1
     rng = np.random.default_rng(seed + 1)
-    sample = np.sort(rng.choice(len(queries), min(len(queries), 2000), replace=False))
-    sims, nbrs = faiss.knn(np.ascontiguousarray(queries[sample]), base, 21, metric=faiss.METRIC_INNER_PRODUCT)
-    ok = (nbrs >= 0) & ((nbrs != sample[:, None]) if same else True)
-    t = threshold
-    candidates = np.sort(sims[ok])[::-1]
-    if (candidates >= threshold).sum() < 100 and len(candidates) >= 100:
-        t = max(float(candidates[99]), threshold - 0.05)  # no lower: pairs far below T are harder than any at T
-    rows, cols = np.nonzero(ok & (sims >= t))
-    qa, ba = q_assign[sample[rows]], b_assign[nbrs[rows, cols]]
-    result: dict[str, Any] = {"spread": b_assign.shape[1], "tuned_at": round(t, 4), "tuning_pairs": int(len(rows)),
+    sample = np.sort(rng.choice(len(queries), min(len(queries), TUNING_QUERIES), replace=False))
+    low = threshold - 0.05
+    i, j, s = _join(np.ascontiguousarray(queries[sample]), _members(q_assign[sample], nlist), base,
+                    _members(b_assign[:, :1], nlist), low, same=False)
+    if same:
+        keep = sample[i] != j
+        i, j, s = i[keep], j[keep], s[keep]
+    t = threshold if (s >= threshold).sum() >= THIN_EVIDENCE else low
+    i, j = i[s >= t], j[s >= t]
+    result: dict[str, Any] = {"spread": b_assign.shape[1], "tuned_at": round(t, 4), "tuning_pairs": int(len(i)),
                               "estimated_recall": None}
-    if not len(rows):
+    if not len(i):
         return result
+    qa, ba = q_assign[sample[i]], b_assign[j]
     for m in range(1, b_assign.shape[1] + 1):
-        # found at spread m: a's nearest list among b's first m, or b's nearest among a's first m
         hit = (qa[:, :1] == ba[:, :m]).any(axis=1) | (ba[:, :1] == qa[:, :m]).any(axis=1)
         result.update(spread=m, estimated_recall=round(float(hit.mean()), 4))
         if hit.mean() >= target:
             break
-    if len(rows) < THIN_EVIDENCE:
+    if len(i) < THIN_EVIDENCE:
         result["spread"] = min(result["spread"] + 1, b_assign.shape[1])
-    log.info("partitioned range search: each vector a base in %d of its %d nearest lists, pair recall %.3f on %d "
-             "sampled pairs at %.3f", result["spread"], b_assign.shape[1], result["estimated_recall"], len(rows), t)
+    log.info("partitioned range search: each vector a base in %d of its %d nearest lists, pair recall %.3f "
+             "(relative to all %d) on %d sampled pairs at %.3f", result["spread"], b_assign.shape[1],
+             result["estimated_recall"], b_assign.shape[1], len(i), t)
     return result
 
 
