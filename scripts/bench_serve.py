@@ -211,7 +211,8 @@ def main() -> None:
     queries = [json.dumps({"query": " ".join(s.split()[:rng.integers(3, 9)]), "k": 10}).encode()
                for s in sentences(rng, 500)]
     levels = [int(c) for c in args.clients.split(",")]
-    configs = {"batched (--max-batch 32)": ["--max-batch", "32"], "unbatched (--max-batch 1)": ["--max-batch", "1"]}
+    configs = {"batched (--max-batch 32)": ["--max-batch", "32"],
+               "unbatched (--max-batch 1)": ["--max-batch", "1"]}
     report = {"rows": args.rows, "seconds_per_level": args.seconds, "cpus": os.cpu_count(),
               "machine": platform.platform(), "python": platform.python_version(), "results": {}}
     for name, flags in configs.items():

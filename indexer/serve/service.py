@@ -125,9 +125,9 @@ class Service:
         self.batch_wait = batch_wait
         self.threads = threads or default_threads()
         self.batch_sizes = Histogram((1, 2, 4, 8, 16, 32, 64, 128))
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="indexer-compute")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="indexer-compute", initializer=self._init_thread)
         self._queue: asyncio.Queue[_Job] | None = None
-        self._worker: asyncio.Task | None = None
+        self._batcher: asyncio.Task | None = None
         self._warm = False
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -140,22 +140,25 @@ class Service:
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._run_batches())
+        self._batcher = asyncio.create_task(self._run_batches())
         if not self._warm:
             await self.compute(self._warm_up)
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        if self._batcher is not None:
+            self._batcher.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _warm_up(self) -> None:
+    def _init_thread(self) -> None:
         import faiss
         import torch
-        from PIL import Image
 
         torch.set_num_threads(self.threads)
         faiss.omp_set_num_threads(self.threads)
+
+    def _warm_up(self) -> None:
+        from PIL import Image
+
         for s in self.collections.values():
             if s.coll.count() == 0:
                 continue
