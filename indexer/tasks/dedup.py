@@ -48,7 +48,7 @@ SEMDEDUP_ABOVE = 5_000_000  # past this, a spread of m costs ~m^2 the work of se
 TARGET_PAIR_RECALL = 0.995
 MAX_SPREAD = 16  # lists a vector may join as a base (knn)
 TUNING_QUERIES = 20_000
-THIN_EVIDENCE = 200  # fewer sampled pairs than this cannot certify the recall target: one list of margin
+THIN_EVIDENCE = 200  # fewer sampled pairs than this: measure lower, keep a wider margin
 QUERY_BLOCK = 16_384
 # signal="combined" scores a pair by the mean of the embedding cosine and the pHash similarity; its
 # candidates come from the embedding at this much below the threshold.
@@ -393,7 +393,7 @@ def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_
     widest spread (the reference pairs: cheap, so the sample can be large enough to hold hundreds of pairs
     even when duplicates are rare). A reference pair is found at spread m when one vector's nearest list is
     among the other's m nearest. With fewer than THIN_EVIDENCE pairs at the threshold, measure a little
-    lower (0.05: more pairs, a bit harder ones) and then add one list of margin."""
+    lower (0.05: more pairs, a bit harder ones)."""
     nlist = int(max(b_assign.max(), q_assign.max())) + 1
     rng = np.random.default_rng(seed + 1)
     sample = np.sort(rng.choice(len(queries), min(len(queries), TUNING_QUERIES), replace=False))
@@ -415,8 +415,10 @@ def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_
         result.update(spread=m, estimated_recall=round(float(hit.mean()), 4))
         if hit.mean() >= target:
             break
-    if len(i) < THIN_EVIDENCE:
-        result["spread"] = min(result["spread"] + 1, b_assign.shape[1])
+    # A margin for sampling error: one list more than measured (on 1M clustered vectors the measured
+    # spread found 98.7% of the exact pairs against 99.8% estimated), two when the sample held few pairs.
+    margin = 1 if len(i) >= THIN_EVIDENCE else 2
+    result["spread"] = min(result["spread"] + margin, b_assign.shape[1])
     log.info("partitioned range search: each vector a base in %d of its %d nearest lists, pair recall %.3f "
              "(relative to all %d) on %d sampled pairs at %.3f", result["spread"], b_assign.shape[1],
              result["estimated_recall"], b_assign.shape[1], len(i), t)
