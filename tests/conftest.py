@@ -85,8 +85,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def served_collections(tmp_path_factory, sample_corpus) -> dict[str, Path]:
-    """The sample texts (minilm), photos (efficientnet-lite0) and chunked Markdown documents (minilm) as
-    three collections, for the HTTP tests."""
+    """The sample texts (minilm), photos (efficientnet-lite0), chunked Markdown documents (minilm) and
+    model-less vectors as four collections, for the HTTP tests."""
+    import numpy as np
+
     from indexer import ingest
 
     root = tmp_path_factory.mktemp("served")
@@ -102,7 +104,11 @@ def served_collections(tmp_path_factory, sample_corpus) -> dict[str, Path]:
         sections = [f"## Part {i}\n\n" + " ".join([sentence] * 6) for i in range(1, 4)]
         (docs / name).write_text(f"# {name[:-3].title()}\n\n" + "\n\n".join(sections) + "\n")
     ingest(root / "docs.idx", [str(docs)], model="minilm", chunk_tokens=64, chunk_overlap=8, progress=False)
-    return {"texts": root / "texts.idx", "images": root / "images.idx", "docs": root / "docs.idx"}
+    # Vectors with no model: searchable by vector and id only.
+    np.save(root / "vectors.npy", np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32))
+    ingest(root / "vectors.idx", [str(root / "vectors.npy")], model="none", progress=False)
+    return {"texts": root / "texts.idx", "images": root / "images.idx", "docs": root / "docs.idx",
+            "vectors": root / "vectors.idx"}
 
 
 @pytest.fixture(scope="session")

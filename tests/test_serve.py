@@ -92,6 +92,15 @@ def test_text_and_hybrid_modes_and_passages_grouped_by_document(open_server):
     assert docs[0] == "baking.md" and sorted(docs) == ["astronomy.md", "baking.md", "rates.md"]
 
 
+def test_a_collection_without_a_model_answers_vectors_and_ids(open_server):
+    vec = [0.5] * 8
+    hits = _search(open_server, collection="vectors", vector=vec, k=3).json()["results"]
+    assert len(hits) == 3 and hits[0]["id"].startswith("vectors.npy:")
+    assert len(_search(open_server, collection="vectors", id=hits[0]["id"], k=2).json()["results"]) == 2
+    _assert_error(_search(open_server, collection="vectors", query="a cat"), 400, "an id or a vector")
+    _assert_error(httpx.post(f"{open_server}/embed", json={"collection": "vectors", "input": "x"}), 400, "no model")
+
+
 def test_search_by_id_and_by_vector(open_server):
     more = _search(open_server, collection="images", id="cat.jpg", k=4).json()["results"]
     assert len(more) == 4 and "cat.jpg" not in [h["id"] for h in more]
@@ -197,7 +206,7 @@ def _batch_stats(url: str) -> tuple[float, float]:
     ({"collection": "texts", "query": "   "}, 400, "empty query"),
     ({"collection": "texts"}, 400, "empty query"),
     ({"collection": "texts", "query": "a", "id": "b"}, 400, "exactly one"),
-    ({"collection": "images", "query": "a cat"}, 400, "image embeddings"),
+    ({"collection": "images", "query": "a cat"}, 400, "search it with an image upload"),
     ({"query": "a cat"}, 400, "several collections"),
     ({"collection": "nope", "query": "a cat"}, 404, "unknown collection"),
     ({"collection": "texts", "id": "no-such-id"}, 404, "no item"),
@@ -221,7 +230,7 @@ def test_bad_uploads_and_bodies(open_server, sample_corpus):
     _assert_error(_upload(open_server, "/search", cat[: len(cat) // 3], collection="images"), 400, "corrupt")
     _assert_error(_upload(open_server, "/search", b"just some text", "notes.txt", collection="images"), 415, "not an image")
     _assert_error(_upload(open_server, "/search", b"", collection="images"), 400, "empty")
-    _assert_error(_upload(open_server, "/search", cat, collection="texts"), 400, "text embeddings")
+    _assert_error(_upload(open_server, "/search", cat, collection="texts"), 400, "search it with a text query")
     _assert_error(_upload(open_server, "/search", cat, collection="images", mode="text"), 400, "needs a text query")
     _assert_error(_upload(open_server, "/search", _png(1200, 1000), collection="images"), 413, "pixels")
     _assert_error(_upload(open_server, "/embed", cat, collection="texts"), 400, "send text")

@@ -160,16 +160,12 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         req, image = await _parse(request, EmbedRequest)
         if (image is None) == (req.input is None):
             raise ServeError("give either input (text) or an image upload")
-        if image is not None:
-            items = [await asyncio.to_thread(_check_image, image, max_pixels)]
-            served = service.collection(req.collection)
-            if served.modality != "image":
-                raise ServeError(f"collection {served.name!r} embeds {served.modality}: send text as JSON")
-        else:
-            items = _texts(req.input)
-            served = service.collection(req.collection)
-            if served.modality != "text":
-                raise ServeError(f"collection {served.name!r} embeds {served.modality}: upload an image")
+        served = service.collection(req.collection)
+        wanted = "text" if image is None else "image"
+        if served.modality in ("text", "image") and served.modality != wanted:  # else: no model (service.embed says)
+            raise ServeError(f"collection {served.name!r} embeds {served.modality}: "
+                             + ("upload an image" if wanted == "text" else "send text as JSON"))
+        items = _texts(req.input) if image is None else [await asyncio.to_thread(_check_image, image, max_pixels)]
         served, vectors = await service.embed(served.name, items)
         return JSON({"collection": served.name, "model": served.coll.spec.name, "dim": int(vectors.shape[1]),
                      "embeddings": vectors.tolist()})

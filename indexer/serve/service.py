@@ -198,9 +198,9 @@ class Service:
         if kind == "text" and not query.text.strip():
             raise ServeError("empty query: type some text")
         if kind in ("text", "image") and served.modality != kind:
-            other = {"text": "an image upload", "image": "a text query"}.get(served.modality, "a vector")
+            fits = {"text": "a text query, ", "image": "an image upload, "}.get(served.modality, "")
             raise ServeError(f"collection {served.name!r} holds {served.modality} embeddings "
-                             f"({served.coll.spec.name}): search it with {other}, an id or a vector")
+                             f"({served.coll.spec.name}): search it with {fits}an id or a vector")
         if kind == "vector" and len(query.vector) != served.coll.spec.dim:
             raise ServeError(f"vector has {len(query.vector)} dimensions; collection {served.name!r} "
                              f"has {served.coll.spec.dim}")
