@@ -12,8 +12,9 @@ Run from the repository root (with `nice -n 5` on a shared machine):
   the vectors' meaning does not change the work a query does. Ingest builds the FAISS index (past
   100k rows it does so itself; below that `build_index` is called), tuned to recall@10 >= 0.95. The
   collection is kept in bench-out/ and reused by the next run with the same --rows.
-* Server: `indexer serve COLL --port 0` as a subprocess, once with micro-batching (`--max-batch 32`)
-  and once without (`--max-batch 1`), one after the other, never both at once.
+* Server: `indexer serve COLL --port 0` as a subprocess, with micro-batching (`--max-batch 32`), with
+  batching that also holds each batch 3 ms for more queries to join (`--batch-wait-ms 3`), and without
+  batching (`--max-batch 1`): one after the other, never two at once.
 * Clients: C asyncio connections (HTTP/1.1 keep-alive, a minimal client so the load generator costs
   little CPU next to the server on the same machine), each sending POST /search {"query", "k": 10}
   back to back for SECONDS seconds, queries drawn from 500 distinct random sentences. Latency is from
@@ -212,6 +213,7 @@ def main() -> None:
                for s in sentences(rng, 500)]
     levels = [int(c) for c in args.clients.split(",")]
     configs = {"batched (--max-batch 32)": ["--max-batch", "32"],
+               "batched, --batch-wait-ms 3": ["--max-batch", "32", "--batch-wait-ms", "3"],
                "unbatched (--max-batch 1)": ["--max-batch", "1"]}
     report = {"rows": args.rows, "seconds_per_level": args.seconds, "cpus": os.cpu_count(),
               "machine": platform.platform(), "python": platform.python_version(), "results": {}}
