@@ -17,6 +17,7 @@ from ..store import Collection
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FOLDS = 5
 FOLDER_LABEL = "folder"  # --label-field folder: an image's parent folder names its class (ImageFolder layout)
 
 
@@ -156,7 +157,7 @@ def check_classes(labels: Sequence[str], what: str = "training set") -> list[str
     return classes
 
 
-def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+def stratified_folds(labels: np.ndarray, n_folds: int = DEFAULT_FOLDS, seed: int = 0) -> np.ndarray:
     """Fold number per row, each class spread evenly over the folds (the same folds for every
     method and layer, so their scores compare)."""
     if n_folds < 2:
@@ -166,17 +167,33 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int = 0) -> np.ndar
     rng = np.random.default_rng(seed)
     fold = np.empty(len(labels), dtype=np.int64)
     offset = 0
-    for cls in sorted(set(labels)):
-        members = np.flatnonzero(labels == cls)
+    for members in _class_members(labels):
         rng.shuffle(members)
         # Continue the round-robin where the previous class stopped so fold sizes stay balanced.
         fold[members] = (np.arange(len(members)) + offset) % n_folds
         offset += len(members)
-    smallest = min(np.sum(labels == c) for c in set(labels))
+    smallest = min(len(m) for m in _class_members(labels))
     if smallest < n_folds:
         log.warning("the smallest class has %d rows, fewer than %d folds: some folds never see it",
                     smallest, n_folds)
     return fold
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A boolean mask holding out `fraction` of each class (at least one row, never all of a class)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for members in _class_members(labels):
+        rng.shuffle(members)
+        held[members[: min(len(members) - 1, max(1, round(len(members) * fraction)))]] = True
+    return held
+
+
+def _class_members(labels: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each class, classes in sorted order (one pass: millions of rows, thousands of classes)."""
+    _, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
 
 
 def scores(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
@@ -185,7 +202,8 @@ def scores(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str])
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y_true, y_pred = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
-    present = [c for c in classes if c in set(y_true) or c in set(y_pred)]
+    seen = set(y_true) | set(y_pred)
+    present = [c for c in classes if c in seen]
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
     return {
         "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
