@@ -68,11 +68,11 @@ def test_knn_equals_the_dino_reference_on_real_features(texts_idx):
     train, test = fold != 0, fold == 0
     pred, probs = dino_reference(data.vectors[train], y[train], data.vectors[test], 10, 0.07, 6)
     from indexer.tasks.features import LabelledVectors
-    from indexer.tasks.knn import KnnSettings, Reference, _classify
+    from indexer.tasks.knn import KnnSettings, Reference
 
     ref = Reference(LabelledVectors([str(i) for i in np.flatnonzero(train)], data.vectors[train],
                                     data.labels[train], 0))
-    ours = _classify(ref, data.vectors[test], KnnSettings(10, 0.07, "weighted"))
+    ours, _, _ = ref.probabilities(data.vectors[test], KnnSettings(10, 0.07, "weighted"))
     np.testing.assert_array_equal(ours.argmax(1), pred)
     np.testing.assert_allclose(ours, probs, rtol=1e-5, atol=1e-7)
 
@@ -204,7 +204,6 @@ def test_layer_sweep_text_one_row_per_layer_and_pooling(sample_corpus, tmp_path,
     best = next(r for r in report["rows"] if r["best"])
     assert report["best"]["flags"] == f"--model minilm --layer {best['layer']} --pooling {best['pooling']}"
     assert best["knn_accuracy"] > 3 * CHANCE and best["probe_accuracy"] > 3 * CHANCE
-    # The last layer's mean pooling is what the collection stores: its k-NN score is the knn command's.
     assert (tmp_path / "sweep" / "layers.png").exists() and (tmp_path / "sweep" / "layers.json").exists()
 
 
@@ -236,6 +235,8 @@ def test_layer_sweep_errors(sample_corpus, tmp_path):
     assert bad.exit_code == 1 and "hidden states 0..6" in bad.output
     pooling = run("layers", sample_corpus["texts"], "--pooling", "median")
     assert pooling.exit_code == 1 and "--pooling median" in pooling.output
+    pooler = run("layers", sample_corpus["texts"], "--layers", "3", "--pooling", "pooler")
+    assert pooler.exit_code == 1 and "pooler" in pooler.output and "Traceback" not in pooler.output
     unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"text": "one"}, {"text": "two"}])
     none = run("layers", unlabelled)
     assert none.exit_code == 1 and "class" in none.output
@@ -249,7 +250,11 @@ def test_layer_keys_and_one_pass_features_for_each_family(tiny_vit_dir, resnet18
     resnet = load_embedder("resnet18", weights=str(resnet18_weights))
     keys = available_layers(resnet)
     assert [k[0] for k in keys] == ["layer1", "layer2", "layer3", "layer4", "penultimate"]
-    feats = embed_layers(resnet, photos, keys)
+    calls = []
+    hook = resnet.model.register_forward_hook(lambda *_: calls.append(1))
+    feats = embed_layers(resnet, photos, keys, batch_size=2)
+    hook.remove()
+    assert len(calls) == 2  # every layer from one forward pass per batch (3 photos, batches of 2)
     assert [feats[k].shape for k in keys] == [(3, 64), (3, 128), (3, 256), (3, 512), (3, 512)]
     # The penultimate row is exactly what the embedder itself produces.
     np.testing.assert_allclose(feats[("penultimate", "avg")], resnet.embed(photos), atol=1e-5)
@@ -260,3 +265,40 @@ def test_layer_keys_and_one_pass_features_for_each_family(tiny_vit_dir, resnet18
     feats = embed_layers(vit, photos, keys)
     np.testing.assert_allclose(feats[(2, "cls")], vit.embed(photos), atol=1e-5)
     assert all(np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-5) for f in feats.values())
+
+
+def test_votes_stay_finite_at_any_temperature():
+    from indexer.tasks.knn import vote_probabilities
+
+    sims = np.array([[0.95, 0.94, 0.2], [0.5, 0.1, -0.3]])
+    classes = np.array([[1, 0, 0], [0, 1, -1]])  # -1: a missing neighbour
+    for t, first in ((1e-4, 1), (0.07, 1), (10.0, 0)):  # a high T approaches a majority vote
+        p = vote_probabilities(sims, classes, 2, temperature=t)
+        assert np.isfinite(p).all() and np.allclose(p.sum(1), 1)
+        assert p[0].argmax() == first and p[1].argmax() == 0
+    assert np.allclose(vote_probabilities(sims, classes, 2, how="majority"), [[2 / 3, 1 / 3], [0.5, 0.5]])
+
+
+def test_knn_through_an_hnsw_index_matches_exact(tmp_path, monkeypatch):
+    """Neighbours from a tuned HNSW index (folds exclude their own rows through the ID selector),
+    predictions of new vectors through it, and unlabelled rows never voting."""
+    from indexer.index import build_index, faiss_engine
+    from indexer.models.base import ModelSpec
+
+    monkeypatch.setattr(faiss_engine, "FLAT_BELOW", 1000)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 32)).astype(np.float32)
+    y = rng.integers(0, 4, 3000)
+    x = centres[y] + 0.8 * rng.standard_normal((3000, 32)).astype(np.float32)
+    coll = Collection.create(tmp_path / "v.idx", ModelSpec(name="none", modality="vector", dim=32))
+    rows = [{"id": f"r{i}", "content_hash": str(i), "record_hash": str(i), "source": "test",
+             "label": None if i % 50 == 0 else f"c{y[i]}"} for i in range(3000)]
+    coll.write(rows, x / np.linalg.norm(x, axis=1, keepdims=True), upsert=False)
+    assert build_index(coll)["kind"] == "hnsw"
+    exact = knn_eval(coll, folds=3, engine="exact")
+    indexed = knn_eval(coll, folds=3)
+    assert indexed["engine"] == "faiss hnsw" and indexed["unlabelled"] == 60
+    assert abs(indexed["accuracy"] - exact["accuracy"]) <= 0.01 and exact["accuracy"] > 0.9
+    preds = knn_predict(coll, vectors=centres, k=7)
+    assert [p["label"] for p in preds] == ["c0", "c1", "c2", "c3"]
+    assert all(len(p["neighbours"]) == 7 and int(n["id"][1:]) % 50 for p in preds for n in p["neighbours"])

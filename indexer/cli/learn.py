@@ -77,6 +77,8 @@ def knn(collection, label_field, test, folds, out, evaluate, predict, k, tempera
     if evaluate == bool(predict):
         raise click.UsageError("give --eval or --predict SOURCE")
     if predict:
+        if test or folds or out:
+            raise click.UsageError("--predict takes no --test, --folds or --out")
         preds = knn_predict(collection, list(predict), label_field=label_field, k=k, temperature=temperature,
                             vote=vote, engine=engine, device=device, text_field=text_field, image_field=image_field,
                             id_field=id_field)
@@ -135,21 +137,24 @@ def probe(collection, label_field, test, folds, out, save, predict, text_field, 
 @click.option("--pooling", help="Transformers: comma list of cls, mean, max, pooler (default: cls,mean,max).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
+              help="k-NN weighted vote temperature.")
 @click.option("--max-items", type=click.IntRange(min=2), help="Use at most this many inputs.")
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--out", type=click.Path(file_okay=False), help="Write layers.json and layers.png here.")
 @predict_inputs
 @output_options
-def layers(sources, label_field, model, weights, layers, pooling, folds, k, max_items, batch_size, out, text_field,
-           image_field, id_field, device, as_json, quiet):
+def layers(sources, label_field, model, weights, layers, pooling, folds, k, temperature, max_items, batch_size,
+           out, text_field, image_field, id_field, device, as_json, quiet):
     """Accuracy of k-NN and a linear probe on every layer of a backbone over labelled SOURCES; recommends
     the layer (and pooling) to ingest with."""
     from ..tasks.layers import sweep_layers
 
     poolings = [p.strip() for p in pooling.split(",") if p.strip()] if pooling else None
     result = sweep_layers(list(sources), label_field, model=model, layers=layers, pooling=poolings, weights=weights,
-                          folds=folds, k=k, out=out, batch_size=batch_size, device=device, text_field=text_field,
-                          image_field=image_field, id_field=id_field, max_items=max_items, progress=not quiet)
+                          folds=folds, k=k, temperature=temperature, out=out, batch_size=batch_size,
+                          device=device, text_field=text_field, image_field=image_field, id_field=id_field,
+                          max_items=max_items, progress=not quiet)
     if as_json:
         print_json(result)
         return

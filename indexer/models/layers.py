@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..errors import IndexerError
 from .base import Embedder
@@ -27,22 +26,24 @@ def available_layers(embedder: Embedder, poolings: Sequence[str] | None = None) 
     from .text import TextEmbedder
     from .vision import CNNEmbedder, HFVisionEmbedder
 
-    if isinstance(embedder, (TextEmbedder, HFVisionEmbedder)):
-        config = getattr(embedder.model.config, "vision_config", embedder.model.config)
-        default = ("cls", "mean", "max") if isinstance(embedder, TextEmbedder) else ("cls", "mean")
-        poolings = tuple(poolings or default)
-        allowed = ("cls", "mean", "max") if isinstance(embedder, TextEmbedder) else ("cls", "mean")
-        bad = [p for p in poolings if p not in allowed + ("pooler",)]
-        if bad:
-            raise IndexerError(f"--pooling {bad[0]}: choose from {', '.join(allowed + ('pooler',))}")
-        n = config.num_hidden_layers
-        keys: list[LayerKey] = [(i, p) for i in range(n + 1) for p in poolings if p != "pooler"]
-        if "pooler" in poolings and getattr(embedder.model, "pooler", None) is not None:
-            keys.append((n, "pooler"))
-        return keys
     if isinstance(embedder, CNNEmbedder):
         return [(name, "avg") for name in cnn_stages(embedder)] + [("penultimate", "avg")]
-    raise IndexerError(f"{embedder.spec.name}: no per-layer features for this kind of model")
+    if not isinstance(embedder, (TextEmbedder, HFVisionEmbedder)):
+        raise IndexerError(f"{embedder.spec.name}: no per-layer features for this kind of model")
+    text = isinstance(embedder, TextEmbedder)
+    allowed = ("cls", "mean", "max") if text else ("cls", "mean")
+    poolings = tuple(poolings or allowed)
+    bad = [p for p in poolings if p not in (*allowed, "pooler")]
+    if bad:
+        raise IndexerError(f"--pooling {bad[0]}: choose from {', '.join((*allowed, 'pooler'))}")
+    has_pooler = getattr(embedder.model, "pooler", None) is not None
+    if "pooler" in poolings and not has_pooler:
+        raise IndexerError(f"--pooling pooler: {embedder.spec.name} has no pooler")
+    n = getattr(embedder.model.config, "vision_config", embedder.model.config).num_hidden_layers
+    keys: list[LayerKey] = [(i, p) for i in range(n + 1) for p in poolings if p != "pooler"]
+    if "pooler" in poolings:
+        keys.append((n, "pooler"))  # the pooler reads the last layer only
+    return keys
 
 
 def parse_layers(text: str | None, embedder: Embedder, poolings: Sequence[str] | None = None) -> list[LayerKey]:
@@ -65,6 +66,8 @@ def parse_layers(text: str | None, embedder: Embedder, poolings: Sequence[str] |
             if not -(n + 1) <= layer <= n:
                 raise IndexerError(f"--layers {layer}: {embedder.spec.name} has hidden states 0..{n}")
             out += [k for k in keys if k[0] == layer % (n + 1)]
+        if not out:
+            raise IndexerError(f"--layers {text} with --pooling pooler: the pooler reads layer {n} only")
         return out
     modules = dict(embedder.model.named_modules())
     for w in wanted:
@@ -158,24 +161,23 @@ def _cnn_taps(embedder, names: Sequence[str]) -> Iterator:
 
 
 def cnn_stages(embedder) -> list[str]:
-    """The module names that end a CNN's stages, shallow first.
+    """The module names that end a CNN's stages, shallow first: of the blocks `finetune` counts
+    (ResNet layer1..4, EfficientNet-Lite's MBConv blocks and conv head, torchvision `features[i]`), those
+    after which the feature map changes shape, found by one probe forward pass."""
+    from .blocks import backbone_blocks
 
-    Several top-level block containers (ResNet's layer1..layer4) are the stages themselves; a single
-    container of blocks (EfficientNet's `_blocks`, torchvision's `features`) is cut where the feature
-    map changes shape, found by one probe forward pass.
-    """
-    model = embedder.model
-    containers = [(n, m) for n, m in model.named_children() if isinstance(m, (nn.Sequential, nn.ModuleList))]
-    if len(containers) >= 2:
-        return [n for n, _ in containers]
-    if not containers:
-        raise IndexerError(f"{embedder.spec.name}: cannot find the stages of this CNN; name modules with --layers")
-    name, container = containers[0]
+    try:
+        blocks = backbone_blocks(embedder.model)
+    except IndexerError:
+        raise IndexerError(f"{embedder.spec.name}: cannot find the stages of this CNN; name modules with "
+                           "--layers") from None
+    names = [list(b.modules)[-1] for b in blocks]  # a block's output is its last module's
+    modules = dict(embedder.model.named_modules())
     shapes: dict[str, tuple] = {}
-    handles = [child.register_forward_hook(
-        lambda _m, _i, output, n=f"{name}.{child_name}": shapes.__setitem__(
+    handles = [modules[n].register_forward_hook(
+        lambda _m, _i, output, n=n: shapes.__setitem__(
             n, tuple((output[0] if isinstance(output, (tuple, list)) else output).shape[1:])))
-        for child_name, child in container.named_children()]
+        for n in names]
     crop = embedder.transform.crop
     try:
         with torch.inference_mode():
@@ -183,5 +185,5 @@ def cnn_stages(embedder) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    order = list(shapes)
+    order = [n for n in names if n in shapes]
     return [n for i, n in enumerate(order) if i == len(order) - 1 or shapes[order[i + 1]] != shapes[n]]

@@ -34,8 +34,9 @@ class LabelledVectors:
         return len(self.ids)
 
 
-def load_labelled(coll: Collection, label_field: str = "label") -> LabelledVectors:
-    """Every labelled row of a collection, vectors normalised for cosine similarity."""
+def load_labelled(coll: Collection, label_field: str = "label", vectors: bool = True) -> LabelledVectors:
+    """Every labelled row of a collection, vectors normalised for cosine similarity (an empty (n, 0)
+    array with `vectors=False`: the index answers, only ids and labels are needed)."""
     table = coll.table
     if table is None or coll.count() == 0:
         raise IndexerError(f"{coll.path} is empty: ingest something first")
@@ -47,22 +48,53 @@ def load_labelled(coll: Collection, label_field: str = "label") -> LabelledVecto
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     unlabelled = 0
-    for batch in coll.scan(["id", "vector", label_field], batch_size=65536):
+    columns = ["id", label_field] + (["vector"] if vectors else [])
+    for batch in coll.scan(columns, batch_size=65536):
         raw = batch.column(label_field).to_pylist()
         keep = np.array([v is not None and str(v) != "" for v in raw], dtype=bool)
         unlabelled += int((~keep).sum())
         if not keep.any():
             continue
-        vec = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
-        blocks.append(vec[keep].astype(np.float32, copy=False))
+        if vectors:
+            vec = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+            blocks.append(vec[keep].astype(np.float32, copy=False))
         ids.extend(i for i, k in zip(batch.column("id").to_pylist(), keep) if k)
         labels.extend(str(v) for v, k in zip(raw, keep) if k)
     if not ids:
         raise IndexerError(f"no row of {coll.path} has a value in {label_field!r}")
-    vectors = normalized(np.concatenate(blocks))
+    matrix = normalized(np.concatenate(blocks)) if vectors else np.zeros((len(ids), 0), dtype=np.float32)
     if unlabelled:
         log.info("%d rows of %s have no %s: left out", unlabelled, coll.path, label_field)
-    return LabelledVectors(ids, vectors, np.array(labels, dtype=object), unlabelled)
+    return LabelledVectors(ids, matrix, np.array(labels, dtype=object), unlabelled)
+
+
+@dataclass
+class EvalData:
+    """What an evaluation reads: the collection's labelled rows, and a labelled test collection's rows
+    or the number of cross-validation folds."""
+
+    coll: Collection
+    train: LabelledVectors
+    test: LabelledVectors | None
+    test_path: str | None
+    folds: int | None
+
+    def split(self) -> dict[str, Any]:
+        return {"test": self.test_path} if self.test is not None else {"folds": self.folds}
+
+
+def load_eval_data(collection: Collection | str, label_field: str, test: Collection | str | None,
+                   folds: int | None, train_vectors: bool = True) -> EvalData:
+    coll = collection if isinstance(collection, Collection) else Collection.open(collection)
+    if test is not None and folds is not None:
+        raise IndexerError("give --test or --folds, not both")
+    train = load_labelled(coll, label_field, vectors=train_vectors or test is None)
+    check_classes(train.labels)
+    if test is None:
+        return EvalData(coll, train, None, None, folds or DEFAULT_FOLDS)
+    test_coll = test if isinstance(test, Collection) else Collection.open(test)
+    coll.check_compatible(test_coll.spec)
+    return EvalData(coll, train, load_labelled(test_coll, label_field), str(test_coll.path), None)
 
 
 def normalized(x: np.ndarray) -> np.ndarray:
@@ -81,9 +113,12 @@ class Inputs:
 
 
 def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | None = None, text_field: str = "text",
-                image_field: str = "image", id_field: str | None = None, limit: int | None = None) -> Inputs:
+                image_field: str = "image", id_field: str | None = None, limit: int | None = None,
+                min_size: int | None = None, records: bool = False) -> Inputs:
     """Read (and for images decode) every input of the sources in memory: for predictions and layer
-    sweeps over labelled sets, not for collections of millions (ingest streams those)."""
+    sweeps over labelled sets, not for collections of millions (ingest streams those). `min_size`:
+    JPEG draft decoding as ingest does it (the model's resize), so features match the stored ones.
+    `records=True`: the items are the Records themselves, undecoded (fine-tuning decodes batch by batch)."""
     from ..sources.images import ImageDecodeError, decode_image
 
     sources = list(sources)
@@ -98,10 +133,10 @@ def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | Non
         if isinstance(rec, SkippedInput):
             out.skipped.append(rec)
             continue
-        item: Any = rec.text
-        if modality == "image":
+        item: Any = rec if records else rec.text
+        if modality == "image" and not records:
             try:
-                item = decode_image(rec.payload_bytes())
+                item = decode_image(rec.payload_bytes(), min_size)
             except (ImageDecodeError, OSError) as exc:
                 out.skipped.append(SkippedInput(rec.source, f"cannot decode image: {exc}", rec.id))
                 continue
@@ -117,8 +152,8 @@ def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | Non
     return out
 
 
-def embed_new_inputs(spec: dict[str, Any] | None, sources, items, vectors, *, device: str = "auto",
-                   **fields) -> tuple[list[str], np.ndarray]:
+def embed_new_inputs(spec: dict[str, Any] | None, sources: Sequence[str] | None, items: Sequence[Any] | None,
+                     vectors: np.ndarray | None, *, device: str = "auto", **fields: Any) -> tuple[list[str], np.ndarray]:
     """(ids, features) of new inputs, with the model a head or collection was built with."""
     from ..models import ModelSpec, load_embedder, resolve_runtime, respec
 
@@ -135,7 +170,8 @@ def embed_new_inputs(spec: dict[str, Any] | None, sources, items, vectors, *, de
         raise IndexerError(f"{model_spec.name} on this machine is not the model the head was trained on "
                            "(different weights, layer or pooling)")
     if sources is not None:
-        inputs = read_inputs(sources, model_spec.modality, **fields)
+        inputs = read_inputs(sources, model_spec.modality, min_size=model_spec.preprocessing.get("resize"),
+                             **fields)
         ids, raw = inputs.ids, inputs.items
     else:
         raw = list(items)

@@ -23,6 +23,7 @@ from .features import (
     LabelledVectors,
     check_classes,
     embed_new_inputs,
+    load_eval_data,
     load_labelled,
     normalized,
     scores,
@@ -35,24 +36,31 @@ Vote = Literal["weighted", "majority"]
 KnnEngine = Literal["auto", "exact", "faiss"]
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
-DEFAULT_FOLDS = 5
 _BLOCK_BYTES = 256 << 20  # similarity block held at once by the exact search
+_PREDICT_BLOCK = 8192  # queries voted at once
 
 
-def vote_probabilities(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int, temperature: float = DEFAULT_TEMPERATURE,
-         how: Vote = "weighted") -> np.ndarray:
+def vote_probabilities(sims: np.ndarray, neighbour_classes: np.ndarray, n_classes: int,
+                       temperature: float = DEFAULT_TEMPERATURE, how: Vote = "weighted") -> np.ndarray:
     """(m, k) similarities and class indices of the neighbours -> (m, n_classes) probabilities.
     Missing neighbours (class -1) carry no vote."""
     if how not in ("weighted", "majority"):
         raise IndexerError(f"--vote {how}: choose weighted or majority")
     if how == "weighted" and temperature <= 0:
         raise IndexerError("--temperature must be positive")
+    m, k = sims.shape
     valid = neighbour_classes >= 0
-    weights = np.exp(sims.astype(np.float64) / temperature) if how == "weighted" else np.ones(sims.shape)
+    if how == "weighted":
+        s = np.where(valid, sims.astype(np.float64), -np.inf)
+        # Shifting by each row's best similarity leaves the normalised votes unchanged and keeps
+        # exp(sim / T) finite for any temperature.
+        top = np.max(s, axis=1, keepdims=True) if k else np.zeros((m, 1))
+        weights = np.exp((s - np.where(np.isfinite(top), top, 0.0)) / temperature)
+    else:
+        weights = np.ones((m, k))
     weights = np.where(valid, weights, 0.0)
-    votes = np.zeros((sims.shape[0], n_classes), dtype=np.float64)
-    rows = np.repeat(np.arange(sims.shape[0]), sims.shape[1])
-    np.add.at(votes, (rows, np.where(valid, neighbour_classes, 0).ravel()), weights.ravel())
+    cells = (np.arange(m)[:, None] * n_classes + np.where(valid, neighbour_classes, 0)).ravel()
+    votes = np.bincount(cells, weights=weights.ravel(), minlength=m * n_classes).reshape(m, n_classes)
     total = votes.sum(axis=1, keepdims=True)
     return votes / np.where(total > 0, total, 1.0)
 
@@ -71,6 +79,16 @@ def exact_topk(reference: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
         s, i = torch.mm(q, ref.T).topk(k, dim=1, largest=True, sorted=True)
         sims[start : start + len(q)], idx[start : start + len(q)] = s.numpy(), i.numpy()
     return sims, idx
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    k: int = DEFAULT_K
+    temperature: float = DEFAULT_TEMPERATURE
+    vote: Vote = "weighted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "temperature": self.temperature, "vote": self.vote}
 
 
 class Reference:
@@ -95,26 +113,38 @@ class Reference:
     def engine(self) -> str:
         return "exact" if self.index is None else f"faiss {self.index.meta.get('kind')}"
 
-    def topk(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(sims, class indices) of the k nearest allowed rows; `exclude` masks rows of `data` out
-        (the query's own fold). Class -1 marks a missing neighbour."""
-        allowed = np.ones(len(self.data), bool) if exclude is None else ~exclude
+    def neighbours(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, rows of `data`) of the k nearest rows, best first; `exclude` masks rows of `data` out
+        (the query's own fold). Row -1 marks a missing neighbour."""
         if self.index is None:
-            rows = np.flatnonzero(allowed)
+            if exclude is None:
+                return exact_topk(self.data.vectors, queries, k)
+            rows = np.flatnonzero(~exclude)
             sims, idx = exact_topk(self.data.vectors[rows], queries, k)
-            return sims, self.y[rows[idx]]
-        mask = np.isin(self._row_at, np.flatnonzero(allowed)) if exclude is not None else self._row_at >= 0
-        positions, sims = self.index.search(queries, k, allowed=mask)
-        rows = np.where(positions >= 0, self._row_at[np.maximum(positions, 0)], -1)
-        classes = np.where(rows >= 0, self.y[np.maximum(rows, 0)], -1)
-        return sims, classes
-
-    def neighbours(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sims, rows of `data`) for predictions that show which rows voted."""
-        if self.index is None:
-            return exact_topk(self.data.vectors, queries, k)
-        positions, sims = self.index.search(queries, k, allowed=self._row_at >= 0)
+            return sims, rows[idx]
+        allowed = self._row_at >= 0
+        if exclude is not None:
+            allowed &= ~exclude[np.maximum(self._row_at, 0)]
+        positions, sims = self.index.search(queries, k, allowed=allowed)
         return sims, np.where(positions >= 0, self._row_at[np.maximum(positions, 0)], -1)
+
+    def classes_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.where(rows >= 0, self.y[np.maximum(rows, 0)], -1)
+
+    def probabilities(self, queries: np.ndarray, s: KnnSettings, exclude: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities, sims, rows) for a block of queries."""
+        sims, rows = self.neighbours(queries, s.k, exclude)
+        return vote_probabilities(sims, self.classes_of(rows), len(self.classes), s.temperature, s.vote), sims, rows
+
+    def predict(self, queries: np.ndarray, s: KnnSettings, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Predicted class index per query, in blocks: (queries x classes) votes never exist at once."""
+        out = np.empty(len(queries), dtype=np.int64)
+        for start in range(0, len(queries), _PREDICT_BLOCK):
+            probs, _, _ = self.probabilities(queries[start : start + _PREDICT_BLOCK], s, exclude)
+            out[start : start + len(probs)] = probs.argmax(axis=1)
+        return out
 
 
 def _open_index(coll: Collection, engine: KnnEngine):
@@ -138,16 +168,6 @@ def _check_k(k: int, n: int) -> int:
     return min(k, n)
 
 
-@dataclass(frozen=True)
-class KnnSettings:
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    vote: Vote = "weighted"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "temperature": self.temperature, "vote": self.vote}
-
-
 def knn_eval(collection: Collection | str, label_field: str = "label", *, test: Collection | str | None = None,
              folds: int | None = None, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
              vote: Vote = "weighted", engine: KnnEngine = "auto", out: str | None = None) -> dict[str, Any]:
@@ -160,38 +180,29 @@ def knn_eval(collection: Collection | str, label_field: str = "label", *, test: 
     """
     start = time.perf_counter()
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    if test is not None and folds is not None:
-        raise IndexerError("give --test or --folds, not both")
-    ref = Reference(load_labelled(coll, label_field), _open_index(coll, engine))
+    index = _open_index(coll, engine)
+    data = load_eval_data(coll, label_field, test, folds, train_vectors=index is None)
+    ref = Reference(data.train, index)
     settings = KnnSettings(_check_k(k, len(ref.data)), temperature, vote)
-    if test is not None:
-        test_coll = test if isinstance(test, Collection) else Collection.open(test)
-        coll.check_compatible(test_coll.spec)
-        held = load_labelled(test_coll, label_field)
-        probs = _classify(ref, held.vectors, settings)
-        y_true, n_train, split = list(held.labels), len(ref.data), {"test": str(test_coll.path)}
+    if data.test is not None:
+        predicted = ref.predict(data.test.vectors, settings)
+        y_true, n_train = data.test.labels, len(ref.data)
     else:
-        n_folds = folds or DEFAULT_FOLDS
-        fold = stratified_folds(ref.data.labels, n_folds)
-        probs = np.zeros((len(ref.data), len(ref.classes)))
-        for f in range(n_folds):
+        fold = stratified_folds(ref.data.labels, data.folds)
+        predicted = np.empty(len(ref.data), dtype=np.int64)
+        for f in range(data.folds):
             inside = fold == f
-            probs[inside] = _classify(ref, ref.data.vectors[inside], settings, exclude=inside)
-        y_true, n_train, split = list(ref.data.labels), int(len(ref.data) * (n_folds - 1) / n_folds), {"folds": n_folds}
-    y_pred = [ref.classes[i] for i in probs.argmax(axis=1)]
+            predicted[inside] = ref.predict(ref.data.vectors[inside], settings, exclude=inside)
+        y_true, n_train = ref.data.labels, int(len(ref.data) * (data.folds - 1) / data.folds)
+    y_pred = np.asarray(ref.classes, dtype=object)[predicted]
     result = {**scores(y_true, y_pred, ref.classes), **settings.to_dict(), "n_train": n_train,
               "n_test": len(y_true), "unlabelled": ref.data.unlabelled, "engine": ref.engine,
-              "label_field": label_field, **split, "seconds": round(time.perf_counter() - start, 3)}
+              "label_field": label_field, **data.split(), "seconds": round(time.perf_counter() - start, 3)}
     if out is not None:
         from .plots import write_eval_report
 
         result["files"] = write_eval_report(result, out, "knn", f"k-NN ({vote}, k={settings.k}) on {coll.path.name}")
     return result
-
-
-def _classify(ref: Reference, queries: np.ndarray, s: KnnSettings, exclude: np.ndarray | None = None) -> np.ndarray:
-    sims, classes = ref.topk(queries, s.k, exclude)
-    return vote_probabilities(sims, classes, len(ref.classes), s.temperature, s.vote)
 
 
 def knn_eval_arrays(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, *,
@@ -202,8 +213,7 @@ def knn_eval_arrays(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, 
                            np.array([str(y) for y in train_y], dtype=object), 0)
     ref = Reference(data)
     settings = KnnSettings(_check_k(k, len(data)), temperature, vote)
-    probs = _classify(ref, normalized(test_x), settings)
-    y_pred = [ref.classes[i] for i in probs.argmax(axis=1)]
+    y_pred = np.asarray(ref.classes, dtype=object)[ref.predict(normalized(test_x), settings)]
     return {**scores([str(y) for y in test_y], y_pred, ref.classes), **settings.to_dict(),
             "n_train": len(train_x), "n_test": len(test_x)}
 
@@ -221,24 +231,24 @@ def knn_predict(collection: Collection | str, sources: Sequence[str] | None = No
     'biology'
     """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    ref = Reference(load_labelled(coll, label_field), _open_index(coll, engine))
+    index = _open_index(coll, engine)
+    ref = Reference(load_labelled(coll, label_field, vectors=index is None), index)
+    check_classes(ref.data.labels)
     settings = KnnSettings(_check_k(k, len(ref.data)), temperature, vote)
     ids, queries = embed_new_inputs(coll.spec.to_dict(), sources, items, vectors, device=device,
                                     text_field=text_field, image_field=image_field, id_field=id_field)
     if queries.shape[1] != coll.spec.dim:
         raise IndexerError(f"vectors have {queries.shape[1]} dimensions; {coll.path} has {coll.spec.dim}")
-    queries = normalized(queries)
-    sims, rows = ref.neighbours(queries, settings.k)
-    classes = np.where(rows >= 0, ref.y[np.maximum(rows, 0)], -1)
-    probs = vote_probabilities(sims, classes, len(ref.classes), settings.temperature, settings.vote)
     out = []
-    for n, item_id in enumerate(ids):
-        order = np.argsort(-probs[n], kind="stable")
-        out.append({
-            "id": item_id,
-            "label": ref.classes[order[0]],
-            "probabilities": {ref.classes[c]: round(float(probs[n, c]), 6) for c in order if probs[n, c] > 0},
-            "neighbours": [{"id": ref.data.ids[r], "score": float(s), "label": ref.data.labels[r]}
-                           for r, s in zip(rows[n], sims[n]) if r >= 0],
-        })
+    for start in range(0, len(ids), _PREDICT_BLOCK):
+        probs, sims, rows = ref.probabilities(normalized(queries[start : start + _PREDICT_BLOCK]), settings)
+        for item_id, p, s, r in zip(ids[start : start + _PREDICT_BLOCK], probs, sims, rows):
+            order = np.argsort(-p, kind="stable")
+            out.append({
+                "id": item_id,
+                "label": ref.classes[order[0]],
+                "probabilities": {ref.classes[c]: round(float(p[c]), 6) for c in order if p[c] > 0},
+                "neighbours": [{"id": ref.data.ids[j], "score": float(v), "label": ref.data.labels[j]}
+                               for j, v in zip(r, s) if j >= 0],
+            })
     return out

@@ -16,13 +16,11 @@ import numpy as np
 
 from ..models import DEFAULT_MODELS, load_embedder, resolve_runtime, resolve_spec
 from ..sources import guess_modality
-from .features import check_classes, read_inputs, scores, stratified_folds
+from .features import DEFAULT_FOLDS, check_classes, read_inputs, scores, stratified_folds
 from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, exact_topk, vote_probabilities
 from .probe import fit_probe
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FOLDS = 5
 
 
 def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: str | None = None,
@@ -52,7 +50,8 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
 
     keys = parse_layers(layers, embedder, pooling)
     inputs = read_inputs(sources, embedder.modality, label_field=label_field, text_field=text_field,
-                         image_field=image_field, id_field=id_field, limit=max_items)
+                         image_field=image_field, id_field=id_field, limit=max_items,
+                         min_size=embedder.spec.preprocessing.get("resize"))
     keep = [i for i, y in enumerate(inputs.labels) if y is not None]
     if len(keep) < len(inputs.labels):
         log.warning("%d inputs have no %s: left out", len(inputs.labels) - len(keep), label_field)

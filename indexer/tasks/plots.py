@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+MAX_LABELLED_CLASSES = 50
+
 
 def _pyplot():
     import matplotlib
@@ -23,15 +25,17 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
     plt = _pyplot()
     classes, counts = result["classes"], np.asarray(result["confusion"], dtype=float)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.45 * len(classes) + 2)
+    labelled = len(classes) <= MAX_LABELLED_CLASSES  # past that, names and counts would not be readable
+    size = min(max(4.0, 0.45 * len(classes) + 2), 14.0)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    if labelled:
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if len(classes) <= 30:
+    if len(classes) <= 30:  # counts in the cells
         for i in range(len(classes)):
             for j in range(len(classes)):
                 if counts[i, j]:

@@ -8,7 +8,6 @@ end to end.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -22,12 +21,20 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
-from .features import check_classes, embed_new_inputs, load_labelled, normalized, scores, stratified_folds
+from .features import (
+    check_classes,
+    embed_new_inputs,
+    load_eval_data,
+    load_labelled,
+    normalized,
+    scores,
+    stratified_folds,
+    stratified_holdout,
+)
 
 log = logging.getLogger(__name__)
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
-DEFAULT_FOLDS = 5
 VAL_FRACTION = 0.2
 HEAD_FORMAT = "indexer-probe-head/1"
 
@@ -66,13 +73,15 @@ class ProbeHead:
         path = Path(path)
         meta = {"format": HEAD_FORMAT, "classes": self.classes, "C": self.C, "label_field": self.label_field,
                 "spec": self.spec, "info": self.info}
-        buf = io.BytesIO()
-        np.savez(buf, coef=self.coef, intercept=self.intercept, mean=self.mean, scale=self.scale,
-                 meta=np.array(json.dumps(meta)))
+        from ..index.files import write_atomic
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path
+                np.savez(fh, coef=self.coef, intercept=self.intercept, mean=self.mean, scale=self.scale,
+                         meta=np.array(json.dumps(meta)))
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        write_atomic(path, write)
         return path
 
     @classmethod
@@ -142,18 +151,9 @@ def _logistic(C: float):
 
 def _choose_c(z: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, dict[str, float]]:
     """The C with the best validation accuracy (ties: the stronger regularisation)."""
-    counts = {c: int(np.sum(y == c)) for c in set(y)}
-    if min(counts.values()) < 2:
-        log.info("a class has a single example: no validation split, C=1")
-        return 1.0, {}
-    # Stratified hold-out: VAL_FRACTION of each class, at least one example, never all of it.
-    rng = np.random.default_rng(seed)
-    val = np.zeros(len(y), dtype=bool)
-    for c, n in counts.items():
-        members = np.flatnonzero(y == c)
-        rng.shuffle(members)
-        val[members[: min(n - 1, max(1, round(n * VAL_FRACTION)))]] = True
-    if len(set(y[~val])) < 2:
+    val = stratified_holdout(y, VAL_FRACTION, seed)
+    if not val.any() or len(set(y[~val])) < 2:
+        log.info("too few examples per class for a validation split: C=1")
         return 1.0, {}
     accuracy = {}
     for c in C_GRID:
@@ -183,39 +183,31 @@ def probe_eval(collection: Collection | str, label_field: str = "label", *, test
     0.95
     """
     start = time.perf_counter()
-    coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    if test is not None and folds is not None:
-        raise IndexerError("give --test or --folds, not both")
-    data = load_labelled(coll, label_field)
-    classes = check_classes(data.labels)
+    data = load_eval_data(collection, label_field, test, folds)
+    train, coll = data.train, data.coll
+    classes = check_classes(train.labels)
     head = None
-    if test is not None:
-        test_coll = test if isinstance(test, Collection) else Collection.open(test)
-        coll.check_compatible(test_coll.spec)
-        held = load_labelled(test_coll, label_field)
-        head = fit_probe(data.vectors, data.labels)
-        y_true, y_pred, chosen = list(held.labels), head.predict(held.vectors), [head.C]
-        split = {"test": str(test_coll.path)}
-        n_train = len(data)
+    if data.test is not None:
+        head = fit_probe(train.vectors, train.labels)
+        y_true, y_pred, chosen = data.test.labels, head.predict(data.test.vectors), [head.C]
+        n_train = len(train)
     else:
-        n_folds = folds or DEFAULT_FOLDS
-        fold = stratified_folds(data.labels, n_folds)
-        y_pred_arr = np.empty(len(data), dtype=object)
+        fold = stratified_folds(train.labels, data.folds)
+        y_pred = np.empty(len(train), dtype=object)
         chosen = []
-        for f in range(n_folds):
+        for f in range(data.folds):
             inside = fold == f
-            fold_head = fit_probe(data.vectors[~inside], data.labels[~inside])
-            y_pred_arr[inside] = fold_head.predict(data.vectors[inside])
+            fold_head = fit_probe(train.vectors[~inside], train.labels[~inside])
+            y_pred[inside] = fold_head.predict(train.vectors[inside])
             chosen.append(fold_head.C)
-        y_true, y_pred, split = list(data.labels), list(y_pred_arr), {"folds": n_folds}
-        n_train = int(len(data) * (n_folds - 1) / n_folds)
+        y_true, n_train = train.labels, int(len(train) * (data.folds - 1) / data.folds)
     result = {**scores(y_true, y_pred, classes), "C": chosen, "n_train": n_train, "n_test": len(y_true),
-              "unlabelled": data.unlabelled, "label_field": label_field, **split}
+              "unlabelled": train.unlabelled, "label_field": label_field, **data.split()}
     if save is not None:
-        head = head or fit_probe(data.vectors, data.labels)
+        head = head or fit_probe(train.vectors, train.labels)
         head.label_field, head.spec = label_field, coll.spec.to_dict()
         head.info.update({"collection": str(coll.path), "eval": {k: result[k] for k in ("accuracy", "macro_f1")},
-                          **split})
+                          **data.split()})
         result["saved"] = str(head.save(save))
     result["seconds"] = round(time.perf_counter() - start, 3)
     if out is not None:
