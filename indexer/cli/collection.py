@@ -164,11 +164,11 @@ def _describe_finetuned(ft: dict | None) -> list[str]:
     """The provenance of a model written by `indexer finetune` (the full record is its indexer-model.json)."""
     if not ft:
         return []
-    val = ft.get("validation", {})
+    val = ft.get("evaluation") or ft.get("validation", {})  # (models fine-tuned before test splits: "validation")
     return [f"finetuned    from {ft['base']} (sha256 {ft['base_weights_sha256'][:12]}), top {ft['unfreeze']} of "
             f"{ft['n_blocks']} blocks ({', '.join(ft['unfrozen_blocks']) or 'head only'}), {ft['epochs_run']} epochs",
             f"             on {', '.join(ft['sources'])} ({ft['label_field']}: {len(ft['labels'])} classes); "
-            f"validation k-NN {val.get('finetuned_knn_accuracy', 0):.3f} (base {val.get('base_knn_accuracy', 0):.3f}), "
+            f"{val.get('split', 'validation')} k-NN {val.get('finetuned_knn_accuracy', 0):.3f} (base {val.get('base_knn_accuracy', 0):.3f}), "
             f"probe {val.get('finetuned_probe_accuracy', 0):.3f} (base {val.get('base_probe_accuracy', 0):.3f})"]
 
 

@@ -10,7 +10,6 @@ hash, so a collection built with the base model refuses the fine-tuned one and v
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,17 +18,19 @@ from typing import Any
 import torch
 
 from ..errors import IndexerError
+from ..index.files import write_atomic
 from .base import Embedder, ModelSpec, sha256_files
 from .device import Runtime
 
 MODEL_MANIFEST = "indexer-model.json"
 FORMAT = "indexer-finetuned/1"
 STATE_DICT_FILE = "model.pt"
-_NOT_COPIED = ("README.md", ".gitattributes")  # the base's model card would describe the wrong model
+# The base's model card would describe the wrong model; a fine-tuned base's own record and curve are its own.
+_NOT_COPIED = ("README.md", ".gitattributes", MODEL_MANIFEST, "training-curve.png")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth")
 # What `indexer info` shows of a collection's fine-tuned model (the full record stays in MODEL_DIR).
 _PROVENANCE_KEYS = ("base", "base_weights_sha256", "unfreeze", "unfrozen_blocks", "n_blocks", "sources",
-                    "label_field", "labels", "validation", "epochs_run", "created")
+                    "label_field", "labels", "validation", "evaluation", "epochs_run", "created")
 
 
 def is_model_dir(name: str) -> bool:
@@ -45,6 +46,29 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     if data.get("format") != FORMAT:
         raise IndexerError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT})")
     return data
+
+
+def family(manifest: dict[str, Any]) -> str:
+    """The architecture a model directory is built as: "hf" (transformers), "efficientnet-lite0" or
+    "torchvision" (with `arch`). Recorded by finetune; derived for directories written before it was."""
+    if manifest.get("family"):
+        return manifest["family"]
+    if manifest["kind"] == "transformers":
+        return "hf"
+    return "efficientnet-lite0" if manifest["base"] == "efficientnet-lite0" else "torchvision"
+
+
+def root_family(base: ModelSpec, kind: str) -> dict[str, str | None]:
+    """{"family", "arch"} for a model fine-tuned from `base`: a fine-tuned base passes on its own (its
+    name is its directory), so a model fine-tuned twice is still built as the original architecture."""
+    if base.options.get("finetuned") is not None:
+        manifest = read_manifest(base.name)
+        return {"family": family(manifest), "arch": manifest.get("arch")}
+    if kind == "transformers":
+        return {"family": "hf", "arch": None}
+    if base.name == "efficientnet-lite0":
+        return {"family": "efficientnet-lite0", "arch": None}
+    return {"family": "torchvision", "arch": base.options["arch"]}
 
 
 def weights_files(model_dir: Path, manifest: dict[str, Any]) -> list[Path]:
@@ -71,11 +95,8 @@ def save_backbone(embedder: Embedder, base: ModelSpec, out: Path) -> tuple[str, 
     # A CNN: the base state dict (keeping its classifier) updated with the trained backbone.
     state = _plain_state_dict(torch.load(base.path, map_location="cpu", weights_only=True))
     state.update({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    target = out / STATE_DICT_FILE
-    tmp = target.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
-    return "state_dict", sha256_files([target])
+    written = write_atomic(out / STATE_DICT_FILE, lambda tmp: torch.save(state, tmp))
+    return "state_dict", written["sha256"]  # one file: its sha256 is sha256_files([it])
 
 
 def _plain_state_dict(state: Any) -> dict[str, torch.Tensor]:
@@ -144,8 +165,9 @@ def build_model_dir(spec: ModelSpec, runtime: Runtime) -> Embedder:
     manifest = read_manifest(spec.name)
     if spec.pooling is None and manifest.get("pooling") == "pooler":
         spec = replace(spec, pooling="pooler")  # the one pooling a sentence-transformers config cannot say
-    if manifest["kind"] == "transformers":
+    built_as = family(manifest)
+    if built_as == "hf":
         return registry._build_hf(spec, runtime)
-    if manifest["base"] == "efficientnet-lite0":
+    if built_as == "efficientnet-lite0":
         return registry._build_lite0(spec, runtime)
     return registry._build_torchvision(spec, runtime)
