@@ -26,7 +26,8 @@ from indexer.cli import cli
 from indexer.errors import IndexerError
 from indexer.models import load_embedder
 from indexer.models.blocks import backbone_blocks, unfreeze_top
-from indexer.tasks.finetune import ForwardSize, finetune
+from indexer.models.finetuned import _copy_model_files
+from indexer.tasks.finetune import ForwardSize, finetune, split_rows
 
 from .conftest import write_jsonl
 
@@ -79,6 +80,33 @@ def test_unfreeze_top_freezes_the_rest_and_keeps_frozen_batchnorm_in_eval():
     assert unfreeze_top(model, 0) == [] and not any(p.requires_grad for p in model.parameters())
 
 
+# ---- splits and the run key --------------------------------------------------------------------------------
+
+def test_split_rows_holds_out_a_test_split_only_when_every_class_can_spare_it(caplog):
+    labels = ["a"] * 10 + ["b"] * 5 + ["c"] * 3
+    splits = split_rows(labels, 0.2, 0.2, seed=0)
+    assert splits.evaluated_on == "test" and np.array_equal(splits.evaluation, splits.test)
+    everything = np.concatenate([splits.train, splits.val, splits.test])
+    assert sorted(everything.tolist()) == list(range(18))  # disjoint and complete
+    for rows, per_class in ((splits.test, {"a": 2, "b": 1, "c": 1}), (splits.val, {"a": 2, "b": 1, "c": 1})):
+        assert {c: sum(labels[i] == c for i in rows) for c in "abc"} == per_class
+    with caplog.at_level(logging.WARNING, logger="indexer.tasks.finetune"):
+        fallback = split_rows(["a"] * 10 + ["b"] * 2, 0.2, 0.2, seed=0)  # b cannot give a row to each split
+    assert len(fallback.test) == 0 and fallback.evaluated_on == "validation"
+    assert np.array_equal(fallback.evaluation, fallback.val) and "uses the validation split" in caplog.text
+    assert len(split_rows(labels, 0.2, 0.0, seed=0).test) == 0  # --test-fraction 0: no test split, no warning
+
+
+def test_run_key_ignores_epochs_only(minilm):
+    from indexer.tasks.finetune import Hyper, LabelledSet, _run_key
+
+    data = LabelledSet(["1", "2"], ["x", "y"], ["a", "b"], [])
+    key = _run_key(minilm.spec, data, 1, Hyper(epochs=2), "label")
+    assert key == _run_key(minilm.spec, data, 1, Hyper(epochs=9), "label")  # a resumed run may train longer
+    assert key != _run_key(minilm.spec, data, 1, Hyper(epochs=2, lr=0.01), "label")
+    assert key != _run_key(minilm.spec, data, 2, Hyper(epochs=2), "label")
+
+
 # ---- text: MiniLM ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -115,7 +143,8 @@ def test_minilm_report_manifest_and_accuracy(minilm_run):
     out, report = minilm_run
     assert report["labels"] == list(TOPICS) and report["skipped"] == 2
     assert {s["id"] for s in report["skipped_examples"]} == {"nolabel-1", "nolabel-2"}
-    assert report["n_train"] + report["n_val"] == 24 and report["n_val"] == 6
+    # 8 rows per class: 2 held out for the test split, 1 of the other 6 for validation.
+    assert (report["n_train"], report["n_val"], report["n_test"]) == (15, 3, 6) and report["evaluated_on"] == "test"
     assert len(report["history"]) == report["epochs_run"] and report["precision"] == "fp32"
     base, tuned = report["comparison"]["base"], report["comparison"]["finetuned"]
     # An easy task: the fine-tuned head and backbone do not fall behind the frozen probe.
@@ -124,7 +153,9 @@ def test_minilm_report_manifest_and_accuracy(minilm_run):
     manifest = json.loads((out / "indexer-model.json").read_text())
     assert manifest["base"] == "minilm" and manifest["pooling"] == "mean" and manifest["unfreeze"] == 1
     assert manifest["hyperparameters"]["lr"] == 3e-3 and manifest["hyperparameters"]["backbone_lr"] == pytest.approx(3e-4)
-    assert manifest["validation"]["finetuned_head_accuracy"] == tuned["head_accuracy"]
+    assert manifest["evaluation"]["finetuned_head_accuracy"] == tuned["head_accuracy"]
+    assert manifest["evaluation"]["split"] == "test" and manifest["evaluation"]["n"] == 6
+    assert manifest["family"] == "hf" and manifest["hyperparameters"]["test_fraction"] == 0.2
     assert len(manifest["weights_sha256"]) == 64 and manifest["weights_sha256"] != manifest["base_weights_sha256"]
 
 
@@ -163,8 +194,29 @@ def test_head_only_trains_on_features_computed_once(topic_texts, tmp_path, minil
     assert report.comparison["finetuned"]["head_accuracy"] >= report.comparison["base"]["probe_accuracy"]
     base = load_file(Path(minilm.spec.path) / "model.safetensors")
     assert not _changed(base, load_file(tmp_path / "head" / "model.safetensors"))
-    head = torch.load(tmp_path / "head" / "head.pt", weights_only=True)
-    assert head["classes"] == list(TOPICS) and head["state_dict"]["weight"].shape == (3, 384)
+    assert sorted(p.name for p in (tmp_path / "head").iterdir() if p.suffix in (".pt", ".pth")) == []
+
+
+def test_a_finetuned_text_model_is_a_base_and_a_model_for_layers(minilm_run, topic_texts, tmp_path):
+    first, _ = minilm_run
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    _copy_model_files(first, copied)  # what a fine-tune of it takes along: tokenizer and configs, not the record
+    assert (copied / "tokenizer.json").exists() and (copied / "modules.json").exists()
+    assert not (copied / "indexer-model.json").exists() and not (copied / "training-curve.png").exists()
+
+    out = tmp_path / "twice"
+    report = finetune([str(topic_texts)], "label", model=str(first), unfreeze=0, out=out, epochs=1, batch_size=8,
+                      device="cpu", progress=False)
+    manifest = json.loads((out / "indexer-model.json").read_text())
+    assert manifest["family"] == "hf" and manifest["base"] == str(first.resolve()) == report.base_model
+    assert manifest["base_weights_sha256"] == json.loads((first / "indexer-model.json").read_text())["weights_sha256"]
+    assert load_embedder(str(out)).embed(["a test"]).shape == (1, 384)
+
+    swept = run("layers", topic_texts, "--model", first, "--layers", "6", "--pooling", "mean", "--folds", 2, "--json")
+    assert swept.exit_code == 0, swept.output
+    rows = json.loads(swept.stdout)["rows"]
+    assert len(rows) == 1 and rows[0]["knn_accuracy"] > 0.5
 
 
 def test_finished_model_dir_is_not_overwritten(minilm_run, topic_texts):
@@ -218,7 +270,8 @@ def test_lite0_only_unfrozen_blocks_change_and_frozen_bn_stats_stay(lite0_run, l
 
 def test_finetuned_cnn_loads_back_and_ingests(lite0_run, photo_variants, tmp_path):
     out, report = lite0_run
-    assert report.n_train + report.n_val == 16 and report.comparison["base"]["knn_accuracy"] > 0.5
+    assert (report.n_train, report.n_val, report.n_test) == (8, 4, 4)  # 4 per class: 1 test, 1 validation
+    assert report.comparison["base"]["knn_accuracy"] > 0.5
     coll = tmp_path / "img.idx"
     result = run("ingest", coll, photo_variants, "--model", out, "--json", "-q")
     assert result.exit_code == 0 and json.loads(result.stdout)["added"] == 16
@@ -226,6 +279,21 @@ def test_finetuned_cnn_loads_back_and_ingests(lite0_run, photo_variants, tmp_pat
     assert data["model"]["dim"] == 1280 and data["model"]["options"]["finetuned"]["base"] == "efficientnet-lite0"
     hits = json.loads(run("search", coll, "--image", photo_variants.parent / "cat-flip.png", "-k", 1, "--json").stdout)
     assert hits[0]["id"].startswith("photos.jsonl") and hits[0]["label"] == "cat"
+
+
+def test_a_finetuned_cnn_finetunes_again_and_ingests(lite0_run, photo_variants, tmp_path):
+    """The base of this run is itself a model directory: its architecture (EfficientNet-Lite0) is inherited."""
+    first, _ = lite0_run
+    out = tmp_path / "twice"
+    report = finetune([str(photo_variants)], "label", model=str(first), unfreeze=1, out=out, epochs=1, batch_size=8,
+                      device="cpu", progress=False)
+    assert report.unfrozen_blocks == ["_conv_head+_bn1"]
+    manifest = json.loads((out / "indexer-model.json").read_text())
+    assert manifest["family"] == "efficientnet-lite0" and manifest["arch"] is None
+    assert manifest["base"] == str(first.resolve())
+    result = run("ingest", tmp_path / "twice.idx", photo_variants, "--model", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["added"] == 16
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
@@ -249,6 +317,20 @@ def test_unfreeze_beyond_the_blocks_and_unidentifiable_models(tmp_path, tiny_ber
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": w, "label": w[0]} for w in ("cat", "car", "dog", "day")])
     with pytest.raises(IndexerError, match="--unfreeze 4: .* has 3 blocks \\(encoder.layer.0 ... encoder.layer.2\\)"):
         finetune([str(src)], "label", model=f"hf:{tiny_bert_dir}", pooling="mean", unfreeze=4, out=tmp_path / "m")
+    result = run("finetune", src, "--label-field", "label", "--model", f"hf:{tiny_bert_dir}", "--pooling", "mean",
+                 "--unfreeze", 4, "--out", tmp_path / "m")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert "--unfreeze 4:" in result.output and "has 3 blocks" in result.output and "use at most 3" in result.output
+
+
+def test_cli_refuses_a_model_whose_blocks_cannot_be_identified(photo_variants, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "googlenet.pth"  # Inception modules: no stages, layer stack or `features` to count
+    torch.save(torchvision.models.googlenet(weights=None, init_weights=False).state_dict(), weights)
+    result = run("finetune", photo_variants, "--label-field", "label", "--model", "googlenet", "--weights", weights,
+                 "--unfreeze", 1, "--out", tmp_path / "m", "--device", "cpu")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert "cannot identify the blocks of GoogLeNet" in result.output and "inception5b" in result.output
 
 
 # ---- out of memory --------------------------------------------------------------------------------------
@@ -302,8 +384,9 @@ def test_accumulated_step_equals_one_full_step(tiny_bert_dir):
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     out = tmp_path / "resume-ft"
-    args = [sample_corpus["texts"], "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--out", out,
-            "--epochs", 3, "--batch-size", 4, "--patience", 3, "--device", "cpu", "-q"]
+    common = [sample_corpus["texts"], "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--epochs", 3,
+              "--batch-size", 4, "--patience", 3, "--device", "cpu", "-q"]
+    args = [*common, "--out", out]
     proc = subprocess.Popen([*INDEXER, "finetune", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     state = out / "checkpoint" / "state.json"
@@ -326,6 +409,13 @@ def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     assert load_embedder(str(out)).embed(["a test"]).shape == (1, 384)
     assert np.isfinite([h["val_loss"] for h in report["history"]]).all()
 
+    # The same run without the kill ends with the same weights: optimiser, schedule and RNG states all resumed.
+    straight = run("finetune", *common, "--out", tmp_path / "straight-ft", "--json")
+    assert straight.exit_code == 0, straight.output
+    assert json.loads(straight.stdout)["history"][-1]["val_loss"] == pytest.approx(report["history"][-1]["val_loss"])
+    resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "straight-ft" / "model.safetensors")
+    assert _changed(uninterrupted, resumed) == set()
+
 
 # ---- other families: a torchvision ResNet (state dict + arch) and an HF vision transformer --------------------
 
@@ -338,7 +428,9 @@ def test_other_families_write_loadable_model_dirs(family, photo_variants, resnet
     out = tmp_path / f"{family}-ft"
     report = finetune([str(src)], "label", model=model, weights=weights, unfreeze=1, out=out, epochs=1,
                       batch_size=8, device="cpu", progress=False)
-    assert report.unfrozen_blocks == (["layer4"] if family == "resnet18" else [report.unfrozen_blocks[0]])
+    assert report.unfrozen_blocks == (["layer4"] if family == "resnet18" else ["layers.1+layernorm"])  # (transformers 5: ViTModel.layers)
+    # Two examples per class: no test split; the comparison says it is on the validation split.
+    assert report.n_test == 0 and report.evaluated_on == "validation" and "NO separate test split" in report.summary()
     emb = load_embedder(str(out))
     manifest = json.loads((out / "indexer-model.json").read_text())
     assert emb.spec.options["finetuned"]["base"] == model and emb.spec.weights_sha256 == manifest["weights_sha256"]
@@ -348,4 +440,4 @@ def test_other_families_write_loadable_model_dirs(family, photo_variants, resnet
     if family == "resnet18":
         assert emb.spec.options["arch"] == "resnet18" and (out / "model.pt").exists()
     else:
-        assert report.unfrozen_blocks[0].endswith("+layernorm") and (out / "preprocessor_config.json").exists()
+        assert (out / "preprocessor_config.json").exists()

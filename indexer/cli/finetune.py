@@ -25,8 +25,11 @@ from .base import cli, output_options, print_json
               help="Head learning rate (AdamW); the backbone trains at a tenth of it.")
 @click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), help="Override the backbone's rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of each class held out of training and early stopping, for the before/after table "
+              "(none when a class has fewer than 3 examples: the table then uses the validation split).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Held-out share of each class (early stopping, before/after table).")
+              show_default=True, help="Share of each class, after the test rows, that drives early stopping.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many epochs without a better validation accuracy.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -22,10 +22,11 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IndexerError
+from ..index.files import write_atomic
 from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec
 from ..models.blocks import Block, backbone_blocks, unfreeze_top
-from ..models.finetuned import FORMAT, MODEL_MANIFEST, save_backbone
-from ..sources import Record, SkippedInput, SourceOptions, check_sources, guess_modality, iter_records
+from ..models.finetuned import FORMAT, MODEL_MANIFEST, root_family, save_backbone
+from ..sources import Record, SkippedInput, guess_modality
 from ..sources.images import ImageDecodeError, decode_image
 from ..store.manifest import now_iso, package_versions, write_json_atomic
-from .features import FOLDER_LABEL
+from .features import check_classes, read_inputs, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ DEFAULT_LR = 1e-3  # the head's; the backbone trains at BACKBONE_LR_RATIO of it 
 BACKBONE_LR_RATIO = 0.1
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_PATIENCE = 3  # epochs without a better validation score before stopping
+DEFAULT_VAL_FRACTION = 0.2  # of the rows left after the test split: early stopping
+DEFAULT_TEST_FRACTION = 0.2  # held out of training and early stopping: the before/after comparison
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
 CHECKPOINT = "checkpoint"
@@ -70,17 +74,11 @@ def read_labelled(sources: Sequence[str], modality: str, label_field: str, *, te
                   image_field: str = "image", id_field: str | None = None) -> LabelledSet:
     """Every labelled input of the sources. Rows without a label are skipped and reported (a model
     cannot learn from them, and one bad row should not cost a run), as are unreadable inputs."""
-    check_sources(list(sources), modality)
-    by_folder = label_field == FOLDER_LABEL
-    opts = SourceOptions(modality=modality, text_field=text_field, image_field=image_field, id_field=id_field,
-                         label_field=None if by_folder else label_field)
-    out = LabelledSet([], [], [], [])
-    for rec in iter_records(list(sources), opts):
-        if isinstance(rec, SkippedInput):
-            out.skipped.append(rec)
-            continue
-        label = (Path(rec.id).parent.name or None) if by_folder else rec.label
-        if label is None:
+    inputs = read_inputs(sources, modality, label_field=label_field, text_field=text_field, image_field=image_field,
+                         id_field=id_field, records=True)  # images stay undecoded until their batch
+    out = LabelledSet([], [], [], inputs.skipped)
+    for rec, label in zip(inputs.items, inputs.labels):
+        if not label:
             out.skipped.append(SkippedInput(rec.source, f"no label in field {label_field!r}", rec.id))
             continue
         out.ids.append(rec.id)
@@ -95,13 +93,8 @@ def read_labelled(sources: Sequence[str], modality: str, label_field: str, *, te
 def check_labels(labels: Sequence[str]) -> list[str]:
     """The sorted classes; fine-tuning needs two classes and two examples of each (one to train on,
     one to validate on)."""
-    counts: dict[str, int] = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
-    classes = sorted(counts)
-    if len(classes) < 2:
-        raise IndexerError(f"the labelled data has {len(classes)} class ({', '.join(classes)}): "
-                           "fine-tuning a classifier needs at least two")
+    classes = check_classes(labels, "labelled data")
+    counts = Counter(labels)
     single = [c for c in classes if counts[c] < 2]
     if single:
         shown = ", ".join(repr(c) for c in single[:10]) + (" ..." if len(single) > 10 else "")
@@ -110,20 +103,39 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     return classes
 
 
-def stratified_split(labels: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices; every class gets at least one of each."""
-    if not 0 < val_fraction < 1:
-        raise IndexerError("--val-fraction must be between 0 and 1")
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class Splits:
+    """Row indices: `train` fits the head and blocks, `val` drives early stopping, `test` (empty when
+    a class has too few examples) is held out of both and scores the before/after comparison."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @property
+    def evaluated_on(self) -> Literal["test", "validation"]:
+        return "test" if len(self.test) else "validation"
+
+    @property
+    def evaluation(self) -> np.ndarray:
+        return self.test if len(self.test) else self.val
+
+
+def split_rows(labels: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """A stratified test split (when every class keeps two rows besides it), then a stratified
+    validation split of the rest; every class has at least one training and one validation row."""
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1:
+        raise IndexerError("--val-fraction must be between 0 and 1, --test-fraction from 0 to below 1")
     y = np.asarray(labels, dtype=object)
-    train, val = [], []
-    for cls in sorted(set(labels)):
-        members = np.flatnonzero(y == cls)
-        rng.shuffle(members)
-        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
-    return np.sort(np.array(train)), np.sort(np.array(val))
+    test = stratified_holdout(y, test_fraction, seed) if test_fraction > 0 else np.zeros(len(y), dtype=bool)
+    if test.any() and min(Counter(y[~test]).values()) < 2:
+        log.warning("a class has too few examples for a separate test split (it needs 3+): the before/after "
+                    "comparison uses the validation split, which also chose the best epoch (optimistic)")
+        test[:] = False
+    rest = np.flatnonzero(~test)
+    val = np.zeros(len(y), dtype=bool)
+    val[rest[stratified_holdout(y[rest], val_fraction, seed + 1)]] = True
+    return Splits(np.flatnonzero(~(test | val)), np.flatnonzero(val), np.flatnonzero(test))
 
 
 # ---- batches ------------------------------------------------------------------------------------------
@@ -131,7 +143,7 @@ def stratified_split(labels: Sequence[str], val_fraction: float, seed: int) -> t
 class _Images(torch.utils.data.Dataset):
     """Image records decoded and transformed exactly as ingest does; failures come back as messages."""
 
-    def __init__(self, records: list[Record], transform: Callable, min_size: int | None):
+    def __init__(self, records: list[Record], transform: Callable[[Any], torch.Tensor], min_size: int | None):
         self.records, self.transform, self.min_size = records, transform, min_size
 
     def __len__(self) -> int:
@@ -151,6 +163,10 @@ def _collate(items: list[tuple[int, torch.Tensor | str]]) -> tuple[list[int], to
     return [i for i, _ in good], pixels, failed
 
 
+# Row lists in, (rows, model inputs) out: the Batches themselves, or (head only) cached features.
+BatchSource = Callable[[list[list[int]]], Iterator[tuple[list[int], Any]]]
+
+
 class Batches:
     """Batches of model inputs (text strings or image tensors) over chosen rows of a labelled set."""
 
@@ -159,8 +175,8 @@ class Batches:
         self.text = embedder.modality == "text"
         self.failed: dict[int, str] = {}
         if not self.text:
-            crop = embedder.spec.preprocessing.get("resize")
-            self.images = _Images(data.items, embedder.preprocess_fn(), crop)
+            resize = embedder.spec.preprocessing.get("resize")  # JPEG draft decoding down to it, as ingest does
+            self.images = _Images(data.items, embedder.preprocess_fn(), resize)
             small = len(data.items) < SMALL_IMAGE_SET
             self.workers = workers if workers is not None else 0 if small else min(4, os.cpu_count() or 1)
 
@@ -182,10 +198,6 @@ class Batches:
         if self.text:
             rows.sort(key=lambda i: len(self.data.items[i]))
         return [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
-
-
-def _part(inputs: Any, sl: slice) -> Any:
-    return inputs[sl]
 
 
 class ForwardSize:
@@ -222,7 +234,8 @@ class Hyper:
     batch_size: int = DEFAULT_BATCH_SIZE
     weight_decay: float = WEIGHT_DECAY
     patience: int = DEFAULT_PATIENCE
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
 
 
@@ -274,15 +287,17 @@ class Trainer:
 
     def logits(self, inputs: Any) -> torch.Tensor:
         """Inputs for the model, or (head only) its features computed once before training."""
-        feats = inputs if self.frozen_features else self.embedder.forward_features(inputs).float()
-        return self.head(F.normalize(feats, dim=-1) * self.scale)
+        return self.head_logits(inputs if self.frozen_features else self.embedder.forward_features(inputs))
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(F.normalize(features.float(), dim=-1) * self.scale)
 
     def step(self, inputs: Any, targets: torch.Tensor) -> float:
         n = len(targets)
 
         def part(sl: slice) -> float:
             with self.embedder.runtime.autocast():
-                logits = self.logits(_part(inputs, sl))
+                logits = self.logits(inputs[sl])
             loss = F.cross_entropy(logits.float(), targets[sl], reduction="sum") / n
             self.scaler.scale(loss).backward()
             return float(loss.detach())
@@ -303,7 +318,7 @@ class Trainer:
 
             def part(sl: slice, inputs=inputs) -> torch.Tensor:
                 with self.embedder.runtime.autocast():
-                    return self.logits(_part(inputs, sl)).float()
+                    return self.logits(inputs[sl]).float()
 
             logits = torch.cat(self.forward_size.run(len(idx), part))
             total += float(F.cross_entropy(logits, targets, reduction="sum"))
@@ -330,7 +345,7 @@ def embed_rows(embedder: Embedder, batches: Batches, rows: np.ndarray, forward: 
     embedder.model.eval()
     done, feats = [], []
     for idx, inputs in batches(batches.in_order(rows, batch_size)):
-        parts = forward.run(len(idx), lambda sl, inputs=inputs: embedder.embed_batch(_part(inputs, sl)))
+        parts = forward.run(len(idx), lambda sl, inputs=inputs: embedder.embed_batch(inputs[sl]))
         done.extend(idx)
         feats.append(np.concatenate(parts))
     order = np.argsort(done, kind="stable")
@@ -338,7 +353,7 @@ def embed_rows(embedder: Embedder, batches: Batches, rows: np.ndarray, forward: 
     return np.asarray(done, dtype=np.int64)[order], (np.concatenate(feats) if feats else np.zeros((0, dim)))[order]
 
 
-def _epoch(trainer: Trainer, epoch: int, epochs: int, batches_of: Callable, train_batches: list[list[int]],
+def _epoch(trainer: Trainer, epoch: int, epochs: int, batches_of: BatchSource, train_batches: list[list[int]],
            val_batches: list[list[int]], y: np.ndarray, progress: bool) -> dict[str, float]:
     """One pass over the training rows, then the validation score; a progress bar on stderr."""
     from tqdm import tqdm
@@ -366,9 +381,10 @@ def _epoch(trainer: Trainer, epoch: int, epochs: int, batches_of: Callable, trai
 
 def _save_checkpoint(path: Path, trainer: Trainer, state: dict[str, Any], epochs: int) -> None:
     """Everything the next epoch needs, written atomically; state.json beside it for people."""
-    _save_atomic({**state, "trainable": trainer.trainable_state(), "optimizer": trainer.optimizer.state_dict(),
-                  "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-                  "rng": _rng_state(), "forward_batch": trainer.forward_size.size}, path)
+    full = {**state, "trainable": trainer.trainable_state(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": _rng_state(),
+            "forward_batch": trainer.forward_size.size}
+    write_atomic(path, lambda tmp: torch.save(full, tmp))
     write_json_atomic(path.parent / "state.json", {"epoch": state["epoch"], "epochs": epochs,
                                                    "history": state["history"], "best_epoch": state["best"]["epoch"]})
 
@@ -377,7 +393,7 @@ def _load_checkpoint(path: Path, key: str, trainer: Trainer, fresh: dict[str, An
     saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
     if saved.get("key") != key:
         raise IndexerError(f"{path.parent.parent} holds a checkpoint of a different run (other data, model or "
-                           "settings): rerun the original command, or choose another --out")
+                           "settings; only --epochs may change): rerun the original command, or choose another --out")
     trainer.load_trainable_state(saved["trainable"])
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
@@ -402,12 +418,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _run_key(base: ModelSpec, data: LabelledSet, unfreeze: int, hyper: Hyper, label_field: str) -> str:
+    """What must match for a checkpoint to be continued: the base weights, the data and the settings.
+    Not the number of epochs: a run resumed with a larger --epochs trains on (its cosine schedule
+    stretched to the new total)."""
+    settings = {k: v for k, v in asdict(hyper).items() if k != "epochs"}
+    digest = hashlib.sha256(json.dumps([base.weights_sha256, base.name, base.layer, base.pooling, unfreeze,
+                                        settings, label_field]).encode())
+    for rid, label in zip(data.ids, data.labels):
+        digest.update(f"{rid}\0{label}\n".encode())
+    return digest.hexdigest()
 
 
 # ---- the report ---------------------------------------------------------------------------------------
@@ -422,6 +442,8 @@ class FinetuneReport:
     labels: list[str]
     n_train: int
     n_val: int
+    n_test: int  # 0: too few examples per class for a test split; the comparison is on the validation split
+    evaluated_on: Literal["test", "validation"]  # the split the comparison is scored on
     skipped: int
     epochs_run: int
     best_epoch: int
@@ -429,7 +451,7 @@ class FinetuneReport:
     resumed_from_epoch: int | None
     history: list[dict[str, float]]
     seconds_per_epoch: float
-    comparison: dict[str, dict[str, float]]  # {"base": {...}, "finetuned": {...}} on the validation split
+    comparison: dict[str, dict[str, float]]  # {"base": {...}, "finetuned": {...}} on the `evaluated_on` split
     device: str
     precision: str
     forward_batch_size: int
@@ -442,7 +464,7 @@ class FinetuneReport:
         return asdict(self)
 
     def table(self) -> str:
-        """Before vs after on the validation split, one row per backbone."""
+        """Before vs after on the evaluation split, one row per backbone."""
         head = f"{'backbone':<12}{'k-NN acc':>10}{'k-NN F1':>10}{'probe acc':>11}{'probe F1':>10}{'head acc':>10}"
         lines = [head]
         for name, row in self.comparison.items():
@@ -456,29 +478,35 @@ class FinetuneReport:
         blocks = ", ".join(self.unfrozen_blocks) or "none (head only)"
         stop = " (early stop)" if self.stopped_early else ""
         resumed = f", resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
+        if self.evaluated_on == "test":
+            where = f"test split ({self.n_test} rows held out of training and early stopping):"
+        else:
+            where = ("validation split (NO separate test split: a class has fewer than 3 examples; these rows also "
+                     "chose the best epoch, so the fine-tuned row is optimistic):")
         return (f"{self.out}: fine-tuned {self.base_model}, top {self.unfreeze} of {self.n_blocks} blocks "
-                f"unfrozen ({blocks}); {len(self.labels)} classes, {self.n_train} train / {self.n_val} validation, "
-                f"{self.skipped} skipped; {self.epochs_run} epochs{stop}{resumed}, best epoch {self.best_epoch}, "
-                f"{self.seconds_per_epoch:.1f}s/epoch on {self.device} ({self.precision})\n"
-                f"validation split (the held-out rows early stopping watched):\n{self.table()}")
+                f"unfrozen ({blocks}); {len(self.labels)} classes, {self.n_train} train / {self.n_val} validation / "
+                f"{self.n_test} test, {self.skipped} skipped; {self.epochs_run} epochs{stop}{resumed}, best epoch "
+                f"{self.best_epoch}, {self.seconds_per_epoch:.1f}s/epoch on {self.device} ({self.precision})\n"
+                f"{where}\n{self.table()}")
 
 
-def _compare(train: tuple[np.ndarray, list[str]], val: tuple[np.ndarray, list[str]]) -> dict[str, float]:
+def _compare(features: np.ndarray, labels: list[str], train: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """k-NN and linear-probe scores of `features`: fitted on the `train` rows, scored on the `test` rows."""
     from .knn import knn_eval_arrays
     from .probe import probe_eval_arrays
 
-    knn = knn_eval_arrays(train[0], train[1], val[0], val[1])
-    probe = probe_eval_arrays(train[0], train[1], val[0], val[1])
+    fit_y, test_y = [labels[i] for i in train], [labels[i] for i in test]
+    knn = knn_eval_arrays(features[train], fit_y, features[test], test_y)
+    probe = probe_eval_arrays(features[train], fit_y, features[test], test_y)
     return {"knn_accuracy": knn["accuracy"], "knn_macro_f1": knn["macro_f1"], "probe_accuracy": probe["accuracy"],
             "probe_macro_f1": probe["macro_f1"]}
 
 
 def _plot_curve(history: list[dict[str, float]], path: Path, title: str) -> str | None:
-    try:
-        import matplotlib
+    from .plots import _pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        plt = _pyplot()
     except ImportError:  # the PNG is a convenience; the numbers are in the manifest
         log.warning("matplotlib is not installed: no training-curve PNG")
         return None
@@ -515,97 +543,125 @@ def _check_out(out: Path) -> None:
         raise IndexerError(f"--out {out} exists and is not empty: give a new directory")
 
 
-def _run_key(base: ModelSpec, data: LabelledSet, unfreeze: int, hyper: Hyper, label_field: str) -> str:
-    """What must match for a checkpoint to be continued: the base weights, the data and the settings."""
-    digest = hashlib.sha256(json.dumps([base.weights_sha256, base.name, base.layer, base.pooling, unfreeze,
-                                        asdict(hyper), label_field]).encode())
-    for rid, label in zip(data.ids, data.labels):
-        digest.update(f"{rid}\0{label}\n".encode())
-    return digest.hexdigest()
+@dataclass
+class _Run:
+    """Everything a training run works with, built once by `_prepare`."""
+
+    sources: list[str]
+    label_field: str
+    out: Path
+    base: ModelSpec
+    embedder: Embedder
+    unfreeze: int
+    blocks: list[Block]
+    n_blocks: int
+    hyper: Hyper
+    data: LabelledSet
+    batches: Batches
+    classes: list[str]
+    y: np.ndarray  # class number per row of `data`
+    splits: Splits
+    before: np.ndarray  # the frozen base's L2-normalised features, row i = row i of `data`
+    trainer: Trainer
+
+    def batches_of(self) -> BatchSource:
+        """The training inputs: the model's own batches, or (head only) the frozen features computed once."""
+        if not self.trainer.frozen_features:
+            return self.batches
+        features = torch.from_numpy(self.before).to(self.embedder.runtime.device)
+        return lambda lists: ((idx, features[idx]) for idx in lists)
 
 
 def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.PathLike, model: str | None = None,
              weights: str | None = None, unfreeze: int = 1, pooling: str | None = None,
              epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, backbone_lr: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, val_fraction: float = 0.2, patience: int = DEFAULT_PATIENCE,
-             seed: int = 0, device: str = "auto", text_field: str = "text", image_field: str = "image",
-             id_field: str | None = None, workers: int | None = None, progress: bool = True) -> FinetuneReport:
+             batch_size: int = DEFAULT_BATCH_SIZE, val_fraction: float = DEFAULT_VAL_FRACTION,
+             test_fraction: float = DEFAULT_TEST_FRACTION, patience: int = DEFAULT_PATIENCE, seed: int = 0,
+             device: str = "auto", text_field: str = "text", image_field: str = "image", id_field: str | None = None,
+             workers: int | None = None, progress: bool = True) -> FinetuneReport:
     """Fine-tune the top `unfreeze` blocks of `model` plus a linear head on the labelled `sources`,
-    keep the epoch with the best validation accuracy, and write `out` as a model directory
-    (`indexer ingest COLL SOURCE --model OUT`). A killed run continues from its last epoch when the
-    same call is made again."""
+    keep the epoch with the best validation accuracy, write `out` as a model directory
+    (`indexer ingest COLL SOURCE --model OUT`), and score base vs fine-tuned on a held-out test split.
+    A killed run continues from its last epoch when the same call is made again."""
     started = time.perf_counter()
-    sources = [sources] if isinstance(sources, str) else list(sources)
     if epochs < 1 or batch_size < 1 or patience < 1:
         raise IndexerError("--epochs, --batch-size and --patience must be at least 1")
+    hyper = Hyper(epochs, lr, lr * BACKBONE_LR_RATIO if backbone_lr is None else backbone_lr, batch_size,
+                  WEIGHT_DECAY, patience, val_fraction, test_fraction, seed)
+    run = _prepare([sources] if isinstance(sources, str) else list(sources), label_field, Path(out).expanduser(),
+                   model, weights, pooling, unfreeze, hyper, device, workers,
+                   {"text_field": text_field, "image_field": image_field, "id_field": id_field})
+    state, resumed_from = _train(run, progress)
+    report = _finalize(run, state, resumed_from)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _prepare(sources: list[str], label_field: str, out_dir: Path, model: str | None, weights: str | None,
+             pooling: str | None, unfreeze: int, hyper: Hyper, device: str, workers: int | None,
+             fields: dict[str, str | None]) -> _Run:
+    """Read and check the data, load the model and unfreeze its top blocks, embed every row with the
+    frozen base (the "before" features, and the pass that finds undecodable images), split the rows."""
     if model is None:
         model = DEFAULT_MODELS[guess_modality(sources)]
         log.info("no --model given: using %s", model)
     base = resolve_spec(model, weights=weights, pooling=pooling)
-    data = read_labelled(sources, base.modality, label_field, text_field=text_field, image_field=image_field,
-                         id_field=id_field)
+    data = read_labelled(sources, base.modality, label_field, **fields)
     check_labels(data.labels)  # before loading the model: a one-class file fails at once
-    out_dir = Path(out).expanduser()
     _check_out(out_dir)
     runtime = resolve_runtime(device, _mixed_precision(device))
     embedder = load_embedder(base, runtime)
     base = embedder.spec
     n_blocks = len(backbone_blocks(embedder.model, pooling=base.pooling))
     blocks = unfreeze_top(embedder.model, unfreeze, pooling=base.pooling, name=base.name)
-    hyper = Hyper(epochs, lr, lr * BACKBONE_LR_RATIO if backbone_lr is None else backbone_lr, batch_size,
-                  WEIGHT_DECAY, patience, val_fraction, seed)
     batches = Batches(data, embedder, workers)
-    forward = ForwardSize(batch_size)
-
-    # The frozen base's features: the "before" column, and the pass that finds undecodable images.
-    rows, before = embed_rows(embedder, batches, np.arange(len(data.ids)), forward, batch_size)
+    forward = ForwardSize(hyper.batch_size)
+    rows, before = embed_rows(embedder, batches, np.arange(len(data.ids)), forward, hyper.batch_size)
     for i, reason in sorted(batches.failed.items()):
         data.skipped.append(SkippedInput(data.items[i].source, reason, data.ids[i]))
     data = LabelledSet([data.ids[i] for i in rows], [data.items[i] for i in rows], [data.labels[i] for i in rows],
                        data.skipped)
-    batches = Batches(data, embedder, workers)
-    classes = check_labels(data.labels)
-    class_of = {c: n for n, c in enumerate(classes)}
-    y = np.array([class_of[label] for label in data.labels], dtype=np.int64)
-    train_rows, val_rows = stratified_split(data.labels, val_fraction, seed)
     for s in data.skipped:
         log.debug("skipped %s: %s", s.id or s.source, s.reason)
     if data.skipped:
         log.warning("%d inputs skipped (no label or unreadable); first: %s: %s", len(data.skipped),
                     data.skipped[0].id or data.skipped[0].source, data.skipped[0].reason)
+    classes = check_labels(data.labels)
+    class_of = {c: n for n, c in enumerate(classes)}
+    splits = split_rows(data.labels, hyper.val_fraction, hyper.test_fraction, hyper.seed)
+    trainer = Trainer(embedder, blocks, len(classes), hyper,
+                      steps=math.ceil(len(splits.train) / hyper.batch_size) * hyper.epochs)
+    trainer.forward_size = forward
+    return _Run(sources, label_field, out_dir, base, embedder, unfreeze, blocks, n_blocks, hyper, data,
+                Batches(data, embedder, workers), classes,
+                np.array([class_of[label] for label in data.labels], dtype=np.int64), splits, before, trainer)
 
-    key = _run_key(base, data, unfreeze, hyper, label_field)
-    ckpt_dir = out_dir / CHECKPOINT
+
+def _train(run: _Run, progress: bool) -> tuple[dict[str, Any], int | None]:
+    """Epochs until --epochs or early stopping, a checkpoint after each; continues a killed run's
+    checkpoint. Returns the final state (history, best epoch and its weights) and the resumed epoch."""
+    hyper, trainer = run.hyper, run.trainer
+    key = _run_key(run.base, run.data, run.unfreeze, hyper, run.label_field)
+    ckpt_dir = run.out / CHECKPOINT
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_file = ckpt_dir / "state.pt"
-    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
-    trainer = Trainer(embedder, blocks, len(classes), hyper, steps_per_epoch * epochs)
-    trainer.forward_size = forward
-    labels_of = [data.labels[i] for i in train_rows], [data.labels[i] for i in val_rows]
-    if trainer.frozen_features:
-        features = torch.from_numpy(before).to(runtime.device)  # row i of `before` is row i of `data`
-
-        def batches_of(lists: list[list[int]]) -> Iterator[tuple[list[int], Any]]:
-            return ((idx, features[idx]) for idx in lists)
-    else:
-        batches_of = batches
     state: dict[str, Any] = {"key": key, "epoch": 0, "history": [], "best": None, "best_state": None,
-                             "bad_epochs": 0, "finished": False,
-                             "before": _compare((before[train_rows], labels_of[0]), (before[val_rows], labels_of[1]))}
+                             "bad_epochs": 0}
     resumed_from = None
     if ckpt_file.exists():
         state = _load_checkpoint(ckpt_file, key, trainer, state)
         resumed_from = state["epoch"]
-        log.info("resuming %s after epoch %d of %d", out_dir, state["epoch"], epochs)
-
-    while not state["finished"] and state["epoch"] < epochs:
+        log.info("resuming %s after epoch %d of %d", run.out, state["epoch"], hyper.epochs)
+    batches_of = run.batches_of()
+    val_batches = run.batches.in_order(run.splits.val, trainer.forward_size.size)
+    while state["bad_epochs"] < hyper.patience and state["epoch"] < hyper.epochs:
         epoch = state["epoch"] + 1
-        order = np.random.default_rng([seed, epoch]).permutation(train_rows)
-        train_batches = [[int(i) for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        order = np.random.default_rng([hyper.seed, epoch]).permutation(run.splits.train)
+        size = hyper.batch_size
+        train_batches = [[int(i) for i in order[s : s + size]] for s in range(0, len(order), size)]
         if len(train_batches) > 1 and len(train_batches[-1]) == 1:
             train_batches.pop()  # a batch of one breaks BatchNorm in train mode and is noise anyway
-        entry = _epoch(trainer, epoch, epochs, batches_of, train_batches,
-                       batches.in_order(val_rows, forward.size), y, progress)
+        entry = _epoch(trainer, epoch, hyper.epochs, batches_of, train_batches, val_batches, run.y, progress)
         state["history"].append(entry)
         best = state["best"]
         if best is None or (entry["val_accuracy"], -entry["val_loss"]) > (best["val_accuracy"], -best["val_loss"]):
@@ -613,51 +669,60 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        state["finished"] = state["bad_epochs"] >= patience or epoch >= epochs
-        _save_checkpoint(ckpt_file, trainer, state, epochs)
+        _save_checkpoint(ckpt_file, trainer, state, hyper.epochs)
+    return state, resumed_from
 
-    # The best epoch's weights become the model; its features are the "after" column.
+
+def _finalize(run: _Run, state: dict[str, Any], resumed_from: int | None) -> FinetuneReport:
+    """The best epoch's weights become the model: embed every row with it (the "after" features), score
+    base vs fine-tuned on the evaluation split, write MODEL_DIR and its manifest, drop the checkpoint."""
+    trainer, splits, hyper = run.trainer, run.splits, run.hyper
     trainer.load_trainable_state(state["best_state"])
     trainer.train_mode(False)
-    rows, after = embed_rows(embedder, batches, np.arange(len(data.ids)), forward, batch_size)
-    if len(rows) != len(data.ids):
-        raise IndexerError(f"{len(data.ids) - len(rows)} images became unreadable during the run; rerun")
-    comparison = {"base": state["before"],
-                  "finetuned": {**_compare((after[train_rows], labels_of[0]), (after[val_rows], labels_of[1])),
-                                "head_accuracy": state["best"]["val_accuracy"]}}
+    rows, after = embed_rows(run.embedder, run.batches, np.arange(len(run.data.ids)), trainer.forward_size,
+                             hyper.batch_size)
+    if len(rows) != len(run.data.ids):
+        raise IndexerError(f"{len(run.data.ids) - len(rows)} images became unreadable during the run; rerun")
+    scored = splits.evaluation
+    with torch.inference_mode():
+        logits = trainer.head_logits(torch.from_numpy(after[scored]).to(run.embedder.runtime.device))
+    head_accuracy = float(np.mean(logits.argmax(1).cpu().numpy() == run.y[scored]))
+    comparison = {"base": _compare(run.before, run.data.labels, splits.train, scored),
+                  "finetuned": {**_compare(after, run.data.labels, splits.train, scored),
+                                "head_accuracy": head_accuracy}}
     history = state["history"]
-    kind, sha = save_backbone(embedder, base, out_dir)
-    torch.save({"classes": classes, "state_dict": trainer.trainable_state()["__head__"], "scale": trainer.scale},
-               out_dir / "head.pt")
-    curve = _plot_curve(history, out_dir / "training-curve.png",
-                        f"{base.name.split('/')[-1]}: top {unfreeze} of {n_blocks} blocks")
+    kind, sha = save_backbone(run.embedder, run.base, run.out)
+    curve = _plot_curve(history, run.out / "training-curve.png",
+                        f"{run.base.name.split('/')[-1]}: top {run.unfreeze} of {run.n_blocks} blocks")
+    runtime = run.embedder.runtime
     report = FinetuneReport(
-        out=str(out_dir), base_model=base.name, unfreeze=unfreeze, unfrozen_blocks=[b.name for b in blocks],
-        n_blocks=n_blocks, labels=classes, n_train=len(train_rows), n_val=len(val_rows), skipped=len(data.skipped),
-        epochs_run=len(history), best_epoch=state["best"]["epoch"],
-        stopped_early=len(history) < epochs, resumed_from_epoch=resumed_from, history=history,
+        out=str(run.out), base_model=run.base.name, unfreeze=run.unfreeze,
+        unfrozen_blocks=[b.name for b in run.blocks], n_blocks=run.n_blocks, labels=run.classes,
+        n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test), evaluated_on=splits.evaluated_on,
+        skipped=len(run.data.skipped), epochs_run=len(history), best_epoch=state["best"]["epoch"],
+        stopped_early=state["bad_epochs"] >= hyper.patience, resumed_from_epoch=resumed_from, history=history,
         seconds_per_epoch=float(np.mean([h["seconds"] for h in history])), comparison=comparison,
-        device=str(runtime.device), precision=runtime.precision, forward_batch_size=forward.size,
+        device=str(runtime.device), precision=runtime.precision, forward_batch_size=trainer.forward_size.size,
         hyperparameters=asdict(hyper), curve=curve,
-        skipped_examples=[{"id": s.id, "source": s.source, "reason": s.reason} for s in data.skipped[:20]])
-    _write_manifest(out_dir, report, base, embedder.spec, kind, sha, sources, label_field)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
+        skipped_examples=[{"id": s.id, "source": s.source, "reason": s.reason} for s in run.data.skipped[:20]])
+    _write_manifest(run, report, kind, sha, state["best"]["val_accuracy"])
+    shutil.rmtree(run.out / CHECKPOINT, ignore_errors=True)
     return report
 
 
-def _write_manifest(out_dir: Path, report: FinetuneReport, base: ModelSpec, spec: ModelSpec, kind: str, sha: str,
-                    sources: list[str], label_field: str) -> None:
-    write_json_atomic(out_dir / MODEL_MANIFEST, {
-        "format": FORMAT, "kind": kind, "modality": spec.modality, "base": base.name,
-        "base_weights_sha256": base.weights_sha256, "arch": base.options.get("arch"),
+def _write_manifest(run: _Run, report: FinetuneReport, kind: str, sha: str, best_val_accuracy: float) -> None:
+    spec = run.embedder.spec
+    write_json_atomic(run.out / MODEL_MANIFEST, {
+        "format": FORMAT, "kind": kind, **root_family(run.base, kind), "modality": spec.modality,
+        "base": run.base.name, "base_weights_sha256": run.base.weights_sha256,
         "weights_sha256": sha, "layer": spec.layer, "pooling": spec.pooling, "dim": spec.dim,
         "unfreeze": report.unfreeze, "unfrozen_blocks": report.unfrozen_blocks, "n_blocks": report.n_blocks,
-        "sources": [s if s == "-" else str(Path(s).resolve()) for s in sources], "label_field": label_field,
-        "labels": report.labels, "n_train": report.n_train, "n_val": report.n_val, "skipped": report.skipped,
-        "hyperparameters": report.hyperparameters,
-        "validation": {"best_epoch": report.best_epoch, **{f"{k}_{m}": v for k, row in report.comparison.items()
-                                                          for m, v in row.items()}},
+        "sources": [s if s == "-" else str(Path(s).resolve()) for s in run.sources], "label_field": run.label_field,
+        "labels": report.labels, "n_train": report.n_train, "n_val": report.n_val, "n_test": report.n_test,
+        "skipped": report.skipped, "hyperparameters": report.hyperparameters,
+        "evaluation": {"split": report.evaluated_on, "n": len(run.splits.evaluation), "best_epoch": report.best_epoch,
+                       "best_val_accuracy": best_val_accuracy,
+                       **{f"{k}_{m}": v for k, row in report.comparison.items() for m, v in row.items()}},
         "epochs_run": report.epochs_run, "stopped_early": report.stopped_early, "history": report.history,
         "seconds_per_epoch": report.seconds_per_epoch, "device": report.device, "precision": report.precision,
         "created": now_iso(), "packages": package_versions(),
