@@ -98,6 +98,11 @@ def test_exact_copies_come_from_content_hash(sets, tmp_path):
     r = dedup(coll, threshold=1.0)  # nothing but identical content can reach 1.0 reliably
     assert r.pairs == [{"a": "a", "b": "b", "score": pytest.approx(1.0, abs=1e-5), "exact": True}]
     assert r.drop == ["b"]
+    # A copy ingested later under a smaller id: `first` keeps the smaller id, `oldest` the earlier one.
+    later = [{"id": "0-late", "text": "Quarterly earnings beat expectations."}]
+    indexer.ingest(coll, [str(write_jsonl(tmp_path / "later.jsonl", later))], model="minilm", progress=False)
+    assert dedup(coll, keep="first").groups[-1] == ["0-late", "c"]
+    assert dedup(coll, keep="oldest").groups[-1] == ["c", "0-late"]
 
 
 # ---- methods, groups, keep policies -----------------------------------------------------------------------
