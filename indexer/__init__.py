@@ -15,6 +15,7 @@ from .ingest import IngestSummary, ingest
 from .models import Embedder, ModelSpec, list_models, load_embedder
 from .store import Collection
 from .tasks.dedup import dedup
+from .tasks.finetune import FinetuneReport, finetune
 from .tasks.knn import knn_eval, knn_predict
 from .tasks.layers import sweep_layers
 from .tasks.probe import ProbeHead, probe_eval, probe_predict
@@ -28,6 +29,7 @@ def info(collection: str | os.PathLike) -> dict[str, Any]:
     return Collection.open(collection).info()
 
 
-__all__ = ["Collection", "Embedder", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query", "dedup", "info",
+__all__ = ["Collection", "Embedder", "FinetuneReport", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query",
+           "dedup", "finetune", "info",
            "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
            "search", "search_batch", "sweep_layers"]

@@ -22,6 +22,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from safetensors.torch import load_file
 from torch import nn
 
+import indexer
 from indexer.cli import cli
 from indexer.errors import IndexerError
 from indexer.models import load_embedder
@@ -187,7 +188,7 @@ def test_head_only_trains_on_features_computed_once(topic_texts, tmp_path, minil
     calls = []
     original = type(minilm).forward_features
     monkeypatch.setattr(type(minilm), "forward_features", lambda self, items: calls.append(1) or original(self, items))
-    report = finetune([str(topic_texts)], "label", model="minilm", unfreeze=0, out=tmp_path / "head", epochs=5,
+    report = indexer.finetune([str(topic_texts)], "label", model="minilm", unfreeze=0, out=tmp_path / "head", epochs=5,
                       lr=0.01, batch_size=8, device="cpu", progress=False)
     assert not calls  # no forward pass through the backbone while training
     assert report.unfrozen_blocks == [] and report.epochs_run >= 3
