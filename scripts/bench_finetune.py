@@ -80,7 +80,8 @@ def main() -> None:
         runs = [("minilm", make_texts(root, corpus, args.texts, rng), args.texts, (0, 2)),
                 ("efficientnet-lite0", make_images(root, corpus, args.images, rng), args.images, (0, 3))]
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-              f"{args.epochs} epochs, batch {args.batch_size}, 20% held out; seconds per epoch = train + validation",
+              f"{args.epochs} epochs, batch {args.batch_size}; 20% of each class held out for the test split, 20% "
+              "of the rest for validation; seconds per epoch = train + validation; probe accuracy on the test split",
               file=sys.stderr)
         print(f"{'model':<20}{'items':>7}{'unfreeze':>10}{'s/epoch':>9}{'CPU s/epoch':>13}{'train items/s':>15}"
               f"{'base probe':>12}{'tuned probe':>12}{'load avg (1m)':>15}")

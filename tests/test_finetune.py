@@ -324,6 +324,7 @@ def test_unfreeze_beyond_the_blocks_and_unidentifiable_models(tmp_path, tiny_ber
     assert "--unfreeze 4:" in result.output and "has 3 blocks" in result.output and "use at most 3" in result.output
 
 
+@pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet")  # the registry's build
 def test_cli_refuses_a_model_whose_blocks_cannot_be_identified(photo_variants, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "googlenet.pth"  # Inception modules: no stages, layer stack or `features` to count
@@ -385,7 +386,7 @@ def test_accumulated_step_equals_one_full_step(tiny_bert_dir):
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     out = tmp_path / "resume-ft"
-    common = [sample_corpus["texts"], "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--epochs", 3,
+    common = [sample_corpus["texts"], "--label-field", "label", "--model", "minilm", "--unfreeze", 1, "--epochs", 2,
               "--batch-size", 4, "--patience", 3, "--device", "cpu", "-q"]
     args = [*common, "--out", out]
     proc = subprocess.Popen([*INDEXER, "finetune", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -398,15 +399,15 @@ def test_killed_run_resumes_at_the_next_epoch(sample_corpus, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     done = json.loads(state.read_text())["epoch"]
-    assert 1 <= done < 3 and not (out / "indexer-model.json").exists()
+    assert done == 1 and not (out / "indexer-model.json").exists()
 
     other = run("finetune", *args, "--lr", 0.01)  # other settings: not this checkpoint's run
     assert other.exit_code == 1 and "checkpoint of a different run" in other.output
     result = run("finetune", *args, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["resumed_from_epoch"] == done and report["epochs_run"] == 3
-    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    assert report["resumed_from_epoch"] == done and report["epochs_run"] == 2
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
     assert load_embedder(str(out)).embed(["a test"]).shape == (1, 384)
     assert np.isfinite([h["val_loss"] for h in report["history"]]).all()
 

@@ -124,8 +124,6 @@ class Splits:
 def split_rows(labels: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> Splits:
     """A stratified test split (when every class keeps two rows besides it), then a stratified
     validation split of the rest; every class has at least one training and one validation row."""
-    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1:
-        raise IndexerError("--val-fraction must be between 0 and 1, --test-fraction from 0 to below 1")
     y = np.asarray(labels, dtype=object)
     test = stratified_holdout(y, test_fraction, seed) if test_fraction > 0 else np.zeros(len(y), dtype=bool)
     if test.any() and min(Counter(y[~test]).values()) < 2:
@@ -586,6 +584,8 @@ def finetune(sources: Sequence[str] | str, label_field: str, *, out: str | os.Pa
     started = time.perf_counter()
     if epochs < 1 or batch_size < 1 or patience < 1:
         raise IndexerError("--epochs, --batch-size and --patience must be at least 1")
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1:
+        raise IndexerError("--val-fraction must be between 0 and 1, --test-fraction from 0 to below 1")
     hyper = Hyper(epochs, lr, lr * BACKBONE_LR_RATIO if backbone_lr is None else backbone_lr, batch_size,
                   WEIGHT_DECAY, patience, val_fraction, test_fraction, seed)
     run = _prepare([sources] if isinstance(sources, str) else list(sources), label_field, Path(out).expanduser(),
@@ -700,7 +700,7 @@ def _finalize(run: _Run, state: dict[str, Any], resumed_from: int | None) -> Fin
         unfrozen_blocks=[b.name for b in run.blocks], n_blocks=run.n_blocks, labels=run.classes,
         n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test), evaluated_on=splits.evaluated_on,
         skipped=len(run.data.skipped), epochs_run=len(history), best_epoch=state["best"]["epoch"],
-        stopped_early=state["bad_epochs"] >= hyper.patience, resumed_from_epoch=resumed_from, history=history,
+        stopped_early=state["epoch"] < hyper.epochs, resumed_from_epoch=resumed_from, history=history,
         seconds_per_epoch=float(np.mean([h["seconds"] for h in history])), comparison=comparison,
         device=str(runtime.device), precision=runtime.precision, forward_batch_size=trainer.forward_size.size,
         hyperparameters=asdict(hyper), curve=curve,
