@@ -137,9 +137,12 @@ def test_killed_ingest_resumes_exactly(tmp_path, sig):
     import random
 
     rng = random.Random(0)
-    n = 3000
+    # Two windows of 1024 texts, long enough that embedding the second takes seconds: the signal lands
+    # while it runs, not after the writer has everything (short texts embed faster than a loaded
+    # machine commits them).
+    n = 2000
     src = write_jsonl(tmp_path / "big.jsonl",
-                      [{"id": f"doc{i}", "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 12)))} for i in range(n)])
+                      [{"id": f"doc{i}", "text": " ".join(rng.choices(WORDS, k=rng.randint(30, 60)))} for i in range(n)])
     coll = tmp_path / "k.idx"
     cmd = [*INDEXER, "ingest", coll, src, "--model", "minilm", "--batch-size", "16", "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
