@@ -5,9 +5,9 @@ Run from the repository root:
     .venv/bin/python scripts/bench_knn.py [--quick] [--train 100000] [--test 10000] [--dim 384]
                                           [--classes 100] [--out bench-out/bench_knn.json]
 
-Data: synthetic labelled embeddings (one gaussian centre per class, points = centre + NOISE * gaussian,
-L2-normalised; NOISE is set so that classes overlap and accuracy is well below 1, which makes equal
-accuracies a real check). The same train/test vectors go to every method; the protocol is DINO's
+Data: synthetic labelled embeddings clustered like real ones (SUBCLUSTERS gaussian topics per class,
+points = topic centre + SPREAD * gaussian, L2-normalised), with LABEL_NOISE of the labels replaced at
+random, so accuracy is well below 1 and equal accuracies are a real check. The same train/test vectors go to every method; the protocol is DINO's
 (cosine, k=20, votes exp(sim / 0.07)).
 
 Methods, each timed end to end on the same arrays (fit + predict):
@@ -41,17 +41,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 K, T = 20, 0.07
-NOISE = 4.0  # norm of the noise against unit-norm class centres: classes overlap
+SUBCLUSTERS, SPREAD, LABEL_NOISE = 5, 1.0, 0.2
 
 
 def make_data(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0):
+    """Clustered like real embeddings (each class a few topics, points spread around them), with
+    LABEL_NOISE of the labels replaced at random so accuracy stays well below 1."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = rng.standard_normal((classes * SUBCLUSTERS, dim)).astype(np.float32)
 
     def draw(n):
-        y = rng.integers(0, classes, n)
-        x = centres[y] + NOISE * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim)
+        topic = rng.integers(0, len(centres), n)
+        x = centres[topic] + SPREAD * rng.standard_normal((n, dim)).astype(np.float32)
+        y = topic // SUBCLUSTERS
+        flip = rng.random(n) < LABEL_NOISE
+        y[flip] = rng.integers(0, classes, int(flip.sum()))
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
 
     return draw(n_train), draw(n_test)
