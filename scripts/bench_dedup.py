@@ -11,9 +11,9 @@ Run from the repository root:
   L2-normalised, so distinct points of one cluster sit near cosine 0.5), with DUP_RATE of them given a
   planted near-duplicate (cosine spread over about 0.85-0.995, so some fall just under the threshold)
   and a few exact copies. Written to .npy and ingested with `indexer.ingest(..., model="none")`.
-* ours (N): `indexer.tasks.dedup.dedup(collection, threshold=T)` end to end (method auto: the IVF
-  range search with nprobe tuned to a measured pair recall; loading from Lance, pairs, union-find groups,
-  keep policy); wall time and peak RSS growth.
+* ours (N): `indexer.tasks.dedup.dedup(collection, threshold=T)` end to end (method auto: k-means lists
+  joined by matrix products, with the spread of lists tuned to a measured pair recall; loading from
+  Lance, pairs, union-find groups, keep policy); wall time and peak RSS growth.
 * exact (SUBSET): all pairs >= T among the first SUBSET items by chunked brute force (numpy blocks of
   4096 rows times the subset, never n x n). Pair recall of the N run = the exact subset pairs it found
   (pairs inside the subset are pairs of the whole set too); plus our methods run on the subset alone.
