@@ -216,6 +216,41 @@ def test_ingest_documents_as_passages_and_reingest_without_orphans(docs, tmp_pat
         assert hits and {h["id"] for h in hits} <= set(rows), (mode, engine)
 
 
+@pytest.mark.slow
+def test_duplicate_document_ids_and_documents_that_become_unusable(tmp_path):
+    """`a/ b/` both holding README.md: the first is kept, the second is one error, and later runs are
+    stable. A document emptied or a PDF now encrypted loses its passages (no stale passage is served)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "README.md").write_text(_markdown(6))
+    (b / "README.md").write_text("# Other\n\nTea grows on misty hillsides. " * 20)
+    (a / "notes.md").write_text(_markdown(4))
+    report = _pdf(tmp_path / "report.pdf", ["Page one is about volcanoes. " * 5, "Page two is about glaciers."])
+    (a / "report.pdf").write_bytes(report.read_bytes())
+    path = tmp_path / "kb.idx"
+    first = ingest(path, [str(a), str(b)], model="minilm", chunk_tokens=32, progress=False)
+    coll = Collection.open(path)
+    rows = _rows(coll)
+    readme = [r for r in rows.values() if r["doc_id"] == "README.md"]
+    assert readme and all(Path(r["source"]).parent == a for r in readme) and "Tea" not in str(readme)
+    dup = [e for e in coll.errors() if "duplicate id" in e["reason"]]
+    assert len(dup) == 1 and Path(dup[0]["source"]).parent == b and first.errors == 1
+    again = ingest(path, [str(a), str(b)], progress=False)
+    assert (again.added, again.updated, again.removed) == (0, 0, 0)
+    assert _rows(Collection.open(path)) == rows
+
+    (a / "notes.md").write_text("  \n\n")
+    _encrypted_pdf(a / "report.pdf", report)
+    later = ingest(path, [str(a), str(b)], progress=False)
+    left = _rows(Collection.open(path))
+    stale = {i for i, r in rows.items() if r["doc_id"] in ("notes.md", "report.pdf")}
+    assert stale and later.removed == len(stale) and set(left) == set(rows) - stale
+    assert {r["doc_id"] for r in left.values()} == {"README.md"}
+    assert {h["doc_id"] for h in search(path, "volcanoes", k=50)} == {"README.md"}
+    assert search(path, "volcanoes glaciers", k=50, mode="text") == []
+
+
 # ---- full-text and hybrid search ----------------------------------------------------------------------
 
 NEAR_CODES = ["ZX81QL", "ZX18QK", "ZY81QK", "ZX81OK", "XZ81QK"]  # one character away from ZX81QK

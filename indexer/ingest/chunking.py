@@ -162,21 +162,35 @@ def stored_chunks(coll: Collection) -> dict[str, set[str]]:
 class Passages:
     """Turns each document record into its passage records, and collects the stored rows that a new
     version of a document leaves behind (a shorter document has fewer passages; a document stored
-    whole and now chunked, or the other way round): ingest deletes them, so none is orphaned."""
+    whole and now chunked, or the other way round; one now unusable, e.g. emptied or encrypted):
+    ingest deletes them, so none is orphaned and no stale passage is served."""
 
     def __init__(self, chunker: Chunker | None, stored: dict[str, set[str]], known: Container[str]):
         self.chunker, self.stored, self.known = chunker, stored, known
         self.orphans: set[str] = set()
+        self.seen: set[str] = set()  # document ids of this run
 
     def expand(self, record: Record | SkippedInput) -> list[Record | SkippedInput]:
-        if isinstance(record, SkippedInput) or record.text is None or record.vector is not None:
+        if isinstance(record, SkippedInput):
+            if record.id is not None and record.id not in self.seen:
+                self.seen.add(record.id)
+                self.orphans |= self.stored.pop(record.id, set())
             return [record]
+        if record.text is None or record.vector is not None:
+            return [record]
+        # Two documents with one id (`a/README.md`, `b/README.md` given as `a/ b/`) would mix their
+        # passages, and later runs would delete each other's: the first one is kept.
+        if record.id in self.seen:
+            return [SkippedInput(record.source, f"duplicate id {record.id!r} in this run (first occurrence kept)",
+                                 record.id)]
+        self.seen.add(record.id)
         old = self.stored.pop(record.id, set())
         if self.chunker is None:
             self.orphans |= old
             return [record]
         passages = self.chunker.split(record)
         if not passages:
+            self.orphans |= old
             return [SkippedInput(record.source, "no text to embed", record.id)]
         self.orphans |= old - {p.id for p in passages}
         if record.id in self.known:
