@@ -314,10 +314,29 @@ def test_wrong_combinations_are_refused(parts, tmp_path):
         search(parts, "  ", mode="text")
     with pytest.raises(IndexerError, match="invalid --where"):
         search(parts, "ZX81QK", mode="text", where="no_such_field = 1")
-    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32))
-    ingest(tmp_path / "vec.idx", [str(tmp_path / "v.npy")], model="none", progress=False)
+    with pytest.raises(IndexerError, match="invalid --where \"label = = 'x'\""):  # a SQL syntax error
+        search(parts, "ZX81QK", mode="text", where="label = = 'x'")
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32))
+    vec = tmp_path / "vec.idx"
+    ingest(vec, [str(tmp_path / "v.npy")], model="none", progress=False)
     with pytest.raises(IndexerError, match="stores no text"):
-        search(tmp_path / "vec.idx", vector=[1.0] * 8, mode="hybrid")
+        search(vec, vector=[1.0] * 8, mode="hybrid")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(IndexerError, match="NaN or infinite"):
+            search(vec, vector=[bad] + [1.0] * 7)
+
+
+def test_a_bad_where_through_lance_is_a_user_error(tmp_path):
+    from indexer.index import build_index
+
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32))
+    vec = tmp_path / "vec.idx"
+    ingest(vec, [str(tmp_path / "v.npy")], model="none", progress=False)
+    build_index(vec, engine="lance", target_recall=0.5)
+    assert len(search(vec, vector=[1.0] * 8, k=3, engine="lance")) == 3
+    for where in ("no_such_field = 1", "id = = 'x'"):
+        with pytest.raises(IndexerError, match="invalid --where"):
+            search(vec, vector=[1.0] * 8, engine="lance", where=where)
 
 
 # ---- grouping and the command line --------------------------------------------------------------------

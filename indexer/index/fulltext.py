@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import IndexerError
 from ..store import Collection
+from ..store.collection import lance_reason, where_error
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
         table = coll.dataset().scanner(columns=[*columns, "_score"], full_text_query=query, filter=where,
                                        prefilter=where is not None, limit=k).to_table()
     except ValueError as exc:  # lance reports SQL, column and query-syntax errors as ValueError
-        reason = str(exc).split(", /")[0].removeprefix("Invalid user input: ")
-        what = f"--where {where!r}" if where and "Schema error" in reason else f"text query {query!r}"
-        raise IndexerError(f"invalid {what}: {reason}") from exc
+        reason = lance_reason(exc)
+        if where and ("Schema error" in reason or "Error parsing statement" in reason):
+            raise where_error(where, exc) from exc
+        raise IndexerError(f"invalid text query {query!r}: {reason}") from exc
     hits = [{"id": r.pop("id"), "score": float(r.pop("_score")), **r} for r in table.to_pylist()]
     return sorted(hits, key=lambda h: -h["score"])

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
+from ..store.collection import where_error
 from ..store.manifest import now_iso, write_json_atomic
 from ..tasks.search import exact_search
 from .faiss_engine import TUNING_MARGIN
@@ -49,11 +50,16 @@ def lance_search(coll: Collection, vector: np.ndarray, k: int, knobs: dict[str, 
         q = q.refine_factor(int(knobs["refine_factor"]))
     if knobs.get("ef"):
         q = q.ef(int(knobs["ef"]))
-    if where:
-        q = q.where(where, prefilter=True)
     if columns is not None:
         q = q.select([*columns, "_distance"])
-    rows = q.to_list()
+    try:
+        if where:
+            q = q.where(where, prefilter=True)
+        rows = q.to_list()
+    except ValueError as exc:  # lance reports SQL and column errors as ValueError
+        if not where:
+            raise
+        raise where_error(where, exc) from exc
     for r in rows:
         r["score"] = 1.0 - float(r.pop("_distance"))
         r.pop("vector", None)

@@ -36,6 +36,16 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def lance_reason(exc: Exception) -> str:
+    """Lance's error message for a user: without its prefix and the Rust source location."""
+    return str(exc).split(", /")[0].removeprefix("Invalid user input: ")
+
+
+def where_error(where: str, exc: Exception) -> IndexerError:
+    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError)."""
+    return IndexerError(f"invalid --where {where!r}: {lance_reason(exc)}")
+
+
 class Collection:
     """Open with `Collection.open(path)`; ingest creates one with `Collection.create(path, spec)`."""
 
@@ -189,8 +199,7 @@ class Collection:
         except ValueError as exc:  # lance reports SQL and column errors as ValueError
             if where is None:
                 raise
-            reason = str(exc).split(", /")[0].removeprefix("Invalid user input: ")
-            raise IndexerError(f"invalid --where {where!r}: {reason}") from exc
+            raise where_error(where, exc) from exc
 
     def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
         if not row_ids:
