@@ -17,6 +17,10 @@ class ImageDecodeError(ValueError):
     pass
 
 
+class ImageTooLarge(ImageDecodeError):
+    """More pixels than the guard allows (a decompression bomb, or just too big to decode)."""
+
+
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     """Bytes -> RGB image, oriented as the camera meant it.
 
@@ -30,7 +34,7 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
-                raise ImageDecodeError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
+                raise ImageTooLarge(f"image too large: {img.width}x{img.height} pixels (limit {MAX_PIXELS})")
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))
             img.load()
@@ -39,7 +43,7 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb guard: {exc}") from exc
+        raise ImageTooLarge(f"decompression bomb guard: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image (unrecognised format)") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:

@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Query:
-    """One query: exactly one of text, image (a file path), id (a stored item) or vector."""
+    """One query: exactly one of text, image (a file path, or an image already decoded to RGB),
+    id (a stored item) or vector."""
 
     text: str | None = None
-    image: str | None = None
+    image: Any = None
     id: str | None = None
     vector: Sequence[float] | None = None
 
@@ -270,6 +271,8 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
             if vec.shape[0] != spec.dim:
                 raise IndexerError(f"query vector has {vec.shape[0]} dimensions; {coll.path} has {spec.dim}")
             out[i] = vec
+    if not np.isfinite(out).all():  # NaN scores would rank nothing and are not valid JSON
+        raise IndexerError("a query vector has NaN or infinite values")
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     if (norms == 0).any():
         raise IndexerError("a query vector is all zeros: cosine similarity is undefined")
@@ -289,9 +292,11 @@ def query_embedder(coll: Collection, device: str) -> Embedder:
     return _EMBEDDERS[key]
 
 
-def _load_query_image(path: str):
+def _load_query_image(path: Any):
     from ..sources.images import ImageDecodeError, decode_image
 
+    if not isinstance(path, str | Path):  # decoded already (an upload the server checked)
+        return path
     try:
         return decode_image(Path(path).read_bytes())
     except FileNotFoundError as exc:
