@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +30,15 @@ def running_server(collections: list[Path], *args: str, env: dict | None = None,
         log.seek(0)
         return log.read()
 
+    # The URL line comes once the models are loaded; read it on a thread so a hung start has a deadline.
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
     try:
-        line = proc.stdout.readline()
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            raise RuntimeError(f"indexer serve printed no URL within {timeout:.0f} s: {stderr()}") from None
         if not line:
             raise RuntimeError(f"indexer serve exited ({proc.wait()}): {stderr()}")
         url = json.loads(line)["url"].rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,22 @@ from .serving import running_server
 pytestmark = pytest.mark.slow
 
 
+TIMEOUT = 60  # generous: CI machines have 2 busy cores
+
+
+def _request(method: str, url: str, **kw) -> httpx.Response:
+    """One request with the tests' timeout; no client state (cookies) carried between requests."""
+    return httpx.request(method, url, timeout=TIMEOUT, **kw)
+
+
+def _get(url: str, **kw) -> httpx.Response:
+    return _request("GET", url, **kw)
+
+
+def _post(url: str, **kw) -> httpx.Response:
+    return _request("POST", url, **kw)
+
+
 def _jpeg(path) -> bytes:
     return path.read_bytes()
 
@@ -29,25 +46,26 @@ def _png(width: int, height: int) -> bytes:
 
 
 def _search(url: str, **body) -> httpx.Response:
-    return httpx.post(f"{url}/search", json=body, timeout=60)
+    return _post(f"{url}/search", json=body)
 
 
 def _upload(url: str, route: str, data: bytes, name: str = "q.jpg", **fields) -> httpx.Response:
-    return httpx.post(f"{url}{route}", files={"image": (name, data, "application/octet-stream")},
-                      data={k: str(v) for k, v in fields.items()}, timeout=60)
+    return _post(f"{url}{route}", files={"image": (name, data, "application/octet-stream")},
+                 data={k: str(v) for k, v in fields.items()})
 
 
 def test_health_collections_and_page(open_server):
-    assert httpx.get(f"{open_server}/health").json() == {"status": "ok"}
-    colls = {c["name"]: c for c in httpx.get(f"{open_server}/collections").json()["collections"]}
+    assert _get(f"{open_server}/health").json() == {"status": "ok"}
+    colls = {c["name"]: c for c in _get(f"{open_server}/collections").json()["collections"]}
     assert (colls["texts"]["rows"], colls["texts"]["modality"], colls["texts"]["dim"]) == (48, "text", 384)
     assert (colls["images"]["rows"], colls["images"]["modality"], colls["images"]["model"]) == (
         16, "image", "efficientnet-lite0")
     assert "doc_id" in colls["docs"]["fields"] and colls["docs"]["rows"] > 3
-    page = httpx.get(f"{open_server}/")
+    assert "path" not in colls["texts"]  # the server's file layout is not the clients' business
+    page = _get(f"{open_server}/")
     assert page.status_code == 200 and 'id="q"' in page.text and "/static/app.js" in page.text
     for asset in ("/static/app.js", "/static/app.css"):
-        r = httpx.get(f"{open_server}{asset}")
+        r = _get(f"{open_server}{asset}")
         assert r.status_code == 200
         # Offline by construction: nothing the page loads comes from another host.
         assert "http://" not in r.text and "https://" not in r.text
@@ -72,10 +90,10 @@ def test_image_upload_finds_its_original_and_serves_it(open_server, sample_corpu
     assert r.status_code == 200, r.text
     top = r.json()["results"][0]
     assert top["id"] == "cat.jpg" and top["score"] > 0.8
-    original = httpx.get(f"{open_server}{top['image_url']}")
+    original = _get(f"{open_server}{top['image_url']}")
     assert original.status_code == 200 and original.headers["content-type"] == "image/jpeg"
     assert original.content == (sample_corpus["images"] / "cat.jpg").read_bytes()
-    thumb = httpx.get(f"{open_server}{top['image_url']}", params={"size": 64})
+    thumb = _get(f"{open_server}{top['image_url']}", params={"size": 64})
     assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) == 64
 
 
@@ -98,15 +116,15 @@ def test_a_collection_without_a_model_answers_vectors_and_ids(open_server):
     assert len(hits) == 3 and hits[0]["id"].startswith("vectors.npy:")
     assert len(_search(open_server, collection="vectors", id=hits[0]["id"], k=2).json()["results"]) == 2
     _assert_error(_search(open_server, collection="vectors", query="a cat"), 400, "an id or a vector")
-    _assert_error(httpx.post(f"{open_server}/embed", json={"collection": "vectors", "input": "x"}), 400, "no model")
+    _assert_error(_post(f"{open_server}/embed", json={"collection": "vectors", "input": "x"}), 400, "no model")
 
 
 def test_search_by_id_and_by_vector(open_server):
     more = _search(open_server, collection="images", id="cat.jpg", k=4).json()["results"]
     assert len(more) == 4 and "cat.jpg" not in [h["id"] for h in more]
-    text = httpx.get(f"{open_server}/items/texts/astronomy-5").json()
+    text = _get(f"{open_server}/items/texts/astronomy-5").json()
     assert text["label"] == "astronomy" and "vector" not in text
-    vec = httpx.post(f"{open_server}/embed", json={"collection": "texts", "input": text["text"]}).json()
+    vec = _post(f"{open_server}/embed", json={"collection": "texts", "input": text["text"]}).json()
     assert (vec["model"], vec["dim"], len(vec["embeddings"])) == ("minilm", 384, 1)
     top = _search(open_server, collection="texts", vector=vec["embeddings"][0], k=1).json()["results"][0]
     assert top["id"] == "astronomy-5" and top["score"] > 0.999
@@ -114,7 +132,7 @@ def test_search_by_id_and_by_vector(open_server):
 
 def test_embed_matches_the_library(open_server, minilm, sample_corpus):
     texts = ["a cat sat on the mat", "interest rates and bonds"]
-    r = httpx.post(f"{open_server}/embed", json={"collection": "texts", "input": texts}, timeout=60)
+    r = _post(f"{open_server}/embed", json={"collection": "texts", "input": texts})
     assert np.allclose(np.array(r.json()["embeddings"]), minilm.embed(texts), atol=1e-4)
     img = _upload(open_server, "/embed", _jpeg(sample_corpus["images"] / "flower.jpg"), collection="images")
     assert img.status_code == 200 and len(img.json()["embeddings"][0]) == 1280
@@ -122,7 +140,7 @@ def test_embed_matches_the_library(open_server, minilm, sample_corpus):
 
 def test_openai_compatible_embeddings(open_server, minilm):
     texts = ["hello world", "the moon orbits the earth"]
-    r = httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": texts}, timeout=60)
+    r = _post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": texts})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["model"] == "minilm"
@@ -131,10 +149,10 @@ def test_openai_compatible_embeddings(open_server, minilm):
     assert np.allclose(got, minilm.embed(texts), atol=1e-4)
     # Real token counts from the model's tokenizer ([CLS] hello world [SEP] = 4).
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 8
-    one = httpx.post(f"{open_server}/v1/embeddings", json={"model": "texts", "input": "hello world"}).json()
+    one = _post(f"{open_server}/v1/embeddings", json={"model": "texts", "input": "hello world"}).json()
     assert one["usage"]["prompt_tokens"] == 4
     # OpenAI's own client asks for base64 by default: little-endian float32.
-    b64 = httpx.post(f"{open_server}/v1/embeddings",
+    b64 = _post(f"{open_server}/v1/embeddings",
                      json={"model": "minilm", "input": texts, "encoding_format": "base64"}).json()
     decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in b64["data"]])
     assert np.allclose(decoded, got, atol=1e-6)
@@ -144,7 +162,7 @@ def test_metrics_count_requests_by_route_and_status(open_server):
     for _ in range(3):
         _search(open_server, collection="texts", query="bread and flour")
     _search(open_server, collection="nope", query="x")
-    text = httpx.get(f"{open_server}/metrics").text
+    text = _get(f"{open_server}/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert float(lines['indexer_http_requests_total{method="POST",route="/search",status="200"}']) >= 3
     assert float(lines['indexer_http_requests_total{method="POST",route="/search",status="404"}']) >= 1
@@ -156,14 +174,14 @@ def test_metrics_count_requests_by_route_and_status(open_server):
 
 
 def test_openapi_and_offline_docs(open_server):
-    spec = httpx.get(f"{open_server}/openapi.json").json()
+    spec = _get(f"{open_server}/openapi.json").json()
     assert {"/search", "/embed", "/v1/embeddings", "/collections", "/health", "/metrics"} <= set(spec["paths"])
     assert set(spec["paths"]["/search"]["post"]["requestBody"]["content"]) == {"application/json",
                                                                                 "multipart/form-data"}
-    docs = httpx.get(f"{open_server}/docs")
+    docs = _get(f"{open_server}/docs")
     assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
     assert "cdn." not in docs.text and "fonts.googleapis" not in docs.text
-    assert httpx.get(f"{open_server}/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert _get(f"{open_server}/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
 def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(open_server):
@@ -196,7 +214,7 @@ def test_one_bad_query_does_not_fail_its_batch(open_server):
 
 
 def _batch_stats(url: str) -> tuple[float, float]:
-    lines = dict(line.rsplit(" ", 1) for line in httpx.get(f"{url}/metrics").text.splitlines()
+    lines = dict(line.rsplit(" ", 1) for line in _get(f"{url}/metrics").text.splitlines()
                  if line.startswith("indexer_search_batch_size_"))
     return float(lines["indexer_search_batch_size_count"]), float(lines["indexer_search_batch_size_sum"])
 
@@ -236,66 +254,145 @@ def test_bad_uploads_and_bodies(open_server, sample_corpus):
     _assert_error(_upload(open_server, "/embed", cat, collection="texts"), 400, "send text")
     big = b"x" * (3 * 1024 * 1024)
     _assert_error(_upload(open_server, "/search", big, collection="images"), 413, "larger than")
-    _assert_error(httpx.post(f"{open_server}/search", content=b"{not json", headers={"content-type": "application/json"}),
+    _assert_error(_post(f"{open_server}/search", content=b"{not json", headers={"content-type": "application/json"}),
                   400, "invalid JSON")
-    _assert_error(httpx.post(f"{open_server}/search", content=b"query=cat", headers={"content-type": "text/plain"}),
+    _assert_error(_post(f"{open_server}/search", content=b"query=cat", headers={"content-type": "text/plain"}),
                   415, "content type")
     # A chunked body has no Content-Length: the limit still holds.
     chunks = (b"x" * 65536 for _ in range(48))
-    _assert_error(httpx.post(f"{open_server}/search", content=chunks, headers={"content-type": "application/json"}),
+    _assert_error(_post(f"{open_server}/search", content=chunks, headers={"content-type": "application/json"}),
                   413, "larger than")
 
 
 def test_bad_embedding_and_item_requests(open_server):
-    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "gpt-4", "input": "x"}), 404, "unknown model")
-    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": []}), 400, "empty")
-    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": [""]}), 400, "empty")
-    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"input": "x"}), 422, "model")
-    _assert_error(httpx.post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": "x", "dimensions": 3}),
+    _assert_error(_post(f"{open_server}/v1/embeddings", json={"model": "gpt-4", "input": "x"}), 404, "unknown model")
+    _assert_error(_post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": []}), 400, "empty")
+    _assert_error(_post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": [""]}), 400, "empty")
+    _assert_error(_post(f"{open_server}/v1/embeddings", json={"input": "x"}), 422, "model")
+    _assert_error(_post(f"{open_server}/v1/embeddings", json={"model": "minilm", "input": "x", "dimensions": 3}),
                   400, "384")
-    _assert_error(httpx.post(f"{open_server}/embed", json={"collection": "images", "input": "x"}), 400, "upload")
-    _assert_error(httpx.get(f"{open_server}/items/images/no-such.jpg/image"), 404, "no item")
-    _assert_error(httpx.get(f"{open_server}/items/texts/astronomy-5/image"), 404, "no image")
-    _assert_error(httpx.get(f"{open_server}/items/nope/cat.jpg/image"), 404, "unknown collection")
-    _assert_error(httpx.get(f"{open_server}/items/images/cat.jpg/image", params={"size": 99999}), 400, "size")
+    _assert_error(_post(f"{open_server}/embed", json={"collection": "images", "input": "x"}), 400, "upload")
+    _assert_error(_get(f"{open_server}/items/images/no-such.jpg/image"), 404, "no item")
+    _assert_error(_get(f"{open_server}/items/texts/astronomy-5/image"), 404, "no image")
+    _assert_error(_get(f"{open_server}/items/nope/cat.jpg/image"), 404, "unknown collection")
+    _assert_error(_get(f"{open_server}/items/images/cat.jpg/image", params={"size": 99999}), 400, "size")
     # Ids are keys into the table, never paths: traversal finds nothing.
     for item in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
-        _assert_error(httpx.get(f"{open_server}/items/images/{item}/image"), 404, "no item")
-    _assert_error(httpx.get(f"{open_server}/no/such/route"), 404, "no such route")
+        _assert_error(_get(f"{open_server}/items/images/{item}/image"), 404, "no item")
+    _assert_error(_get(f"{open_server}/no/such/route"), 404, "no such route")
 
 
 def _assert_error(r: httpx.Response, status: int, words: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
     assert set(body) == {"error"} and words.lower() in body["error"].lower(), body
-    assert "Traceback" not in r.text
+    assert "Traceback" not in r.text and ".idx" not in r.text  # no paths on the server's disk
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (1-bit gray) in a few bytes: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_nan_vectors_huge_images_and_foreign_hosts_are_refused(open_server):
+    nan = ('{"collection": "texts", "vector": [NaN' + ", 0.1" * 383 + "]}").encode()
+    _assert_error(_post(f"{open_server}/search", content=nan, headers={"content-type": "application/json"}),
+                  422, "finite")
+    # Past PIL's own bomb limit (~179 MP) the header alone is refused: 413, like any image over the limit.
+    _assert_error(_upload(open_server, "/search", _png_header(20_000, 10_000), "bomb.png", collection="images"),
+                  413, "too large")
+    # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach a server without a token.
+    _assert_error(_get(f"{open_server}/collections", headers={"host": "evil.example"}), 421, "not this server")
+    _assert_error(_get(f"{open_server}/health", headers={"host": "evil.example:80"}), 421, "evil.example")
+    port = open_server.rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+        assert _get(f"{open_server}/collections", headers={"host": host}).status_code == 200, host
+
+
+def test_answer_reruns_a_failed_batch_one_by_one(served_collections):
+    """[good, zero vector, good]: the batch fails as a whole, then each query runs alone."""
+    from indexer import IndexerError
+    from indexer.serve.service import SearchParams, Service
+    from indexer.tasks.search import Query
+
+    service = Service([served_collections["vectors"]], threads=1)
+    try:
+        rng = np.random.default_rng(0)
+        good = [Query(vector=rng.standard_normal(8).tolist()) for _ in range(2)]
+        params = SearchParams(k=3)
+        answers = service._answer("vectors", params, [good[0], Query(vector=[0.0] * 8), good[1]])
+        assert isinstance(answers[1], IndexerError) and "zero" in str(answers[1])
+        alone = [service._search("vectors", params, [q])[0] for q in good]
+        assert [answers[0], answers[2]] == alone and all(len(a) == 3 for a in alone)
+        assert answers[0] != answers[2]
+    finally:
+        service._executor.shutdown()
+
+
+def test_the_batcher_survives_a_failing_batch(served_collections):
+    """An unexpected error fails the requests of its batch, and later searches are still answered."""
+    import asyncio
+
+    from indexer.serve.service import SearchParams, Service
+    from indexer.tasks.search import Query
+
+    service = Service([served_collections["vectors"]], threads=1)
+    real, calls = service._answer, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args)
+
+    service._answer = flaky
+
+    async def main():
+        await service.start()
+        try:
+            query, params = Query(vector=[0.5] * 8), SearchParams(k=2)
+            with pytest.raises(RuntimeError, match="boom"):
+                await asyncio.wait_for(service.search("vectors", query, params), TIMEOUT)
+            hits = await asyncio.wait_for(service.search("vectors", query, params), TIMEOUT)
+            assert len(hits) == 2 and not service._batcher.done()
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
 
 
 def test_token_guards_every_route_but_health(served_collections):
     token = "s3cret-token"
     with running_server([served_collections["texts"]], env={"INDEXER_TOKEN": token}) as url:
-        assert httpx.get(f"{url}/health").status_code == 200
+        assert _get(f"{url}/health").status_code == 200
         good = {"authorization": f"Bearer {token}"}
         for bad in ({}, {"authorization": "Bearer wrong"}, {"authorization": token}):
             for method, route in (("GET", "/collections"), ("POST", "/search"), ("GET", "/metrics"),
                                   ("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"),
                                   ("POST", "/v1/embeddings"), ("GET", "/items/texts/astronomy-5")):
-                r = httpx.request(method, f"{url}{route}", headers=bad, json={"query": "x"})
+                r = _request(method, f"{url}{route}", headers=bad, json={"query": "x"})
                 assert r.status_code == 401, (route, bad, r.text)
                 assert "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
-        assert httpx.get(f"{url}/collections", headers=good).status_code == 200
-        hits = httpx.post(f"{url}/search", headers=good, json={"query": "galaxies", "k": 2}, timeout=60).json()
+        assert _get(f"{url}/collections", headers=good).status_code == 200
+        hits = _post(f"{url}/search", headers=good, json={"query": "galaxies", "k": 2}).json()
         assert len(hits["results"]) == 2 and hits["collection"] == "texts"
         # A browser opens /?token=... once and gets an HttpOnly, SameSite=Strict session cookie.
-        assert httpx.get(f"{url}/?token=wrong").status_code == 401
-        login = httpx.get(f"{url}/?token={token}")
+        assert _get(f"{url}/?token=wrong").status_code == 401
+        login = _get(f"{url}/?token={token}")
         assert login.status_code == 303 and login.headers["location"] == "/"
         cookie = login.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and token not in cookie
         session = dict(c.split("=", 1) for c in [cookie.split(";")[0]])
-        assert httpx.get(f"{url}/collections", cookies=session).status_code == 200
-        assert httpx.get(f"{url}/collections", cookies={"indexer_session": "forged"}).status_code == 401
-        metrics = httpx.get(f"{url}/metrics", headers=good).text
+        assert _get(f"{url}/collections", cookies=session).status_code == 200
+        assert _get(f"{url}/collections", cookies={"indexer_session": "forged"}).status_code == 401
+        metrics = _get(f"{url}/metrics", headers=good).text
         assert 'route="/collections",status="401"' in metrics
 
 
@@ -313,6 +410,12 @@ def test_cli_refuses_a_busy_port_and_a_missing_collection(served_collections, tm
     r = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(tmp_path / "missing.idx")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "collection not found" in r.stderr
+    # An empty token must not quietly serve without one.
+    for args, env in ((["--token", " "], {}), ([], {"INDEXER_TOKEN": ""})):
+        r = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(served_collections["texts"]),
+                            "--port", "0", *args], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+        assert r.returncode == 1 and "token is empty" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_missing_extra_names_it(monkeypatch, tmp_path):
@@ -337,3 +440,16 @@ def test_listening_socket_says_tcp_so_nagle_is_off():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+def test_responses_are_strict_json_even_with_nan_fields():
+    """A stored field may hold NaN or infinity (a numeric CSV column with gaps): written as null."""
+    import json
+
+    from indexer.serve.app import JSON
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+
+    body = JSON({"results": [{"score": 0.5, "weight": float("nan"), "extra": {"max": float("-inf")}}]}).body
+    assert strict(body.decode()) == {"results": [{"score": 0.5, "weight": None, "extra": {"max": None}}]}

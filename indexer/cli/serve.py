@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .base import cli, log, output_options, print_json
@@ -32,6 +34,9 @@ def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch
     from ..errors import IndexerError
     from ..index import parse_size
     from ..serve import serve as run
+
+    if token is None and "INDEXER_TOKEN" in os.environ:  # click reads an empty variable as unset
+        token = os.environ["INDEXER_TOKEN"]
 
     try:
         max_body = parse_size(max_body)

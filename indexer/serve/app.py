@@ -14,9 +14,9 @@ import functools
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +27,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..errors import IndexerError
-from ..sources.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from ..tasks.search import Query
-from .guard import Guard, Measure
+from ..sources.images import IMAGE_EXTENSIONS, ImageDecodeError, ImageTooLarge, decode_image
+from ..tasks.search import Engine, Mode, Query
+from .guard import Guard, Measure, allowed_hosts
 from .metrics import Metrics
 from .service import MAX_K, NotFound, SearchParams, Served, ServeError, Service, TooLarge, UnsupportedMedia
 
@@ -46,10 +46,29 @@ MAX_INPUTS = 2048  # texts per embeddings request, as OpenAI's API allows
 
 
 class JSON(JSONResponse):
-    """JSON that tolerates stored fields json does not know (dates, decimals) by printing them."""
+    """JSON that tolerates stored fields json does not know (dates, decimals) by printing them, and
+    writes NaN and infinities (a stored field can hold them) as null: they are not JSON, and clients'
+    parsers reject them."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, default=str, separators=(",", ":")).encode()
+        try:
+            return _dumps(content)
+        except ValueError:  # rare: clean a copy only then
+            return _dumps(_finite(content))
+
+
+def _dumps(content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, default=str, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 class SearchRequest(BaseModel):
@@ -59,11 +78,11 @@ class SearchRequest(BaseModel):
     collection: str | None = Field(None, description="Which served collection (needed when several are served).")
     query: str | None = Field(None, description="Text to search for.")
     id: str | None = Field(None, description="Search by a stored item (left out of its own results).")
-    vector: list[float] | None = Field(None, description="A query vector with the collection's dimension.")
+    vector: list[FiniteFloat] | None = Field(None, description="A query vector with the collection's dimension.")
     k: int = Field(10, ge=1, le=MAX_K)
     where: str | None = Field(None, description="SQL filter on stored fields, e.g. \"label = 'cat'\".")
-    engine: Literal["auto", "exact", "faiss", "lance"] = "auto"
-    mode: Literal["vector", "text", "hybrid"] = Field(
+    engine: Engine = "auto"
+    mode: Mode = Field(
         "vector", description="vector: by embedding; text: BM25 over stored text; hybrid: both, fused (RRF).")
     group_by_doc: bool = Field(False, description="Chunked collections: the k best documents, each as its best passage.")
 
@@ -93,14 +112,20 @@ def _body_doc(model: type[BaseModel], *form_fields: str) -> dict:
         "multipart/form-data": {"schema": _form_schema(*form_fields)}}}}
 
 
-def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = None, max_body: int = MAX_BODY,
+def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = None, host: str = "127.0.0.1",
+               max_body: int = MAX_BODY,
                max_pixels: int = MAX_PIXELS, device: str = "auto", max_batch: int = 32,
                batch_wait: float = 0.0, threads: int | None = None) -> FastAPI:
     """The app serving `collections` (opened now: a missing one fails here, not on the first request).
 
     >>> app = create_app(["notes.idx", "photos.idx"], token="s3cret")      # doctest: +SKIP
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)                        # doctest: +SKIP
+
+    `host` is the address the server binds: without a token, requests must name it or localhost.
     """
+    if token is not None and not token.strip():  # an empty token must not quietly mean "no auth"
+        raise IndexerError("the token is empty: give a real --token (or INDEXER_TOKEN), or leave it unset "
+                           "to serve without one")
     service = Service(collections, device=device, max_batch=max_batch, batch_wait=batch_wait, threads=threads)
     metrics = Metrics()
 
@@ -113,9 +138,9 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
     app = FastAPI(title="indexer", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search collections of embeddings by text, image, id or vector.")
     app.state.service = service
-    app.add_middleware(Guard, token=token, max_body=max_body)
+    app.add_middleware(Guard, token=token, max_body=max_body, allowed_hosts=allowed_hosts(host))
     app.add_middleware(Measure, metrics=metrics, routes=lambda: app.router.routes)
-    _error_handlers(app)
+    _error_handlers(app, service)
     _docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -147,9 +172,8 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
             hits = await service.search(served.name, query, params)
         else:
             service.check(served, Query(image="upload"), params)
-            await asyncio.to_thread(_check_image, image, max_pixels)
-            with _temp_file(image) as path:
-                hits = await service.search(served.name, Query(image=path), params)
+            decoded = await asyncio.to_thread(_check_image, image, max_pixels)
+            hits = await service.search(served.name, Query(image=decoded), params)
         return JSON({"collection": served.name, "k": req.k, "mode": req.mode,
                      "took_ms": round((time.perf_counter() - start) * 1000, 2),
                      "results": [_present(served, h) for h in hits]})
@@ -276,6 +300,8 @@ def _check_image(data: bytes, max_pixels: int):
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
+    except Image.DecompressionBombError as exc:  # PIL's own guard (twice its warning size) on the header
+        raise TooLarge(f"image too large: {exc}") from None
     except Image.UnidentifiedImageError:
         raise UnsupportedMedia("the upload is not an image in a known format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds on broken headers
@@ -284,25 +310,16 @@ def _check_image(data: bytes, max_pixels: int):
         raise TooLarge(f"image too large: {width}x{height} pixels (limit {max_pixels})")
     try:
         return decode_image(data)
+    except ImageTooLarge as exc:
+        raise TooLarge(str(exc)) from None
     except ImageDecodeError as exc:
-        raise (TooLarge if "too large" in str(exc) or "bomb" in str(exc) else ServeError)(str(exc)) from None
-
-
-@contextlib.contextmanager
-def _temp_file(data: bytes):
-    fd, name = tempfile.mkstemp(prefix="indexer-query-", suffix=".img")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        yield name
-    finally:
-        os.unlink(name)
+        raise ServeError(str(exc)) from None
 
 
 def _recorded_image(service: Service, served: Served, item_id: str) -> Path:
     """The image file the collection recorded for this item, and nothing else: the id is only a key
     into the table, never part of a file path."""
-    if "path" not in served.coll.result_columns():
+    if served.modality != "image" or "path" not in served.coll.result_columns():
         raise NotFound(f"collection {served.name!r} records no image files")
     recorded = service.row(served, item_id, ["id", "path"]).get("path")
     if not recorded or Path(recorded).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -331,10 +348,17 @@ def _present(served: Served, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _error_handlers(app: FastAPI) -> None:
+def _error_handlers(app: FastAPI, service: Service) -> None:
+    # Messages name collections by their paths on this machine; clients know them by their names.
+    paths = sorted(((str(p), s.name) for s in service.collections.values()
+                    for p in {s.coll.path, s.coll.path.resolve()}), key=lambda pn: -len(pn[0]))
+
     @app.exception_handler(IndexerError)
     async def user_error(_request, exc: IndexerError) -> JSON:
-        return JSON({"error": str(exc)}, status_code=getattr(exc, "status", 400))
+        message = str(exc)
+        for path, name in paths:
+            message = message.replace(path, name)
+        return JSON({"error": message}, status_code=getattr(exc, "status", 400))
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, exc: HTTPException) -> JSON:

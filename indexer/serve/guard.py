@@ -16,6 +16,14 @@ from starlette.routing import Match
 from .metrics import Metrics
 
 COOKIE = "indexer_session"
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def allowed_hosts(bound: str) -> frozenset[str] | None:
+    """Host names a request may use: this machine's loopback names and the address bound to; None
+    for a wildcard bind (every name of the machine is legitimate there)."""
+    bound = bound.strip("[]").lower()
+    return None if bound in WILDCARDS else frozenset({"localhost", "127.0.0.1", "::1", bound})
 
 
 async def send_json(send, status: int, payload: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -30,10 +38,15 @@ class Guard:
     """With a token, every path but /health needs `Authorization: Bearer TOKEN` or the session cookie a
     browser gets by opening `/?token=TOKEN` once (a page cannot send headers with <img> loads).
     The cookie is HttpOnly and SameSite=Strict, so other sites cannot make requests that carry it.
-    Bodies over `max_body` bytes get 413 before anything reads them."""
+    Bodies over `max_body` bytes get 413 before anything reads them.
 
-    def __init__(self, app, token: str | None, max_body: int):
+    Without a token, only requests whose Host header names this machine (`allowed_hosts`) are
+    answered: a web page cannot make a browser query the server through a name it controls that
+    resolves to 127.0.0.1 (DNS rebinding). `allowed_hosts=None` (a wildcard bind) skips the check."""
+
+    def __init__(self, app, token: str | None, max_body: int, allowed_hosts: frozenset[str] | None = None):
         self.app = app
+        self.allowed_hosts = None if token else allowed_hosts
         self.token = token.encode() if token else None
         self.session = hmac.new(self.token, b"indexer-session", hashlib.sha256).hexdigest().encode() if token else None
         self.max_body = max_body
@@ -41,6 +54,10 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        host = self._host(scope)
+        if self.allowed_hosts is not None and host is not None and host not in self.allowed_hosts:
+            return await send_json(send, 421, {"error": f"Host {host!r} is not this server: open it as "
+                                                        f"http://{min(self.allowed_hosts)}:PORT/ (or serve with --token)"})
         if self.token is not None and scope["path"] != "/health" and not self._authorized(scope):
             if scope["path"] == "/" and self._token_in_query(scope):
                 cookie = f"{COOKIE}={self.session.decode()}; HttpOnly; SameSite=Strict; Path=/".encode()
@@ -78,6 +95,15 @@ class Guard:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    def _host(scope) -> str | None:
+        """The Host header's name, without the port and the brackets of an IPv6 address."""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1").strip().lower()
+                return host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        return None
 
     def _too_large(self) -> dict:
         return {"error": f"request body larger than {self.max_body} bytes (the server's limit, --max-body)"}

@@ -23,7 +23,7 @@ def serve(collections: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", 
     attempt_import("python_multipart", "serve")  # image uploads
     from .app import create_app
 
-    app = create_app(collections, token=token, **options)
+    app = create_app(collections, token=token, host=host, **options)
     if not token and not _is_loopback(host):
         log.warning("serving on %s without --token: anyone who can reach this machine can query and "
                     "read the collections", host)

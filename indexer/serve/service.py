@@ -24,13 +24,12 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
-from ..tasks.search import Query, query_embedder, search_batch
+from ..tasks.search import MODES, Query, query_embedder, search_batch
 from .metrics import Histogram
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-MODES = ("vector", "text", "hybrid")
 
 
 class ServeError(IndexerError):
@@ -74,7 +73,7 @@ class Served:
     def describe(self) -> dict[str, Any]:
         spec = self.coll.spec
         index = self.coll.index_info()
-        return {"name": self.name, "path": str(self.coll.path), "rows": self.coll.count(),
+        return {"name": self.name, "rows": self.coll.count(),
                 "model": spec.name, "modality": spec.modality, "dim": spec.dim,
                 "fields": self.coll.result_columns(),
                 "index": None if index is None else {"engine": index["engine"], "kind": index["kind"],
@@ -87,6 +86,12 @@ class _Job:
     params: SearchParams
     query: Query
     future: asyncio.Future = field(repr=False)
+
+
+def _batcher_ended(task: asyncio.Task) -> None:
+    """Every /search waits on the batcher: if it ever stops other than at shutdown, say so loudly."""
+    if not task.cancelled():
+        log.critical("the search batcher stopped: searches will not be answered", exc_info=task.exception())
 
 
 def default_threads() -> int:
@@ -141,6 +146,7 @@ class Service:
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._run_batches())
+        self._batcher.add_done_callback(_batcher_ended)
         if not self._warm:
             await self.compute(self._warm_up)
 
@@ -232,7 +238,11 @@ class Service:
                 groups[job.name, job.params].append(job)
             for (name, params), group in groups.items():
                 self.batch_sizes.observe(len(group))
-                answers = await self.compute(self._answer, name, params, [j.query for j in group])
+                try:
+                    answers = await self.compute(self._answer, name, params, [j.query for j in group])
+                except Exception as exc:  # noqa: BLE001 - a bug: fail these requests, keep serving others
+                    log.error("search batch failed", exc_info=exc)
+                    answers = [exc] * len(group)
                 for job, answer in zip(group, answers):
                     if job.future.done():  # the client went away
                         continue
