@@ -381,6 +381,8 @@ def test_token_guards_every_route_but_health(served_collections):
                 assert r.status_code == 401, (route, bad, r.text)
                 assert "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
         assert _get(f"{url}/collections", headers=good).status_code == 200
+        # With a token the Host header is not checked (a rebinding page does not know the token).
+        assert _get(f"{url}/collections", headers={**good, "host": "search.example.org"}).status_code == 200
         hits = _post(f"{url}/search", headers=good, json={"query": "galaxies", "k": 2}).json()
         assert len(hits["results"]) == 2 and hits["collection"] == "texts"
         # A browser opens /?token=... once and gets an HttpOnly, SameSite=Strict session cookie.
@@ -453,3 +455,12 @@ def test_responses_are_strict_json_even_with_nan_fields():
 
     body = JSON({"results": [{"score": 0.5, "weight": float("nan"), "extra": {"max": float("-inf")}}]}).body
     assert strict(body.decode()) == {"results": [{"score": 0.5, "weight": None, "extra": {"max": None}}]}
+
+
+def test_allowed_hosts_are_loopback_and_the_bound_address():
+    from indexer.serve.guard import Guard, allowed_hosts
+
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("::") is None  # every name of the machine is fine
+    assert allowed_hosts("192.168.1.5") == {"localhost", "127.0.0.1", "::1", "192.168.1.5"}
+    for header, name in ((b"[::1]:8000", "::1"), (b"LocalHost:80", "localhost"), (b"10.0.0.2", "10.0.0.2")):
+        assert Guard._host({"headers": [(b"host", header)]}) == name
