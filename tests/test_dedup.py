@@ -17,13 +17,17 @@ import indexer
 from indexer.cli import cli
 from indexer.errors import IndexerError
 from indexer.index import FaissIndex, build_index
+from indexer.models.base import ModelSpec
 from indexer.store import Collection
-from indexer.tasks.dedup import DEFAULT_THRESHOLDS, components, dedup
+from indexer.tasks import dedup as dedup_module
+from indexer.tasks.dedup import DEFAULT_THRESHOLDS, Vectors, components, dedup, find_pairs, find_pairs_against
 from indexer.tasks.dedup_calibrate import (
     calibrate,
+    load_item,
     pair_scores,
     phash_pair,
     phash_similarity,
+    typos,
     write_near_duplicate_sets,
 )
 
@@ -36,6 +40,19 @@ def run(*args):
 
 def found_pairs(report) -> set[tuple[str, str]]:
     return {(p["a"], p["b"]) for p in report.pairs}
+
+
+def vectors_collection(path, x: np.ndarray, hashes: list[str] | None = None) -> Collection:
+    """Rows r0, r1, ... with these vectors; each its own content hash unless `hashes` says otherwise."""
+    coll = Collection.create(path, ModelSpec(name="none", modality="vector", dim=x.shape[1]))
+    hashes = hashes or [f"h{k}" for k in range(len(x))]
+    rows = [{"id": f"r{k}", "content_hash": h, "record_hash": f"rec{k}", "source": "test"} for k, h in enumerate(hashes)]
+    coll.write(rows, np.asarray(x, dtype=np.float32), upsert=False)
+    return coll
+
+
+def ids_of(path) -> set[str]:
+    return {r["id"] for b in Collection.open(path).scan(["id"]) for r in b.to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +135,74 @@ def test_methods_find_the_planted_pairs(planted, method):
     assert {p["exact"] for p in r.pairs if p["score"] > 0.99999} == {True}
 
 
+def test_knn_partitions_and_still_finds_the_pairs(tmp_path):
+    """21k clustered vectors in ~42 lists: the tuned spread must stay below the list count (else it is brute
+    force) while finding >= 99% of the exact pairs."""
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((64, 32)).astype(np.float32)
+    x = centers[rng.integers(0, 64, 20_000)] + 0.6 * rng.standard_normal((20_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(20_000, 1000, replace=False)
+    noise = rng.standard_normal((1000, 32)).astype(np.float32)
+    noise *= (rng.uniform(0.1, 0.45, 1000) / np.linalg.norm(noise, axis=1))[:, None]
+    x = np.concatenate([x, x[src] + noise])
+    vecs = Vectors([str(k) for k in range(len(x))], [str(k) for k in range(len(x))],
+                   x / np.linalg.norm(x, axis=1, keepdims=True))
+    (ei, ej, _, _), _, _ = find_pairs(vecs, 0.9, "exact")
+    (ki, kj, _, _), used, stats = find_pairs(vecs, 0.9, "knn")
+    assert used == "knn" and stats["lists"] >= 40 and stats["spread"] < stats["lists"], stats
+    exact, knn = set(zip(ei.tolist(), ej.tolist())), set(zip(ki.tolist(), kj.tolist()))
+    assert len(exact) >= 900 and knn <= exact
+    assert len(knn & exact) / len(exact) >= 0.99, (len(knn & exact), len(exact), stats)
+
+
+def test_exact_and_knn_agree_at_the_threshold(tmp_path):
+    # Identical vectors under distinct ids and content hashes: cosine exactly 1.0, so threshold 1.0 keeps them.
+    x = np.random.default_rng(1).standard_normal((600, 16)).astype(np.float32)
+    x[[10, 20, 30]] = np.eye(16)[0]
+    x[[40, 50]] = np.eye(16)[1]
+    coll = vectors_collection(tmp_path / "v.idx", x)
+    want = {("r10", "r20"), ("r10", "r30"), ("r20", "r30"), ("r40", "r50")}
+    for method in ("exact", "knn"):
+        r = dedup(coll, threshold=1.0, method=method)
+        assert found_pairs(r) == want and not any(p["exact"] for p in r.pairs), method
+
+
+def test_exact_copies_give_linear_pairs(tmp_path):
+    """300 copies of one item (one content hash) next to 200 distinct items: 299 links, one group."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([np.repeat(rng.standard_normal((1, 24)), 300, axis=0), rng.standard_normal((200, 24))])
+    coll = vectors_collection(tmp_path / "v.idx", x, ["same"] * 300 + [f"h{k}" for k in range(200)])
+    for method in ("exact", "knn"):
+        r = dedup(coll, threshold=0.95, method=method)
+        assert r.pair_count == 299 and all(p["exact"] for p in r.pairs) and r.stats["searched"] == 201
+        assert r.groups == [["r0"] + [f"r{k}" for k in range(1, 300)]] and len(r.drop) == 299
+
+
+@pytest.mark.parametrize("method", ["exact", "knn"])
+def test_a_threshold_too_low_is_refused_before_memory_runs_out(planted, method, monkeypatch):
+    monkeypatch.setattr(dedup_module, "MAX_PAIRS", 10_000)
+    with pytest.raises(IndexerError, match="too low to mean 'duplicate'"):
+        dedup(planted["idx"], threshold=0.0, method=method)  # ~1.1M pairs among 2105 random vectors
+    assert dedup(planted["idx"], threshold=0.9, method=method).pair_count == len(planted["truth"])
+    out = run("dedup", planted["idx"], "--threshold", "0", "--method", method)
+    assert out.exit_code == 1 and "Raise --threshold" in out.output and "Traceback" not in out.output
+
+
+def test_against_one_item_is_exact_whatever_the_reference_size(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    ref = Vectors([f"r{k}" for k in range(3000)], [f"h{k}" for k in range(3000)],
+                  x / np.linalg.norm(x, axis=1, keepdims=True))
+    one = Vectors(["q"], ["hq"], ref.x[:1].copy())
+    monkeypatch.setattr(dedup_module, "EXACT_BELOW", 100)  # a "large" reference for the old size-only rule
+    (i, j, _, _), used, _ = find_pairs_against(one, ref, 0.999)
+    assert used == "exact" and j.tolist() == [0]
+    monkeypatch.setattr(dedup_module, "EXACT_PRODUCTS", 1000)  # many queries x a large reference: the lists
+    many = Vectors([f"q{k}" for k in range(500)], [f"hq{k}" for k in range(500)], ref.x[:500].copy())
+    assert find_pairs_against(many, ref, 0.999)[1] == "knn"
+
+
 def test_groups_are_transitive(tmp_path):
     # a ~ b and b ~ c above 0.9, a and c below it: one group of three.
     a = np.array([1.0, 0.0, 0.0, 0.0])
@@ -190,14 +275,43 @@ def test_apply_deletes_as_a_new_version_and_restore_brings_it_back(sets, tmp_pat
     hits = indexer.search(path, id=r["groups"][0][0], k=len(before_ids), engine="faiss")
     assert not {h["id"] for h in hits} & set(r["drop"])
     assert dedup(path).drop == []  # nothing left to drop
-    # Undo.
+    # Something ingested after the apply survives the undo (restore is not a rollback).
+    late = [{"id": "late-1", "text": "Tide pools hold anemones, crabs and small fish between the rocks."}]
+    indexer.ingest(path, [str(write_jsonl(tmp_path / "late.jsonl", late))], model="minilm", progress=False)
     result = run("dedup", path, "--restore", r["version_before"], "--json")
     assert result.exit_code == 0, result.output
+    undo = json.loads(result.stdout)
+    assert undo["rows_restored"] == len(r["drop"]) and undo["version_after"] > undo["version_before"]
     coll = Collection.open(path)
-    assert {x["id"] for b in coll.scan(["id"]) for x in b.to_pylist()} == before_ids
+    assert ids_of(path) == before_ids | {"late-1"} and coll.count() == len(before_ids) + 1
     index = FaissIndex.open(coll)
-    assert index.is_current(coll) and int(index.live.sum()) == len(before_ids)
+    assert index.is_current(coll) and int(index.live.sum()) == len(before_ids) + 1
+    hits = indexer.search(path, id=r["groups"][0][0], k=len(before_ids), engine="faiss")
+    assert set(r["groups"][0][1:]) <= {h["id"] for h in hits}  # restored rows are searchable again
     assert sorted(dedup(path).drop) == sorted(r["drop"])
+    # Restoring again brings nothing back twice.
+    again = json.loads(run("dedup", path, "--restore", r["version_before"], "--json").stdout)
+    assert again["rows_restored"] == 0 and Collection.open(path).count() == len(before_ids) + 1
+
+
+def test_user_errors_stop_before_anything_is_deleted(sets, tmp_path):
+    path = tmp_path / "img.idx"
+    shutil.copytree(sets["image_idx"], path)
+    version, rows = Collection.open(path).version(), Collection.open(path).count()
+    for args in (["--keep", "longest"], ["--out", tmp_path / "r.txt"]):
+        out = run("dedup", path, "--apply", *args)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        assert Collection.open(path).version() == version and Collection.open(path).count() == rows
+    vec = vectors_collection(tmp_path / "v.idx", np.eye(4))
+    with pytest.raises(IndexerError, match="--keep largest needs texts or image files"):
+        dedup(vec, keep="largest", apply=True)
+    # --apply with an HTML page: its sample is taken before the delete, so the dropped photos still show.
+    out = run("dedup", path, "--apply", "--out", tmp_path / "r.html", "--json")
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    page = (tmp_path / "r.html").read_text()
+    assert r["applied"] and "deleted as Lance version" in page
+    assert page.count("data:image/jpeg;base64,") >= 4 and any(html.escape(d) in page for d in r["drop"])
 
 
 def test_without_apply_nothing_changes(sets):
@@ -282,6 +396,38 @@ def test_phash_is_robust_to_edits_and_flips(sets):
     for t in ("resize.jpg", "jpeg.jpg", "brightness.jpg", "png.png"):
         assert phash_similarity(h["cat.jpg"], h[f"cat--{t}"]) >= 0.9, t
     assert phash_similarity(h["cat.jpg"], h["coffee.jpg"]) < 0.75
+
+
+def test_unreadable_or_odd_inputs_do_not_raise(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    assert typos("2023", rng) == "2023" and typos("", rng) == "" and typos("abc def", rng) != "abc def"
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert load_item(str(tmp_path / "broken.jpg"), "image") is None
+    assert load_item(str(tmp_path / "missing.jpg"), "image") is None
+    # EXIF orientation is applied, as at ingest: a 40x20 photo tagged "rotate 90" reads as 20x40.
+    img = Image.new("RGB", (40, 20), "red")
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_item(str(tmp_path / "rot.jpg"), "image").size == (20, 40)
+
+
+def test_combined_signal_finds_every_pair_above_the_threshold(sets):
+    """Below 0.85 the candidates must come from cosine >= 2T - 1 (pHash can add at most 1): checked
+    against brute force over all image pairs."""
+    coll = Collection.open(sets["image_idx"])
+    rows = [r for b in coll.scan(["id", "path", "vector"]) for r in b.to_pylist()]
+    x = np.array([r["vector"] for r in rows], dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    hashes = [phash_pair(load_item(r["path"], "image")) for r in rows]
+    t = 0.6
+    truth = {tuple(sorted((rows[a]["id"], rows[b]["id"]))) for a in range(len(rows)) for b in range(a + 1, len(rows))
+             if (float(x[a] @ x[b]) + phash_similarity(hashes[a], hashes[b])) / 2 >= t + 1e-4}
+    r = dedup(coll, signal="combined", threshold=t)
+    found = {tuple(sorted(p)) for p in found_pairs(r)}
+    assert truth and truth <= found, truth - found
 
 
 def test_calibrate_text_estimates_precision_and_recall(sets):

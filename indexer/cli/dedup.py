@@ -25,8 +25,9 @@ from .base import cli, output_options, print_json
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the result: .json, .csv (one row per "
               "pair) or .html (sampled pairs around the threshold and a similarity histogram).")
 @click.option("--apply", is_flag=True, help="Delete the items to drop (one new Lance version; restorable).")
-@click.option("--restore", "restore_version", type=int, help="Undo an --apply: restore this Lance version "
-              "(the version_before it reported) as a new version.")
+@click.option("--restore", "restore_version", type=int, help="Undo an --apply: the rows of this Lance "
+              "version (the version_before it reported) missing now come back as a new version; rows written "
+              "since stay.")
 @click.option("--calibrate", is_flag=True, help="Transform a sample of the collection's own items and print "
               "the estimated precision/recall per threshold (needs the collection's model).")
 @click.option("--sample", "sample_size", type=click.IntRange(min=4), default=200, show_default=True,
@@ -40,7 +41,8 @@ def dedup(collection, threshold, method, keep, signal, against, out, apply, rest
 
         data = restore(collection, restore_version)
         print_json(data) if as_json else click.echo(
-            f"restored version {data['restored']} as version {data['version_after']}: {data['rows']} rows")
+            f"{data['rows_restored']} rows of version {data['restored']} brought back as version "
+            f"{data['version_after']}: {data['rows']} rows")
         return
     if calibrate:
         if apply or against:
@@ -51,12 +53,9 @@ def dedup(collection, threshold, method, keep, signal, against, out, apply, rest
         print_json(result.to_dict()) if as_json else click.echo(result.table())
         return
     from ..tasks.dedup import dedup as run_dedup
-    from ..tasks.dedup_report import write_output
 
     report = run_dedup(collection, threshold=threshold, method=method, keep=keep, signal=signal, against=against,
-                       apply=apply)
-    if out:
-        write_output(report, out)
+                       apply=apply, out=out)
     if as_json:
         print_json(report.to_dict())
         return

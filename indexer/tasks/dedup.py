@@ -1,15 +1,20 @@
 """Exact and near duplicates in a collection (or against another one), grouped, with one item kept per group.
 
 Pairs come from `content_hash` (exact copies) and from all pairs with cosine >= threshold, found without
-ever forming an n x n matrix:
-- `exact`: FAISS range search over a flat index, query block by query block (exact, for small collections);
-- `knn`: k-means lists of ~1000 vectors (an IVF partition built for the job); each vector joins its
-  `spread` nearest lists and each list is self-joined exactly with one matrix product (BLAS speed, memory
-  bounded by the largest list). `spread` is tuned until the pair recall measured on sampled queries'
+ever forming an n x n matrix. Exact copies are searched once: one representative per content hash takes
+part in the search and its copies are linked to it afterwards (k copies: k - 1 links, not k(k-1)/2 pairs).
+- `exact`: every query against every vector in blocked matrix products (exact, for small collections);
+- `knn`: k-means lists of ~500 vectors (an IVF partition built for the job); each vector joins its
+  `spread` nearest lists and each list is self-joined exactly with matrix products (BLAS speed, memory
+  bounded by the block size). `spread` is tuned until the pair recall measured on sampled queries'
   exact neighbours reaches `target_recall`;
 - `semdedup`: the same with one list per vector (SemDeDup's scheme): fastest, misses pairs split
   across lists;
-- `auto`: exact up to EXACT_BELOW items, knn up to SEMDEDUP_ABOVE, semdedup past that.
+- `auto`: exact up to EXACT_BELOW items, knn up to SEMDEDUP_ABOVE, semdedup past that. With `--against`,
+  exact while queries x reference stays within the products of an exact search over EXACT_BELOW items.
+Every method keeps the pairs with score >= threshold (the same comparison everywhere). A threshold so low
+that more than MAX_PAIRS pairs would come back is refused with advice (estimated from the tuning sample,
+or counted while searching) rather than filling the machine's memory.
 Groups are the connected components of the pair graph (transitive: a~b and b~c put a, b, c together).
 
 >>> r = dedup("photos.idx")                                          # doctest: +SKIP
@@ -23,7 +28,8 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,16 +49,20 @@ KEEPS = ("first", "oldest", "longest", "largest", "central")
 # Default thresholds per modality of the embeddings, chosen on the generated near-duplicate sets
 # (README "Deduplication" gives the measurements): MiniLM texts and EfficientNet-Lite0 photos.
 DEFAULT_THRESHOLDS = {"text": 0.85, "image": 0.85, "vector": 0.90}
-EXACT_BELOW = 50_000  # a flat range search over this many vectors takes seconds
+EXACT_BELOW = 50_000  # an exact search over this many vectors takes seconds
+# --against, method auto: exact while queries x reference <= the vector products of an exact search over
+# EXACT_BELOW items (one new item against millions stays exact; a big test set against a big train set
+# goes through the lists join).
+EXACT_PRODUCTS = EXACT_BELOW * EXACT_BELOW // 2
 SEMDEDUP_ABOVE = 5_000_000  # past this, a spread of m costs ~m^2 the work of semdedup: hours on a few cores
 TARGET_PAIR_RECALL = 0.995
 MAX_SPREAD = 16  # lists a vector may join as a base (knn)
 TUNING_QUERIES = 20_000
 THIN_EVIDENCE = 200  # fewer sampled pairs than this: measure lower, keep a wider margin
-QUERY_BLOCK = 16_384
-# signal="combined" scores a pair by the mean of the embedding cosine and the pHash similarity; its
-# candidates come from the embedding at this much below the threshold.
-COMBINED_MARGIN = 0.15
+JOIN_ROWS, JOIN_COLS = 2048, 16384  # block of one matrix product: 128 MB of float32 similarities
+# More pairs than this (~21 bytes each as arrays, far more as output) means the threshold is too low for
+# dedup: refused with advice instead of exhausting memory.
+MAX_PAIRS = 50_000_000
 
 
 @dataclass
@@ -64,8 +74,19 @@ class Vectors:
     x: np.ndarray
 
 
+# Pairs are arrays (i, j, score, exact) over positions; i < j within one collection.
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def no_pairs() -> Pairs:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
+
+
 @dataclass
 class DedupReport:
+    """`pairs` ({"a", "b", "score", "exact"}; a < b in stored order, a from this collection) are kept as
+    arrays and turned into dicts only when asked for (`pairs`, `iter_pairs`, `to_dict`)."""
+
     collection: str
     method: str
     threshold: float
@@ -73,7 +94,6 @@ class DedupReport:
     modality: str
     keep: str
     items: int
-    pairs: list[dict[str, Any]]  # {"a", "b", "score", "exact"}; a < b in stored order (a: this collection)
     groups: list[list[str]]  # the kept id first
     drop: list[str]
     dropped: list[dict[str, Any]]  # {"id", "kept", "score" (cosine to the kept item), "via", "via_score"}
@@ -82,28 +102,61 @@ class DedupReport:
     version_before: int | None = None
     version_after: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    pair_arrays: Pairs = field(default_factory=no_pairs, repr=False)
+    pair_ids: tuple[list[str], list[str]] = field(default=([], []), repr=False)  # names of i and of j
+
+    @property
+    def pair_count(self) -> int:
+        return len(self.pair_arrays[0])
+
+    def iter_pairs(self) -> Iterator[dict[str, Any]]:
+        ids_a, ids_b = self.pair_ids
+        i, j, s, e = self.pair_arrays
+        for a, b, sc, ex in zip(i.tolist(), j.tolist(), s.tolist(), e.tolist()):
+            yield {"a": ids_a[a], "b": ids_b[b], "score": round(sc, 6), "exact": ex}
+
+    @property
+    def pairs(self) -> list[dict[str, Any]]:
+        return list(self.iter_pairs())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("pair_arrays", "pair_ids"):
+                continue
+            if f.name == "groups":
+                out["pairs"] = self.pairs
+            out[f.name] = getattr(self, f.name)
+        return out
 
     def line(self) -> str:
         what = f"against {self.against}" if self.against else f"{len(self.groups)} groups"
-        done = (f"; deleted as Lance version {self.version_after} (restore with "
+        done = (f"; deleted as Lance version {self.version_after} (undo with "
                 f"`indexer dedup {self.collection} --restore {self.version_before}`)" if self.applied
                 else "; nothing deleted (use --apply)")
-        return (f"{self.items} items, {len(self.pairs)} pairs >= {self.threshold:g} ({self.method}), {what}, "
+        return (f"{self.items} items, {self.pair_count} pairs >= {self.threshold:g} ({self.method}), {what}, "
                 f"{len(self.drop)} to drop (keep {self.keep}){done}")
+
+
+def too_many_pairs(threshold: float, count: float) -> IndexerError:
+    return IndexerError(
+        f"cosine >= {threshold:.4g} pairs about {count:,.0f} items or more (the limit is {MAX_PAIRS:,}): "
+        "this threshold is too low to mean 'duplicate'. Raise --threshold (an --out report.html of a "
+        "higher threshold shows the nearest-neighbour similarities) or run --calibrate.")
 
 
 # ---- entry points --------------------------------------------------------------------------------------
 
 def dedup(collection: Collection | str, *, threshold: float | None = None, method: Method = "auto",
           keep: Keep = "first", against: Collection | str | None = None, apply: bool = False,
-          signal: Signal = "embedding", target_recall: float = TARGET_PAIR_RECALL, seed: int = 0) -> DedupReport:
+          signal: Signal = "embedding", out: str | Path | None = None, target_recall: float = TARGET_PAIR_RECALL,
+          seed: int = 0) -> DedupReport:
     """Find exact and near duplicates; with `apply`, delete the ones to drop as a new Lance version.
 
     signal: `embedding` scores pairs by cosine; `combined` (images) by the mean of the cosine and a
       flip-invariant perceptual-hash similarity, which `--calibrate` often finds separates better.
+      Since the pHash similarity is at most 1, a pair reaches T with a cosine as low as 2T - 1: the
+      candidates are searched at that bound.
 
     keep (which item of a group stays; ties go to `first`):
       first    the smallest id (ids sort the same on every run)
@@ -113,13 +166,18 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
       central  the medoid: highest summed cosine to the rest of its group
     against: find the items of `collection` that duplicate something in `against` (leakage between
       train and test, or "have we seen this before?"); those are the ones to drop.
+    out: also write the result (.json, .csv or .html). Every argument is checked before anything is
+      searched or deleted; the HTML page's sample is taken before `apply` deletes.
     """
+    from .dedup_report import check_out, html_sample, write_output
+
     started = time.perf_counter()
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     if method not in METHODS:
         raise IndexerError(f"--method {method}: choose one of {', '.join(METHODS)}")
     if keep not in KEEPS:
         raise IndexerError(f"--keep {keep}: choose one of {', '.join(KEEPS)}")
+    out = None if out is None else check_out(out)
     modality = coll.spec.modality
     source = "given"
     if threshold is None:
@@ -136,40 +194,53 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
     if against is not None:
         if signal == "combined":
             raise IndexerError("--signal combined works within one collection; use the embedding with --against")
+        if method == "semdedup":
+            raise IndexerError("--against compares two collections; use --method exact or knn")
         other = against if isinstance(against, Collection) else Collection.open(against)
         if other.path.resolve() == coll.path.resolve():
             raise IndexerError("--against names the same collection: run dedup without --against")
         coll.check_compatible(other.spec)
+    else:
+        _check_keep(coll, keep)
     with coll.write_lock() if apply else contextlib.nullcontext():
         version = coll.version()
         vecs = load_vectors(coll)
         if other is None:
-            search_t = threshold - COMBINED_MARGIN if signal == "combined" else threshold
+            search_t = max(-1.0, 2 * threshold - 1) if signal == "combined" else threshold
             pairs, used, stats = find_pairs(vecs, search_t, method, target_recall, seed)
             if signal == "combined":
                 pairs = _rescore_combined(coll, vecs, pairs, threshold)
             groups, drop, dropped = _groups(coll, vecs, pairs, keep)
+            names = (vecs.ids, vecs.ids)
         else:
             ref = load_vectors(other)
             pairs, used, stats = find_pairs_against(vecs, ref, threshold, method, target_recall, seed)
             groups, drop, dropped = _against_groups(vecs, ref, pairs)
+            names = (vecs.ids, ref.ids)
         report = DedupReport(
             collection=str(coll.path), method=used, threshold=float(threshold), threshold_source=source,
             modality=modality, keep=keep, items=len(vecs.ids), groups=groups, drop=drop, dropped=dropped,
-            pairs=[{"a": a, "b": b, "score": round(s, 6), "exact": e} for a, b, s, e in _named(vecs, other and ref, pairs)],
             against=None if other is None else str(other.path), version_before=version, version_after=version,
-            stats={"signal": signal, **stats})
+            stats={"signal": signal, **stats}, pair_arrays=pairs, pair_ids=names)
+        # The page shows the items it samples: take them while the ones to drop are still stored.
+        sample = html_sample(report) if out is not None and out.suffix.lower() in (".html", ".htm") else None
         if apply and drop:
-            report.version_after = _delete(coll, drop)
+            coll.delete(drop)  # one Lance commit: one version to restore from
+            _after_write(coll)
+            report.version_after = coll.version()
             report.applied = True
     report.stats["seconds"] = round(time.perf_counter() - started, 3)
+    if out is not None:
+        write_output(report, out, sample)
     log.debug("%s", report.line())
     return report
 
 
 def restore(collection: Collection | str, version: int) -> dict[str, Any]:
-    """Bring back the rows of an earlier Lance version (e.g. the one before `dedup --apply`) as a new
-    version, and bring the index along."""
+    """Undo a `dedup --apply`: the rows of `version` (the one before the apply) that are no longer stored
+    come back, as a new version; rows written since stay. The index catches up with the new rows."""
+    from ..store.arrow import conform
+
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     table = coll.table
     if table is None:
@@ -179,15 +250,29 @@ def restore(collection: Collection | str, version: int) -> dict[str, Any]:
         raise IndexerError(f"{coll.path} has no Lance version {version} (it has {known[0]}..{known[-1]})")
     with coll.write_lock():
         before = coll.version()
-        table.restore(version)
-        _after_write(coll)
-        return {"collection": str(coll.path), "restored": version, "version_before": before,
-                "version_after": coll.version(), "rows": coll.count()}
+        present = {i for b in coll.scan(["id"], batch_size=65536) for i in b.column("id").to_pylist()}
+        old = coll.dataset().checkout_version(version)
+        back = [b.filter(np.array([i not in present for i in b.column("id").to_pylist()], dtype=bool))
+                for b in old.to_batches(batch_size=65536)]
+        back = [b for b in back if b.num_rows]
+        restored = sum(b.num_rows for b in back)
+        if restored:
+            import pyarrow as pa
+
+            data, new_fields = conform(pa.Table.from_batches(back), table.schema)
+            if new_fields:  # columns dropped since that version: bring them back too
+                table.add_columns(new_fields)
+            table.add(data)
+            _after_write(coll)
+        return {"collection": str(coll.path), "restored": version, "rows_restored": restored,
+                "version_before": before, "version_after": coll.version(), "rows": coll.count()}
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
 
 def load_vectors(coll: Collection) -> Vectors:
+    from .features import normalized
+
     ids: list[str] = []
     hashes: list[str] = []
     n = coll.count()
@@ -198,38 +283,36 @@ def load_vectors(coll: Collection) -> Vectors:
         block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
         if len(ids) + batch.num_rows > len(x):  # a writer appended since count(): make room
             x = np.concatenate([x, np.empty((len(ids) + batch.num_rows - len(x), x.shape[1]), np.float32)])
-        x[len(ids) : len(ids) + batch.num_rows] = block
+        x[len(ids) : len(ids) + batch.num_rows] = normalized(block)  # per batch: no full-size temporary
         ids.extend(batch.column("id").to_pylist())
         hashes.extend(batch.column("content_hash").to_pylist())
-    x = x[: len(ids)]
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return Vectors(ids, hashes, x)
+    return Vectors(ids, hashes, x[: len(ids)])
 
 
 # ---- pair finding -------------------------------------------------------------------------------------------
-# Pairs are arrays (i, j, score, exact) over positions; i < j within one collection.
-
-Pairs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def find_pairs(vecs: Vectors, threshold: float, method: Method = "auto", target_recall: float = TARGET_PAIR_RECALL,
                seed: int = 0) -> tuple[Pairs, str, dict[str, Any]]:
     """All pairs of one collection with cosine >= threshold, plus identical content. Returns the pairs,
-    the method used and what it measured."""
-    x = vecs.x
+    the method used and what it measured. One representative per content hash is searched; its copies
+    are linked to it (the groups come out the same, the pairs stay linear in the copies)."""
+    reps, ci, cj = _representatives(vecs.hashes)
+    x = vecs.x if len(reps) == len(vecs.x) else vecs.x[reps]
     n = len(x)
     if method == "auto":
         method = "exact" if n <= EXACT_BELOW else "knn" if n <= SEMDEDUP_ABOVE else "semdedup"
-    stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {"searched": n}
     t0 = time.perf_counter()
     if method == "exact" or n < 2:
         i, j, s = range_pairs_exact(x, threshold)
     else:  # knn: spread tuned to the recall target; semdedup: one list each
-        i, j, s, stats = range_pairs_partitioned(x, threshold, target_recall=target_recall, seed=seed,
+        i, j, s, tuned = range_pairs_partitioned(x, threshold, target_recall=target_recall, seed=seed,
                                                  spread=1 if method == "semdedup" else None)
+        stats.update(tuned)
     stats["search_seconds"] = round(time.perf_counter() - t0, 3)
-    hi, hj = _hash_pairs(vecs.hashes)
-    return _merge(x, x, (i, j, s), (hi, hj)), method, stats
+    if n < len(vecs.x):  # back to positions in the collection (reps ascend: i < j still holds)
+        i, j = reps[i], reps[j]
+    return _merge(vecs.x, vecs.x, (i, j, s), (ci, cj)), method, stats
 
 
 def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Method = "auto",
@@ -238,7 +321,7 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
     if method == "semdedup":
         raise IndexerError("--against compares two collections; use --method exact or knn")
     if method == "auto":
-        method = "exact" if len(ref.x) <= EXACT_BELOW else "knn"
+        method = "exact" if len(vecs.x) * len(ref.x) <= EXACT_PRODUCTS else "knn"
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     if method == "exact":
@@ -255,34 +338,13 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
     return _merge(vecs.x, ref.x, (i, j, s), (hi, hj), ordered=False), method, stats
 
 
-def _range_result(lims: np.ndarray, dist: np.ndarray, labels: np.ndarray, offset: int,
-                  ordered: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    qi = np.repeat(np.arange(offset, offset + len(lims) - 1, dtype=np.int64), np.diff(lims.astype(np.int64)))
-    labels = labels.astype(np.int64)
-    if ordered:  # one collection: keep each unordered pair once, never an item with itself
-        lo, hi = np.minimum(qi, labels), np.maximum(qi, labels)
-        keep = lo != hi
-        return lo[keep], hi[keep], dist[keep]
-    return qi, labels, dist
-
-
 def range_pairs_exact(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact range search, QUERY_BLOCK queries at a time (FAISS blocks the products inside)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    return _range_blocks(index, base if queries is None else queries, threshold, queries is None, None)
-
-
-def _range_blocks(index, queries: np.ndarray, threshold: float, ordered: bool, params) -> tuple:
-    parts = []
-    for start in range(0, len(queries), QUERY_BLOCK):
-        lims, dist, labels = index.range_search(queries[start : start + QUERY_BLOCK], float(threshold), params=params)
-        parts.append(_range_result(lims, dist, labels, start, ordered))
-    i, j, s = (np.concatenate([p[k] for p in parts]) for k in range(3))
-    return _unique(i, j, s)
+    """Exact: every query against every base vector, in blocked matrix products (the lists join with one
+    list holding everything), so the base is never copied into an index and memory stays bounded."""
+    same = queries is None
+    qx = base if same else queries
+    return _join(qx, [np.arange(len(qx))], base, [np.arange(len(base))], threshold, same)
 
 
 def _unique(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -328,26 +390,32 @@ def _members(assign: np.ndarray, nlist: int) -> list[np.ndarray]:
 
 def _join(xq: np.ndarray, q_members: list[np.ndarray], xb: np.ndarray, b_members: list[np.ndarray],
           threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact pairs >= threshold inside each list, queries against bases: one matrix product per list
-    (blocked by 4096 rows), so memory stays bounded by the largest list, never n x n. With `same`, pairs
-    come back once each as (smaller, larger) position."""
+    """Exact pairs >= threshold inside each list, queries against bases: matrix products in blocks of
+    JOIN_ROWS x JOIN_COLS, so memory stays bounded whatever the list sizes, never n x n. With `same`,
+    pairs come back once each as (smaller, larger) position. Past MAX_PAIRS found: IndexerError."""
     parts_i, parts_j, parts_s = [], [], []
+    found = 0
     for qm, bm in zip(q_members, b_members):
         if len(qm) == 0 or len(bm) == 0:
             continue
-        xbm = xb[bm]
-        for start in range(0, len(qm), 4096):
-            rows = qm[start : start + 4096]
-            sims = xq[rows] @ xbm.T
-            qi, qj = np.nonzero(sims >= threshold)
-            a, b, sc = rows[qi], bm[qj], sims[qi, qj]
-            if same:
-                a, b = np.minimum(a, b), np.maximum(a, b)
-                keep = a != b
-                a, b, sc = a[keep], b[keep], sc[keep]
-            parts_i.append(a)
-            parts_j.append(b)
-            parts_s.append(sc)
+        for bstart in range(0, len(bm), JOIN_COLS):
+            bcols = bm[bstart : bstart + JOIN_COLS]
+            xbm = xb[bcols]
+            for start in range(0, len(qm), JOIN_ROWS):
+                rows = qm[start : start + JOIN_ROWS]
+                sims = xq[rows] @ xbm.T
+                qi, qj = np.nonzero(sims >= threshold)
+                a, b, sc = rows[qi], bcols[qj], sims[qi, qj]
+                if same:
+                    a, b = np.minimum(a, b), np.maximum(a, b)
+                    keep = a != b
+                    a, b, sc = a[keep], b[keep], sc[keep]
+                parts_i.append(a)
+                parts_j.append(b)
+                parts_s.append(sc)
+                found += len(a)
+                if found > (2 if same else 1) * MAX_PAIRS:  # `same` finds most pairs from both ends
+                    raise too_many_pairs(threshold, found // (2 if same else 1))
     if not parts_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return _unique(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
@@ -356,7 +424,7 @@ def _join(xq: np.ndarray, q_members: list[np.ndarray], xb: np.ndarray, b_members
 def range_pairs_partitioned(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
                             target_recall: float = TARGET_PAIR_RECALL, seed: int = 0, spread: int | None = None,
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """All pairs >= threshold through k-means lists (an IVF partition of ~1000 vectors per list). Each
+    """All pairs >= threshold through k-means lists (an IVF partition of ~500 vectors per list). Each
     vector is a query in its nearest list and a base in its `spread` nearest lists; each list joins its
     queries with its bases exactly, in one matrix product. A pair is found when either one's nearest list
     is among the other's `spread` nearest. `spread` (None: tuned) is the smallest whose pair recall,
@@ -375,6 +443,8 @@ def range_pairs_partitioned(base: np.ndarray, threshold: float, queries: np.ndar
     tuned: dict[str, Any] = {"spread": spread}
     if spread is None:
         tuned = _tune_spread(base, qx, q_assign, b_assign, threshold, target_recall, seed, same)
+        if tuned["estimated_pairs"] is not None and tuned["estimated_pairs"] > MAX_PAIRS:
+            raise too_many_pairs(threshold, tuned["estimated_pairs"])
     m = tuned["spread"]
     t0 = time.perf_counter()
     i, j, s = _join(qx, _members(q_assign[:, :1], nlist), base, _members(b_assign[:, :m], nlist), threshold, same)
@@ -405,8 +475,11 @@ def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_
         i, j, s = i[keep], j[keep], s[keep]
     t = threshold if (s >= threshold).sum() >= THIN_EVIDENCE else low
     i, j = i[s >= t], j[s >= t]
+    # Pairs in the whole search, from the sample's share (a pair within one collection has two ends).
+    at_t = int((s >= threshold).sum())
+    estimate = at_t * len(queries) / len(sample) / (2 if same else 1)
     result: dict[str, Any] = {"spread": b_assign.shape[1], "tuned_at": round(t, 4), "tuning_pairs": int(len(i)),
-                              "estimated_recall": None}
+                              "estimated_recall": None, "estimated_pairs": int(estimate)}
     if not len(i):
         return result
     qa, ba = q_assign[sample[i]], b_assign[j]
@@ -425,18 +498,18 @@ def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_
     return result
 
 
-def _hash_pairs(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Identical content: each copy paired with the first one stored (the group is the same)."""
+def _representatives(hashes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first position of each content hash (ascending), and each later copy linked to it (first, copy)."""
     first: dict[str, int] = {}
-    ii, jj = [], []
+    reps, ii, jj = [], [], []
     for p, h in enumerate(hashes):
-        if h is None:
-            continue
         q = first.setdefault(h, p)
-        if q != p:
+        if q == p:
+            reps.append(p)
+        else:
             ii.append(q)
             jj.append(p)
-    return np.array(ii, dtype=np.int64), np.array(jj, dtype=np.int64)
+    return (np.array(reps, dtype=np.int64), np.array(ii, dtype=np.int64), np.array(jj, dtype=np.int64))
 
 
 def _merge(xa: np.ndarray, xb: np.ndarray, near: tuple, same: tuple, ordered: bool = True) -> Pairs:
@@ -457,15 +530,16 @@ def _merge(xa: np.ndarray, xb: np.ndarray, near: tuple, same: tuple, ordered: bo
 
 
 def _rescore_combined(coll: Collection, vecs: Vectors, pairs: Pairs, threshold: float) -> Pairs:
-    """Score = (cosine + pHash similarity) / 2; keep pairs at or above the threshold (identical files always)."""
-    from .dedup_calibrate import _load, phash_pair, phash_similarity
+    """Score = (cosine + pHash similarity) / 2; keep pairs at or above the threshold (identical files always).
+    Each image involved is decoded once."""
+    from .dedup_calibrate import load_item, phash_pair, phash_similarity
 
     i, j, s, e = pairs
-    involved = sorted(set(i.tolist()) | set(j.tolist()))
+    involved = np.unique(np.concatenate([i, j])).tolist()
     rows = coll.rows_by_id([vecs.ids[p] for p in involved], columns=["id", "path"])
     hashes = {}
     for p in involved:
-        img = _load(rows.get(vecs.ids[p], {}).get("path"), "image")
+        img = load_item(rows.get(vecs.ids[p], {}).get("path"), "image")
         hashes[p] = None if img is None else phash_pair(img)
     score = np.array([(sc + (phash_similarity(hashes[a], hashes[b]) if hashes[a] is not None and hashes[b] is not None
                              else sc)) / 2 for a, b, sc in zip(i.tolist(), j.tolist(), s.tolist())], dtype=np.float32)
@@ -473,56 +547,44 @@ def _rescore_combined(coll: Collection, vecs: Vectors, pairs: Pairs, threshold: 
     return i[keep], j[keep], np.where(e, s, score)[keep], e[keep]
 
 
-def _named(vecs: Vectors, ref: Vectors | None, pairs: Pairs):
-    other = vecs if ref is None else ref
-    i, j, s, e = pairs
-    for a, b, sc, ex in zip(i.tolist(), j.tolist(), s.tolist(), e.tolist()):
-        yield vecs.ids[a], other.ids[b], float(sc), bool(ex)
-
-
 # ---- groups and the keep policy ----------------------------------------------------------------------------
 
 def components(n: int, i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
-    """Connected components with more than one member (union-find, path halving), as sorted positions."""
-    parent = np.arange(n)
+    """Connected components with more than one member, as sorted positions, ordered by their first member."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members = np.unique(np.concatenate([i, j])) if len(i) else np.zeros(0, dtype=np.int64)
-    roots = np.array([find(int(m)) for m in members], dtype=np.int64)
-    order = np.argsort(roots, kind="stable")
-    members, roots = members[order], roots[order]
-    cuts = np.flatnonzero(np.diff(roots)) + 1
-    return [g for g in np.split(members, cuts) if len(g) > 1]
+    if not len(i):
+        return []
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    members = np.flatnonzero(np.bincount(labels)[labels] > 1)  # ascending positions
+    order = np.argsort(labels[members], kind="stable")
+    members, labs = members[order], labels[members][order]
+    groups = np.split(members, np.flatnonzero(np.diff(labs)) + 1)
+    return sorted(groups, key=lambda g: int(g[0]))
 
 
 def _groups(coll: Collection, vecs: Vectors, pairs: Pairs, keep: str):
     i, j, s, _ = pairs
     groups = components(len(vecs.ids), i, j)
     kept = _choose(coll, vecs, groups, keep)
-    # The strongest edge that ties each dropped item into its group ("via").
-    best: dict[int, tuple[float, int]] = {}
-    for a, b, sc in zip(i.tolist(), j.tolist(), s.tolist()):
-        for u, v in ((a, b), (b, a)):
-            if sc > best.get(u, (-2.0, -1))[0]:
-                best[u] = (sc, v)
+    # The strongest edge that ties each dropped item into its group ("via"): per item, its best-scored pair.
+    u, v, sc = np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([s, s])
+    order = np.lexsort((-sc, u))
+    u, v, sc = u[order], v[order], sc[order]
+    top = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, np.int64)
+    best = dict(zip(u[top].tolist(), zip(sc[top].tolist(), v[top].tolist())))
     out_groups, drop, dropped = [], [], []
     for g, k in zip(groups, kept):
         rest = [int(m) for m in g if m != k]
         out_groups.append([vecs.ids[k]] + [vecs.ids[m] for m in rest])
-        for m in rest:
-            sc, v = best[m]
+        cos = vecs.x[rest] @ vecs.x[k]
+        for m, c in zip(rest, cos.tolist()):
+            score, via = best[m]
             drop.append(vecs.ids[m])
-            dropped.append({"id": vecs.ids[m], "kept": vecs.ids[k], "score": round(float(vecs.x[m] @ vecs.x[k]), 6),
-                            "via": vecs.ids[v], "via_score": round(sc, 6)})
+            dropped.append({"id": vecs.ids[m], "kept": vecs.ids[k], "score": round(c, 6),
+                            "via": vecs.ids[via], "via_score": round(score, 6)})
     return out_groups, drop, dropped
 
 
@@ -547,27 +609,31 @@ def _choose(coll: Collection, vecs: Vectors, groups: list[np.ndarray], keep: str
     return [first(g, {m: sizes[vecs.ids[m]] for m in g.tolist()}) for g in groups]
 
 
-def _sizes(coll: Collection, ids: list[str], keep: str) -> dict[str, tuple | float]:
+def _check_keep(coll: Collection, keep: str) -> None:
+    """Refuse a keep policy the collection cannot answer, before anything is searched or deleted."""
     names = coll.result_columns()
-    if "text" in names:
+    if keep == "longest" and "text" not in names:
+        raise IndexerError(f"--keep longest compares texts; {coll.path} has none (use largest for images)")
+    if keep == "largest" and "text" not in names and "path" not in names:
+        raise IndexerError(f"--keep largest needs texts or image files; {coll.path} has neither "
+                           "(use first, oldest or central)")
+
+
+def _sizes(coll: Collection, ids: list[str], keep: str) -> dict[str, float]:
+    if "text" in coll.result_columns():
         rows = coll.rows_by_id(ids, columns=["id", "text"])
         if keep == "longest":
             return {i: len(r["text"] or "") for i, r in rows.items()}
         return {i: len((r["text"] or "").encode()) for i, r in rows.items()}
-    if keep == "longest":
-        raise IndexerError(f"--keep longest compares texts; {coll.path} has none (use largest for images)")
-    if "path" not in names:
-        raise IndexerError(f"--keep largest needs texts or image files; {coll.path} has neither "
-                           "(use first, oldest or central)")
-    from PIL import Image
+    from ..sources.images import ImageDecodeError, decode_image
 
     out: dict[str, float] = {}
     for i, r in coll.rows_by_id(ids, columns=["id", "path"]).items():
         try:
-            with Image.open(r["path"]) as img:  # reads the header only
-                pixels = img.size[0] * img.size[1]
-            out[i] = pixels + Path(r["path"]).stat().st_size / 1e12  # bytes break ties among equal sizes
-        except OSError:
+            data = Path(r["path"]).read_bytes()
+            img = decode_image(data)  # oriented, bomb-guarded: the size a viewer shows
+            out[i] = img.size[0] * img.size[1] + len(data) / 1e12  # bytes break ties among equal sizes
+        except (ImageDecodeError, OSError, TypeError):
             out[i] = -1.0  # gone or unreadable: never the one kept
     return out
 
@@ -589,14 +655,6 @@ def _against_groups(vecs: Vectors, ref: Vectors, pairs: Pairs):
 
 
 # ---- applying ------------------------------------------------------------------------------------------------
-
-def _delete(coll: Collection, ids: list[str]) -> int:
-    """One Lance commit deletes them all (one version to restore from), then the index follows."""
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-    coll.table.delete(f"id IN ({quoted})")
-    _after_write(coll)
-    return coll.version()
-
 
 def _after_write(coll: Collection) -> None:
     from ..index import update_after_ingest

@@ -2,8 +2,10 @@
 
 Each sampled item is transformed (images: resize, JPEG re-compression, 90% crop, brightness, flip,
 grayscale, format change; text: typos, reordered sentences, added boilerplate) and embedded with the
-collection's model. The transformed copies are the positives; each sampled item's nearest *other* stored
-item is its hard negative. For every threshold we count the positives kept (recall) and the negatives
+collection's model. The transformed copies are the positives (7 or 3 per item); each sampled item's 15
+nearest *other* stored items are its negatives (so the estimate is not tilted towards precision by counting
+many positives against one negative each). Both compare the sampled item's stored vector: with a copy's
+embedding (positives) or a neighbour's stored vector (negatives). For every threshold we count the positives kept (recall) and the negatives
 let through (precision = kept positives / everything kept), per signal:
 - `embedding`: cosine of the embeddings;
 - `phash`: a DCT perceptual hash (ours, below), flip-invariant, as 1 - Hamming distance / 64 (images);
@@ -91,6 +93,8 @@ def typos(text: str, rng: random.Random, rate: float = 0.03) -> str:
     """Swap, drop or double about `rate` of the letters (at least one edit)."""
     chars = list(text)
     letters = [k for k, c in enumerate(chars) if c.isalpha()]
+    if not letters:  # "2023", "": nothing to misspell
+        return text
     for k in sorted(rng.sample(letters, max(1, int(len(letters) * rate))), reverse=True):
         op = rng.choice(("swap", "drop", "double"))
         if op == "swap" and k + 1 < len(chars):
@@ -184,7 +188,7 @@ class Calibration:
 
 def curve(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray = THRESHOLDS) -> list[dict[str, float]]:
     """Precision and recall at each threshold: positives are transformed copies, negatives the nearest
-    distinct items (one per sampled item)."""
+    distinct items (up to 15 per sampled item)."""
     out = []
     for t in thresholds:
         tp, fp = int((pos >= t).sum()), int((neg >= t).sum())
@@ -221,7 +225,7 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
     rows = coll.rows_by_id([vecs.ids[p] for p in picked], columns=["id", column])
     originals, kept = [], []
     for p in picked:
-        item = _load(rows.get(vecs.ids[p], {}).get(column), modality)
+        item = load_item(rows.get(vecs.ids[p], {}).get(column), modality)
         if item is not None:
             originals.append(item)
             kept.append(p)
@@ -231,10 +235,12 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
     transforms = IMAGE_TRANSFORMS if modality == "image" else TEXT_TRANSFORMS
     trng = random.Random(seed)
     copies = {name: [fn(o) if modality == "image" else fn(o, trng) for o in originals] for name, fn in transforms.items()}
-    # Embed the originals again too: the stored vectors may come from another run or device.
-    base = embedder.embed(originals)
-    pos_emb = {name: np.einsum("ij,ij->i", base, embedder.embed(items)) for name, items in copies.items()}
-    # Hard negatives: each sampled item's nearest stored neighbour that is a distinct item. A collection
+    # Positives and negatives both start from the sampled item's stored vector (what dedup compares).
+    from .features import normalized
+
+    base = vecs.x[kept]
+    pos_emb = {name: np.einsum("ij,ij->i", base, normalized(embedder.embed(items))) for name, items in copies.items()}
+    # Negatives: each sampled item's nearest stored neighbours that are distinct items. A collection
     # holds duplicates already; a neighbour an independent signal recognises as the same content (word
     # shingles for text, a colour thumbnail for images) is not counted as distinct. Copies it misses count
     # as false positives: the precision estimate errs low.
@@ -245,7 +251,7 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
     cand_rows = coll.rows_by_id([vecs.ids[b] for b in cand], columns=["id", column])
     loaded = {int(p): o for p, o in zip(kept, originals)}
     for b in cand:
-        item = _load(cand_rows.get(vecs.ids[b], {}).get(column), modality)
+        item = load_item(cand_rows.get(vecs.ids[b], {}).get(column), modality)
         if item is not None:
             loaded[b] = item
     sig = {b: _copy_signature(item, modality) for b, item in loaded.items()}
@@ -257,7 +263,6 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
                 continue
             if not _same_content(sig[int(p)], sig[b], modality):
                 neg_pairs.append((k, b))
-                break
     neg_emb = np.array([float(vecs.x[kept[k]] @ vecs.x[b]) for k, b in neg_pairs])
     signals = {"embedding": (np.concatenate(list(pos_emb.values())), neg_emb)}
     names = [n for n, v in pos_emb.items() for _ in v]
@@ -304,17 +309,20 @@ def _same_content(a, b, modality: str) -> bool:
     return float(np.max(b @ a[0])) >= 0.9
 
 
-def _load(value, modality: str):
+def load_item(value, modality: str):
+    """A stored text, or the image file at `value` decoded as ingest decodes it (EXIF orientation, the
+    decompression-bomb guard); None when it is gone or unreadable."""
     if value is None:
         return None
     if modality == "text":
         return value
-    from PIL import Image
+    from pathlib import Path
+
+    from ..sources.images import ImageDecodeError, decode_image
 
     try:
-        with Image.open(value) as img:
-            return img.convert("RGB")
-    except OSError:
+        return decode_image(Path(value).read_bytes())
+    except (ImageDecodeError, OSError):
         return None
 
 

@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,17 @@ PAIRS_PER_BAND = 6
 HISTOGRAM_SAMPLE = 2000
 
 
-def write_output(report: DedupReport, path: str | Path) -> Path:
+def check_out(path: str | Path) -> Path:
     out = Path(path)
-    suffix = out.suffix.lower()
-    if suffix not in (".json", ".csv", ".html", ".htm"):
+    if out.suffix.lower() not in (".json", ".csv", ".html", ".htm"):
         raise IndexerError(f"--out {out}: the name must end in .json, .csv or .html")
+    return out
+
+
+def write_output(report: DedupReport, path: str | Path, sample: HtmlSample | None = None) -> Path:
+    """`sample`: for .html, what html_sample(report) took (before an --apply deleted); taken now if None."""
+    out = check_out(path)
+    suffix = out.suffix.lower()
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".json":
         out.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
@@ -39,11 +46,11 @@ def write_output(report: DedupReport, path: str | Path) -> Path:
         with open(out, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["a", "b", "score", "exact", "a_dropped_for", "b_dropped_for"])
-            for p in report.pairs:
+            for p in report.iter_pairs():
                 w.writerow([p["a"], p["b"], p["score"], p["exact"], dropped.get(p["a"], ""),
                             "" if report.against else dropped.get(p["b"], "")])
     else:
-        write_html(report, out)
+        write_html(report, out, sample)
     return out
 
 
@@ -69,14 +76,23 @@ def neighbour_sample(coll: Collection, ref: Collection | None, sample: int = HIS
     return vecs.ids, base.ids, picked, nbrs, sims
 
 
-def write_html(report: DedupReport, out: Path) -> None:
+@dataclass
+class HtmlSample:
+    """What the page shows, taken while every sampled item is still stored: the nearest-neighbour
+    similarities (histogram) and the pairs per band with their rendered cells."""
+
+    nn: np.ndarray
+    bands: list[tuple[float, float, int, list[tuple[float, str, str]]]]
+    cells: dict[str, str]
+    cells_ref: dict[str, str]
+
+
+def html_sample(report: DedupReport) -> HtmlSample:
     coll = Collection.open(report.collection)
     ref = Collection.open(report.against) if report.against else None
     ids, ref_ids, picked, nbrs, sims = neighbour_sample(coll, ref)
     t = report.threshold
     nn = sims[:, 0] if sims.size else np.zeros(0)
-    png = histogram_png(nn, t, f"nearest-neighbour cosine of {len(nn)} sampled items")
-    out.with_suffix(".png").write_bytes(png)
     # Candidate pairs in bands around the threshold.
     edges = [t - 2 * BAND_WIDTH, t - BAND_WIDTH, t, t + BAND_WIDTH, 1.000001]
     rng = np.random.default_rng(0)
@@ -91,9 +107,16 @@ def write_html(report: DedupReport, out: Path) -> None:
     wanted = {a for *_, ch in bands for _, a, _ in ch}
     wanted_ref = {b for *_, ch in bands for _, _, b in ch}
     show = _renderer(coll)
-    show_ref = show if ref is None else _renderer(ref)
     items = show(wanted if ref else wanted | wanted_ref)
-    items_ref = items if ref is None else show_ref(wanted_ref)
+    items_ref = items if ref is None else _renderer(ref)(wanted_ref)
+    return HtmlSample(nn, bands, items, items_ref)
+
+
+def write_html(report: DedupReport, out: Path, sample: HtmlSample | None = None) -> None:
+    sample = sample or html_sample(report)
+    t, nn, bands, items, items_ref = report.threshold, sample.nn, sample.bands, sample.cells, sample.cells_ref
+    png = histogram_png(nn, t, f"nearest-neighbour cosine of {len(nn)} sampled items")
+    out.with_suffix(".png").write_bytes(png)
     parts = [f"<h1>dedup: {html.escape(report.collection)}</h1>",
              f"<p>{html.escape(report.line())}</p>",
              f"<p>threshold {t:g} ({html.escape(report.threshold_source)}), method {report.method}, "
@@ -120,10 +143,10 @@ def write_html(report: DedupReport, out: Path) -> None:
 
 def histogram_png(values: np.ndarray, threshold: float, title: str) -> bytes:
     from ..errors import attempt_import
+    from .plots import _pyplot
 
-    matplotlib = attempt_import("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    attempt_import("matplotlib")  # names the extra when it is missing
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
     ax.hist(values, bins=np.linspace(min(-0.0, float(values.min()) if len(values) else 0), 1.0, 81), color="#4a7ab5")
@@ -160,16 +183,15 @@ def _cell(item_id: str, row: dict[str, Any]) -> str:
         return f"{label}<div>{html.escape(text[:300])}{'...' if len(text) > 300 else ''}</div>"
     if row.get("path"):
         try:
-            from PIL import Image
+            from ..sources.images import ImageDecodeError, decode_image
 
-            with Image.open(row["path"]) as img:
-                img = img.convert("RGB")
-                size = img.size
-                img.thumbnail((160, 160))
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=80)
+            img = decode_image(Path(row["path"]).read_bytes())  # oriented, bomb-guarded
+            size = img.size
+            img.thumbnail((160, 160))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=80)
             data = base64.b64encode(buf.getvalue()).decode()
             return f'{label}<img class=t src="data:image/jpeg;base64,{data}"><small>{size[0]}x{size[1]}</small>'
-        except OSError:
+        except (ImageDecodeError, OSError):
             return f"{label}<div>(image not readable: {html.escape(str(row['path']))})</div>"
     return label
