@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -341,10 +341,14 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
 def range_pairs_exact(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact: every query against every base vector, in blocked matrix products (the lists join with one
-    list holding everything), so the base is never copied into an index and memory stays bounded."""
-    same = queries is None
-    qx = base if same else queries
-    return _join(qx, [np.arange(len(qx))], base, [np.arange(len(base))], threshold, same)
+    list holding everything), so the base is never copied into an index and memory stays bounded. Within
+    one collection each block of rows meets only the rows from its own start on: half the products."""
+    if queries is not None:
+        return _join(queries, [np.arange(len(queries))], base, [np.arange(len(base))], threshold, False)
+    n = len(base)
+    starts = range(0, n, JOIN_ROWS)
+    return _join(base, (np.arange(s, min(s + JOIN_ROWS, n)) for s in starts), base, (np.arange(s, n) for s in starts),
+                 threshold, True)
 
 
 def _unique(i: np.ndarray, j: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -388,7 +392,7 @@ def _members(assign: np.ndarray, nlist: int) -> list[np.ndarray]:
     return [owners[bounds[c] : bounds[c + 1]] for c in range(nlist)]
 
 
-def _join(xq: np.ndarray, q_members: list[np.ndarray], xb: np.ndarray, b_members: list[np.ndarray],
+def _join(xq: np.ndarray, q_members: Iterable[np.ndarray], xb: np.ndarray, b_members: Iterable[np.ndarray],
           threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact pairs >= threshold inside each list, queries against bases: matrix products in blocks of
     JOIN_ROWS x JOIN_COLS, so memory stays bounded whatever the list sizes, never n x n. With `same`,
