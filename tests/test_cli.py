@@ -145,10 +145,14 @@ def test_killed_ingest_resumes_exactly(tmp_path, sig):
                       [{"id": f"doc{i}", "text": " ".join(rng.choices(WORDS, k=rng.randint(30, 60)))} for i in range(n)])
     coll = tmp_path / "k.idx"
     cmd = [*INDEXER, "ingest", coll, src, "--model", "minilm", "--batch-size", "16", "-q"]
-    # A background job of a non-interactive shell (how CI scripts often run) inherits SIGINT ignored;
-    # Ctrl-C is what this test is about, so the child gets the default disposition back.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A background job of a non-interactive shell (how CI scripts often run) inherits SIGINT ignored, and
+    # an ignored signal stays ignored across exec; a handled one is reset to the default. Ctrl-C is what
+    # this test is about, so SIGINT is handled here while the child starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 240
     while _rows_committed(coll) < 300 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
