@@ -46,7 +46,7 @@ def update_fts_index(coll: Collection) -> None:
     if not has_text(coll):
         return
     ds = coll.dataset()
-    if not any(ix["name"] == FTS_INDEX for ix in ds.list_indices()):
+    if not has_fts_index(coll):
         log.info("building the full-text index over %d rows", ds.count_rows())
         ds.create_scalar_index(TEXT_COLUMN, index_type="INVERTED", name=FTS_INDEX, replace=True, **FTS_PARAMS)
     else:
@@ -59,6 +59,13 @@ def update_fts_index(coll: Collection) -> None:
                                          num_indices_to_merge=segments if segments >= MAX_SEGMENTS else 0)
 
 
+def ensure_fts_index(coll: Collection) -> None:
+    """Collections from before full-text search get their index on the first text query."""
+    if not has_fts_index(coll):
+        with coll.write_lock():
+            update_fts_index(coll)
+
+
 def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
                columns: list[str] | None = None) -> list[dict[str, Any]]:
     """The k rows that best match `query` by BM25, best first: [{"id", "score" (BM25), ...fields}].
@@ -66,9 +73,6 @@ def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
     require_text(coll)
     if not query or not query.strip():
         raise IndexerError("the text query is empty")
-    if not has_fts_index(coll):
-        with coll.write_lock():
-            update_fts_index(coll)
     columns = columns or coll.result_columns()
     try:
         table = coll.dataset().scanner(columns=[*columns, "_score"], full_text_query=query, filter=where,

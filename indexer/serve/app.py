@@ -144,9 +144,11 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
     _docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    index_html = (STATIC / "index.html").read_text(encoding="utf-8")  # read once, not per request
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(index_html)
 
     @app.get("/health", summary="Liveness (no token needed)")
     async def health() -> dict:

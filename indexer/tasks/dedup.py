@@ -335,7 +335,7 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
         where.setdefault(h, []).append(p)
     hp = [(a, b) for a, h in enumerate(vecs.hashes) for b in where.get(h, ())]
     hi, hj = (np.array([p[0] for p in hp], dtype=np.int64), np.array([p[1] for p in hp], dtype=np.int64))
-    return _merge(vecs.x, ref.x, (i, j, s), (hi, hj), ordered=False), method, stats
+    return _merge(vecs.x, ref.x, (i, j, s), (hi, hj)), method, stats
 
 
 def range_pairs_exact(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
@@ -516,7 +516,7 @@ def _representatives(hashes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return (np.array(reps, dtype=np.int64), np.array(ii, dtype=np.int64), np.array(jj, dtype=np.int64))
 
 
-def _merge(xa: np.ndarray, xb: np.ndarray, near: tuple, same: tuple, ordered: bool = True) -> Pairs:
+def _merge(xa: np.ndarray, xb: np.ndarray, near: tuple, same: tuple) -> Pairs:
     i, j, s = near
     hi, hj = same
     exact_flags = np.zeros(len(i), dtype=bool)

@@ -106,8 +106,7 @@ class Reference:
 
             # Index position -> row of `data` (-1 for rows without a label).
             row = pc.index_in(index.ids, value_set=pa.array(data.ids, pa.string()))
-            self._row_at = row.to_numpy(zero_copy_only=False)
-            self._row_at = np.where(np.isnan(self._row_at.astype(np.float64)), -1, self._row_at).astype(np.int64)
+            self._row_at = pc.fill_null(row, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     @property
     def engine(self) -> str:
@@ -150,14 +149,9 @@ class Reference:
 def _open_index(coll: Collection, engine: KnnEngine):
     if engine not in ("auto", "exact", "faiss"):
         raise IndexerError(f"--engine {engine}: choose auto, exact or faiss")
-    if engine == "exact":
-        return None
-    from ..index import current_index
+    from .search import index_for
 
-    index = current_index(coll)
-    if index is None and engine == "faiss":
-        raise IndexerError(f"{coll.path} has no index: build one with `indexer index {coll.path}`")
-    return index
+    return index_for(coll, engine)
 
 
 def _check_k(k: int, n: int) -> int:

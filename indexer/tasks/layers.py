@@ -16,8 +16,8 @@ import numpy as np
 
 from ..models import DEFAULT_MODELS, load_embedder, resolve_runtime, resolve_spec
 from ..sources import guess_modality
-from .features import DEFAULT_FOLDS, check_classes, read_inputs, scores, stratified_folds
-from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, exact_topk, vote_probabilities
+from .features import DEFAULT_FOLDS, LabelledVectors, check_classes, read_inputs, scores, stratified_folds
+from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, KnnSettings, Reference
 from .probe import fit_probe
 
 log = logging.getLogger(__name__)
@@ -77,16 +77,14 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
 
 def _evaluate(key, x: np.ndarray, labels: np.ndarray, fold: np.ndarray, classes: list[str], k: int,
               temperature: float) -> dict[str, Any]:
-    class_of = {c: n for n, c in enumerate(classes)}
-    y = np.array([class_of[c] for c in labels])
+    ref = Reference(LabelledVectors([str(i) for i in range(len(labels))], x, labels, 0))
+    settings = KnnSettings(min(k, len(labels)), temperature)
     knn_pred = np.empty(len(labels), dtype=object)
     probe_pred = np.empty(len(labels), dtype=object)
     C = None
     for f in sorted(set(fold)):
         test, train = fold == f, fold != f
-        sims, idx = exact_topk(x[train], x[test], k)
-        probs = vote_probabilities(sims, y[train][idx], len(classes), temperature)
-        knn_pred[test] = [classes[i] for i in probs.argmax(axis=1)]
+        knn_pred[test] = np.asarray(ref.classes, dtype=object)[ref.predict(x[test], settings, exclude=test)]
         # C is chosen on the first fold's validation split and kept: the same regularisation for every fold.
         head = fit_probe(x[train], labels[train], C=C)
         C = head.C

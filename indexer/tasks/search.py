@@ -96,8 +96,11 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     if mode != "vector":
         _check_text_mode(coll, queries, mode)
 
+    # Embedded once: a --group-by-doc search that looks deeper repeats only the ranking.
+    vectors = _query_vectors(coll, queries, device) if mode != "text" else None
+
     def ranked(depth: int) -> list[list[dict[str, Any]]]:
-        return _ranked(coll, queries, depth, mode, where, engine, device, nprobe, ef)
+        return _ranked(coll, queries, vectors, depth, mode, where, engine, nprobe, ef)
 
     if not group_by_doc:
         return [hits[:k] for hits in ranked(k)]
@@ -112,36 +115,36 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
 
 
 def _check_text_mode(coll: Collection, queries: list[Query], mode: str) -> None:
-    from ..index.fulltext import require_text
+    from ..index.fulltext import ensure_fts_index, require_text
 
     require_text(coll, mode)
     if any(q.text is None for q in queries):
         raise IndexerError(f"--mode {mode} needs a text query (not --image, --id or a vector)")
+    ensure_fts_index(coll)
 
 
-def _ranked(coll: Collection, queries: list[Query], depth: int, mode: str, where: str | None, engine: str,
-            device: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
+def _ranked(coll: Collection, queries: list[Query], vectors: np.ndarray | None, depth: int, mode: str,
+            where: str | None, engine: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
     """Up to `depth` hits per query, best first, ranked the way `mode` says."""
     from ..index.fulltext import fts_search
 
     if mode == "text":
         return [fts_search(coll, q.text, depth, where) for q in queries]
     each = depth if mode == "vector" else max(depth, HYBRID_DEPTH)
-    by_vector = _vector_hits(coll, queries, each, where, engine, device, nprobe, ef)
+    by_vector = _vector_hits(coll, queries, vectors, each, where, engine, nprobe, ef)
     if mode == "vector":
         return by_vector
     return [reciprocal_rank_fusion(v, fts_search(coll, q.text, each, where))[:depth]
             for q, v in zip(queries, by_vector)]
 
 
-def _vector_hits(coll: Collection, queries: list[Query], k: int, where: str | None, engine: str, device: str,
-                 nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
-    vectors = _query_vectors(coll, queries, device)
+def _vector_hits(coll: Collection, queries: list[Query], vectors: np.ndarray, k: int, where: str | None,
+                 engine: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
     # An --id query finds its own row first; ask for one more and drop it.
     extra = 1 if any(q.id is not None for q in queries) else 0
     if engine == "lance":
         return _lance(coll, queries, vectors, k, extra, where, nprobe)
-    index = _index_for(coll, engine)
+    index = index_for(coll, engine)
     if index is None:
         ranked, rows = _exact(coll, vectors, k + extra, where)
     else:
@@ -168,7 +171,8 @@ def _lance(coll: Collection, queries: list[Query], vectors: np.ndarray, k: int, 
             for q, v in zip(queries, vectors)]
 
 
-def _index_for(coll: Collection, engine: str):
+def index_for(coll: Collection, engine: str):
+    """The FAISS index `engine` asks for (None: search exactly), caught up with the store."""
     if engine == "exact":
         return None
     from ..index import current_index
