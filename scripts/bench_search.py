@@ -69,8 +69,8 @@ import indexer
 import indexer.index
 from indexer import Collection, Query
 from indexer.index import FaissIndex, build_index, lance_meta, lance_search
-from indexer.index.faiss_engine import EF_SWEEP, NPROBE_SWEEP
 from indexer.index.lance_engine import NPROBES, REFINE
+from indexer.index.tuning import EF_SWEEP, NPROBE_SWEEP
 
 log = logging.getLogger("bench_search")
 

@@ -17,7 +17,7 @@ import indexer
 from indexer.cli import cli
 from indexer.errors import IndexerError
 from indexer.index import FaissIndex, build_index
-from indexer.models.base import ModelSpec
+from indexer.spec import ModelSpec
 from indexer.store import Collection
 from indexer.tasks import dedup as dedup_module
 from indexer.tasks.dedup import DEFAULT_THRESHOLDS, Vectors, components, dedup, find_pairs, find_pairs_against

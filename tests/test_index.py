@@ -222,10 +222,10 @@ def test_tuned_index_on_real_minilm_embeddings(tmp_path, minilm):
 def test_auto_falls_back_to_a_kind_that_reaches_the_target(tmp_path, monkeypatch):
     """Near-uniform vectors defeat a small HNSW search: auto moves on to IVF (any recall as nprobe grows)
     rather than settling below the target."""
-    from indexer.index import faiss_engine
+    from indexer.index import tuning
 
-    monkeypatch.setattr(faiss_engine, "FLAT_BELOW", 1000)
-    monkeypatch.setattr(faiss_engine, "EF_SWEEP", (1,))  # an HNSW search this narrow cannot reach 0.95
+    monkeypatch.setattr(tuning, "FLAT_BELOW", 1000)
+    monkeypatch.setattr(tuning, "EF_SWEEP", (1,))  # an HNSW search this narrow cannot reach 0.95
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4000, 64)).astype(np.float32)
     coll = vector_collection(tmp_path / "u.idx", x / np.linalg.norm(x, axis=1, keepdims=True))

@@ -282,10 +282,10 @@ def test_votes_stay_finite_at_any_temperature():
 def test_knn_through_an_hnsw_index_matches_exact(tmp_path, monkeypatch):
     """Neighbours from a tuned HNSW index (folds exclude their own rows through the ID selector),
     predictions of new vectors through it, and unlabelled rows never voting."""
-    from indexer.index import build_index, faiss_engine
-    from indexer.models.base import ModelSpec
+    from indexer.index import build_index, tuning
+    from indexer.spec import ModelSpec
 
-    monkeypatch.setattr(faiss_engine, "FLAT_BELOW", 1000)
+    monkeypatch.setattr(tuning, "FLAT_BELOW", 1000)
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4, 32)).astype(np.float32)
     y = rng.integers(0, 4, 3000)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from indexer import Collection, IndexerError, Query, ingest, search, search_batch
-from indexer.tasks.search import exact_search
+from indexer.index.exact import exact_search
 
 from .conftest import WORDS, write_jsonl
 

@@ -1,4 +1,6 @@
-"""Derived ANN indexes over a collection: built, tuned to a recall target, kept in step with the store."""
+"""Derived indexes over a collection, rebuildable from the store: FAISS (faiss_engine) and Lance's own
+(lance_engine) ANN indexes tuned to a recall target, the full-text BM25 index (fulltext), and the exact
+top-k they are measured against (exact); kept in step with the store after every write."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import os
 
 from ..errors import IndexerError
 from ..store import Collection
-from .faiss_engine import KINDS, FaissIndex, parse_size
+from .faiss_engine import FaissIndex
 from .fulltext import fts_search, update_fts_index
 from .lance_engine import RETRAIN_GROWTH, build_lance_index, lance_meta, lance_search
+from .tuning import KINDS, parse_size
 
 log = logging.getLogger(__name__)
 

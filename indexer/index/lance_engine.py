@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexerError
+from ..files import write_json_atomic
 from ..store import Collection
 from ..store.collection import where_error
-from ..store.manifest import now_iso, write_json_atomic
-from ..tasks.search import exact_search
-from .faiss_engine import TUNING_MARGIN
+from ..store.manifest import now_iso
+from .exact import exact_search
+from .tuning import TUNING_MARGIN
 
 META = "lance.json"
 LANCE_KINDS = ("ivf-pq", "ivf-hnsw-sq")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import IndexerError
 from ..index import update_after_ingest
-from ..models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec, respec
+from ..models import DEFAULT_MODELS, Embedder, load_embedder, resolve_runtime, resolve_spec, respec
 from ..models.precomputed import PrecomputedVectors
 from ..sources import (
     SkippedInput,
@@ -24,6 +24,7 @@ from ..sources import (
     guess_modality,
     iter_records,
 )
+from ..spec import ModelSpec
 from ..store import Collection
 from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare

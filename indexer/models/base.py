@@ -1,80 +1,17 @@
-"""The one contract every backbone implements, and the spec that identifies a model's vectors."""
+"""The one contract every backbone implements: a batch of items in, an (n, d) float32 array out."""
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..spec import Modality, ModelSpec
 from .device import Runtime
-
-Modality = Literal["text", "image"]
-Pooling = Literal["cls", "pooler", "mean", "max"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to reproduce a model's vectors; stored in the collection's manifest.
-
-    `identity()` is the part that must match for two vectors to be comparable: a query embedded with
-    another model, layer or pooling is refused rather than silently wrong.
-    """
-
-    name: str
-    modality: Modality
-    dim: int
-    path: str | None = None
-    weights_sha256: str | None = None
-    layer: int | str | None = None
-    pooling: str | None = None
-    normalize: bool = True
-    max_length: int | None = None
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # what the loader needs: weights file, base name
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "model": self.weights_sha256 or self.name,
-            "modality": self.modality,
-            "dim": self.dim,
-            "layer": self.layer,
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-        }
-
-    def describe(self) -> str:
-        parts = [self.name, self.modality, f"dim={self.dim}"]
-        if self.layer is not None:
-            parts.append(f"layer={self.layer}")
-        if self.pooling:
-            parts.append(f"pooling={self.pooling}")
-        parts.append("normalized" if self.normalize else "raw")
-        return " ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def sha256_files(paths: Sequence[Path]) -> str:
-    """One digest over the weight files, in a stable order, read in chunks (weights can be GBs)."""
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Embedder(ABC):

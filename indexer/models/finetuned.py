@@ -3,7 +3,7 @@
 Text and HF vision models are saved as full transformers / sentence-transformers directories (weights,
 tokenizer or processor, pooling config); CNNs as the base architecture's complete state dict (`model.pt`,
 also usable as `--weights`). `indexer-model.json` names the base model and records the provenance;
-the registry reads it to build the right embedder, and the spec's identity carries the new weights'
+the registry reads it (`built_as`) to build the right embedder, and the spec's identity carries the new weights'
 hash, so a collection built with the base model refuses the fine-tuned one and vice versa.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ..errors import IndexerError
-from ..index.files import write_atomic
-from .base import Embedder, ModelSpec, sha256_files
-from .device import Runtime
+from ..files import sha256_files, write_atomic
+from ..spec import ModelSpec
+from .base import Embedder
 
 MODEL_MANIFEST = "indexer-model.json"
 FORMAT = "indexer-finetuned/1"
@@ -133,7 +133,7 @@ def _write_sentence_transformers_config(out: Path, spec: ModelSpec) -> None:
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": spec.max_length}))
 
 
-# ---- reading (the registry's backbone for MODEL_DIR) ------------------------------------------------------
+# ---- reading (the registry's fine-tuned family) ------------------------------------------------------
 
 def resolve_model_dir(name: str, weights: str | None) -> tuple[str, str, dict]:
     if weights:
@@ -159,15 +159,10 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in _PROVENANCE_KEYS if k in manifest}
 
 
-def build_model_dir(spec: ModelSpec, runtime: Runtime) -> Embedder:
-    from . import registry
-
+def built_as(spec: ModelSpec) -> tuple[str, ModelSpec]:
+    """The family a model directory is built as (the registry's builder for it) and the spec to build
+    it from."""
     manifest = read_manifest(spec.name)
     if spec.pooling is None and manifest.get("pooling") == "pooler":
         spec = replace(spec, pooling="pooler")  # the one pooling a sentence-transformers config cannot say
-    built_as = family(manifest)
-    if built_as == "hf":
-        return registry._build_hf(spec, runtime)
-    if built_as == "efficientnet-lite0":
-        return registry._build_lite0(spec, runtime)
-    return registry._build_torchvision(spec, runtime)
+    return family(manifest), spec

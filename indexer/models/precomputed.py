@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .base import Embedder, ModelSpec
+from ..spec import ModelSpec
+from .base import Embedder
 from .device import Runtime
 
 

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IndexerError
-from .base import Embedder, Modality, ModelSpec, sha256_files
+from ..files import sha256_files
+from ..spec import Modality, ModelSpec
+from .base import Embedder
 from .device import Runtime, resolve_runtime
-from .finetuned import build_model_dir, is_model_dir, read_manifest, resolve_model_dir
+from .finetuned import built_as, is_model_dir, read_manifest, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,13 @@ def _build_hf(spec: ModelSpec, runtime: Runtime) -> Embedder:
     return _build_text(spec, runtime)
 
 
+# ---- a model directory written by `indexer finetune`: built as the family it was fine-tuned from --------
+
+def _build_finetuned(spec: ModelSpec, runtime: Runtime) -> Embedder:
+    family, spec = built_as(spec)
+    return {"hf": _build_hf, "efficientnet-lite0": _build_lite0, "torchvision": _build_torchvision}[family](spec, runtime)
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 
 def _existing_file(path: str) -> Path:
@@ -205,7 +214,7 @@ def _backbone_for(name: str) -> Backbone:
         return NAMED[name]
     if is_model_dir(name):  # written by `indexer finetune`; checked before hf: it may hold a config.json too
         modality = read_manifest(name)["modality"]
-        return Backbone("finetuned", modality, "fine-tuned model directory", resolve_model_dir, build_model_dir)
+        return Backbone("finetuned", modality, "fine-tuned model directory", resolve_model_dir, _build_finetuned)
     if name.startswith("hf:") or (Path(name).expanduser().is_dir() and (Path(name) / "config.json").exists()):
         return Backbone("hf", "text", "transformers model", _hf_resolve, _build_hf)
     if name.startswith("torchvision:") or name in _torchvision_names():

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import IndexerError
-from .base import Embedder, ModelSpec
+from ..spec import ModelSpec
+from .base import Embedder
 from .device import Runtime
 
 log = logging.getLogger(__name__)

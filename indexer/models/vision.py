@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import IndexerError
-from .base import Embedder, ModelSpec
+from ..spec import ModelSpec
+from .base import Embedder
 from .device import Runtime
 from .text import pool
 

@@ -1,4 +1,4 @@
-"""Collections on disk: LanceDB table + manifest + error log."""
+"""Collections on disk: the LanceDB table, manifest.json and errors.jsonl (Collection, Manifest)."""
 
 from .collection import Collection
 from .manifest import Manifest

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import IndexerError
-from ..models.base import ModelSpec
 from ..sources.records import SkippedInput
+from ..spec import ModelSpec
 from .arrow import conform, rows_to_table
 from .manifest import MANIFEST, Manifest, now_iso
 

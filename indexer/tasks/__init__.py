@@ -1,5 +1,3 @@
-"""Pure functions over a collection: search (and, later, knn, probe, dedup)."""
-
-from .search import Query, exact_search, search, search_batch
-
-__all__ = ["Query", "exact_search", "search", "search_batch"]
+"""Pure functions over a collection (and an embedder for queries), one module per job: search (with
+hybrid ranking), knn, probe, layers (which layer to index), dedup and finetune; features (labelled
+vectors, folds, scores) and plots are the pieces they share."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexerError
+from ..index.exact import normalized
 from ..sources import Record, SkippedInput, SourceOptions, check_sources, iter_records
 from ..store import Collection
 
@@ -97,11 +98,6 @@ def load_eval_data(collection: Collection | str, label_field: str, test: Collect
     return EvalData(coll, train, load_labelled(test_coll, label_field), str(test_coll.path), None)
 
 
-def normalized(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 @dataclass
 class Inputs:
     """Raw items read from sources, ready for an embedder: text strings or decoded RGB images."""
@@ -155,7 +151,8 @@ def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | Non
 def embed_new_inputs(spec: dict[str, Any] | None, sources: Sequence[str] | None, items: Sequence[Any] | None,
                      vectors: np.ndarray | None, *, device: str = "auto", **fields: Any) -> tuple[list[str], np.ndarray]:
     """(ids, features) of new inputs, with the model a head or collection was built with."""
-    from ..models import ModelSpec, load_embedder, resolve_runtime, respec
+    from ..models import load_embedder, resolve_runtime, respec
+    from ..spec import ModelSpec
 
     if sum(x is not None for x in (sources, items, vectors)) != 1:
         raise IndexerError("give exactly one of sources, items or vectors to classify")

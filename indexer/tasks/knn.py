@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import IndexerError
+from ..index.exact import normalized, top_k
 from ..store import Collection
 from .features import (
     LabelledVectors,
@@ -25,7 +26,6 @@ from .features import (
     embed_new_inputs,
     load_eval_data,
     load_labelled,
-    normalized,
     scores,
     stratified_folds,
 )
@@ -36,7 +36,6 @@ Vote = Literal["weighted", "majority"]
 KnnEngine = Literal["auto", "exact", "faiss"]
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
-_BLOCK_BYTES = 256 << 20  # similarity block held at once by the exact search
 _PREDICT_BLOCK = 8192  # queries voted at once
 
 
@@ -63,22 +62,6 @@ def vote_probabilities(sims: np.ndarray, neighbour_classes: np.ndarray, n_classe
     votes = np.bincount(cells, weights=weights.ravel(), minlength=m * n_classes).reshape(m, n_classes)
     total = votes.sum(axis=1, keepdims=True)
     return votes / np.where(total > 0, total, 1.0)
-
-
-def exact_topk(reference: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k cosine neighbours by matrix product, in query blocks that bound memory: (sims, indices)."""
-    import torch
-
-    k = min(k, reference.shape[0])
-    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))
-    block = max(1, _BLOCK_BYTES // (4 * max(reference.shape[0], 1)))
-    sims = np.empty((len(queries), k), dtype=np.float32)
-    idx = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), block):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + block], dtype=np.float32))
-        s, i = torch.mm(q, ref.T).topk(k, dim=1, largest=True, sorted=True)
-        sims[start : start + len(q)], idx[start : start + len(q)] = s.numpy(), i.numpy()
-    return sims, idx
 
 
 @dataclass(frozen=True)
@@ -117,11 +100,7 @@ class Reference:
         """(sims, rows of `data`) of the k nearest rows, best first; `exclude` masks rows of `data` out
         (the query's own fold). Row -1 marks a missing neighbour."""
         if self.index is None:
-            if exclude is None:
-                return exact_topk(self.data.vectors, queries, k)
-            rows = np.flatnonzero(~exclude)
-            sims, idx = exact_topk(self.data.vectors[rows], queries, k)
-            return sims, rows[idx]
+            return top_k(queries, self.data.vectors, k, base_rows=None if exclude is None else np.flatnonzero(~exclude))
         allowed = self._row_at >= 0
         if exclude is not None:
             allowed &= ~exclude[np.maximum(self._row_at, 0)]

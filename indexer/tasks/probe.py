@@ -73,7 +73,7 @@ class ProbeHead:
         path = Path(path)
         meta = {"format": HEAD_FORMAT, "classes": self.classes, "C": self.C, "label_field": self.label_field,
                 "spec": self.spec, "info": self.info}
-        from ..index.files import write_atomic
+        from ..files import write_atomic
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a path

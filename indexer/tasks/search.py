@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import IndexerError
+from ..index.exact import exact_search
 from ..models import Embedder, load_embedder, resolve_runtime, respec
 from ..store import Collection
 from .hybrid import HYBRID_DEPTH, group_by_document, reciprocal_rank_fusion
@@ -35,14 +36,27 @@ class Query:
     id: str | None = None
     vector: Sequence[float] | None = None
 
+    @staticmethod
+    def pick(given: dict[str, Any], error: Callable[[str], Exception] = IndexerError) -> str:
+        """The name of the one set value in `given`: the query's fields (or the caller's batch input),
+        named the way the caller's user names them, in order. Else `error("give exactly one of A, B or
+        C")`, prefixed "empty query: " when none is set.
+
+        >>> Query.pick({"QUERY": None, "--image": "cat.jpg", "--id": None})
+        '--image'
+        """
+        named = [name for name, value in given.items() if value is not None]
+        if len(named) != 1:
+            *first, last = given
+            raise error(f"{'' if named else 'empty query: '}give exactly one of {', '.join(first)} or {last}")
+        return named[0]
+
     @classmethod
     def from_json(cls, obj: Any, where: str = "query") -> Query:
         if not isinstance(obj, dict):
             raise IndexerError(f"{where}: expected an object like {{\"query\": \"...\"}}")
-        keys = [k for k in ("query", "image", "id", "vector") if obj.get(k) is not None]
-        if len(keys) != 1:
-            raise IndexerError(f"{where}: give exactly one of query, image, id, vector")
-        key = keys[0]
+        key = cls.pick({k: obj.get(k) for k in ("query", "image", "id", "vector")},
+                       lambda message: IndexerError(f"{where}: {message}"))
         return cls(**{"text" if key == "query" else key: obj[key]})
 
     def kind(self) -> str:
@@ -64,9 +78,8 @@ def search(collection: Collection | str, query: str | None = None, *, image: str
     >>> search("notes.idx", "how do plants make energy", k=3)      # doctest: +SKIP
     [{'id': 'bio/photosynthesis.md', 'score': 0.71, 'text': ...}, ...]
     """
+    Query.pick({"a text query": query, "--image PATH": image, "--id ID": id, "a vector": vector})
     q = Query(text=query, image=image, id=id, vector=vector)
-    if sum(v is not None for v in (query, image, id, vector)) != 1:
-        raise IndexerError("give exactly one query: text, --image PATH, --id ID or a vector")
     return search_batch(collection, [q], k=k, where=where, engine=engine, device=device, nprobe=nprobe, ef=ef,
                         mode=mode, group_by_doc=group_by_doc)[0]
 
@@ -217,32 +230,6 @@ def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None
         valid = pos >= 0
         ranked.append((index.ids_at(pos[valid]), [float(s) for s in sc[valid]]))
     return ranked, coll.rows_by_id({i for ids, _ in ranked for i in ids})
-
-
-def exact_search(coll: Collection, queries: np.ndarray, k: int, where: str | None = None,
-                 ) -> tuple[list[list[int]], list[list[float]]]:
-    """Brute-force cosine top-k, streaming the vectors in blocks (memory stays bounded).
-    Returns Lance row ids and scores per query, best first."""
-    m = queries.shape[0]
-    best_s = np.full((m, 0), -np.inf, dtype=np.float32)
-    best_r = np.zeros((m, 0), dtype=np.uint64)
-    for batch in coll.scan(["vector"], where=where, with_row_id=True, batch_size=65536):
-        if batch.num_rows == 0:
-            continue
-        block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
-        if not coll.spec.normalize:
-            block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-        s = queries @ block.T
-        rid = np.broadcast_to(batch.column("_rowid").to_numpy(), s.shape)
-        s = np.concatenate([best_s, s], axis=1)
-        rid = np.concatenate([best_r, rid], axis=1)
-        if s.shape[1] > k:
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, rid = np.take_along_axis(s, top, 1), np.take_along_axis(rid, top, 1)
-        best_s, best_r = s, rid
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
-    return [list(map(int, r)) for r in best_r], [list(s) for s in best_s]
 
 
 def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.ndarray:
