@@ -77,9 +77,7 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
     from ..tasks.search import Query, search_batch
     from ..tasks.search import search as run_search
 
-    given = sum(x is not None for x in (query, image, item_id, queries))
-    if given != 1:
-        raise click.UsageError("give exactly one of QUERY, --image, --id or --queries")
+    Query.pick({"QUERY": query, "--image": image, "--id": item_id, "--queries": queries}, click.UsageError)
     if queries is not None:
         qs = []
         for n, line in enumerate(queries, start=1):

@@ -165,10 +165,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         req, image = await _parse(request, SearchRequest)
         served = service.collection(req.collection)
         params = SearchParams(k=req.k, where=req.where, engine=req.engine, mode=req.mode, group_by_doc=req.group_by_doc)
-        given = [x is not None for x in (req.query, req.id, req.vector, image)]
-        if sum(given) != 1:
-            raise ServeError("give exactly one of query, id, vector or an image upload"
-                             if any(given) else "empty query: give a query, id, vector or image")
+        Query.pick({"query": req.query, "id": req.id, "vector": req.vector, "an image upload": image}, ServeError)
         if image is None:
             query = Query(text=req.query, id=req.id, vector=req.vector)
             hits = await service.search(served.name, query, params)
@@ -403,6 +400,6 @@ def _docs(app: FastAPI) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
