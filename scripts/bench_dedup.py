@@ -30,16 +30,12 @@ Results go to stdout and to --out as JSON; the machine's load average is printed
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import measured  # noqa: E402  (peak-RSS measurement shared with the search benchmark)
+from benchlib import load_average, measured, no_auto_index, unit_rows, write_report
 
 DIM = 384
 CENTERS = 2000
@@ -52,24 +48,20 @@ def make_vectors(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n_dup = int(n * DUP_RATE)
     base_n = n - n_dup - EXACT_COPIES
-    centers = rng.standard_normal((CENTERS, DIM)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    centers = unit_rows(rng.standard_normal((CENTERS, DIM)).astype(np.float32))
     x = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, base_n, 100_000):
         stop = min(base_n, start + 100_000)
-        noise = rng.standard_normal((stop - start, DIM)).astype(np.float32)
-        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        noise = unit_rows(rng.standard_normal((stop - start, DIM)).astype(np.float32))
         x[start:stop] = centers[rng.integers(0, CENTERS, stop - start)] + noise
-    x[:base_n] /= np.linalg.norm(x[:base_n], axis=1, keepdims=True)
+    x[:base_n] = unit_rows(x[:base_n])
     src = rng.integers(0, base_n, n_dup)
     # cos(x, x + e*u) ~ 1 / sqrt(1 + e^2) for a random unit u orthogonal-ish to x: e in [0.1, 0.62]
     eps = rng.uniform(0.1, 0.62, n_dup).astype(np.float32)
-    u = rng.standard_normal((n_dup, DIM)).astype(np.float32)
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    u = unit_rows(rng.standard_normal((n_dup, DIM)).astype(np.float32))
     x[base_n : base_n + n_dup] = x[src] + eps[:, None] * u
     x[base_n + n_dup :] = x[rng.integers(0, base_n, EXACT_COPIES)]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x[rng.permutation(n)]
+    return unit_rows(x)[rng.permutation(n)]
 
 
 def exact_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> set[tuple[int, int]]:
@@ -110,14 +102,12 @@ def main() -> None:
     import faiss
 
     import indexer
-    import indexer.index
     from indexer.tasks.dedup import Vectors, dedup, find_pairs
 
-    indexer.index.AUTO_INDEX_ROWS = 1 << 62  # ingest must not build an ANN index: not part of dedup
+    no_auto_index()  # ingest must not build an ANN index: not part of dedup
     t = args.threshold
-    load = lambda: tuple(round(v, 2) for v in os.getloadavg())  # noqa: E731
     res: dict = {"n": args.n, "dim": DIM, "threshold": t, "subset": args.subset, "mining": args.mining,
-                 "cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "load_before": load()}
+                 "cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "load_before": load_average()}
     print(f"{os.cpu_count()} CPUs, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
           f"load average {res['load_before']}", flush=True)
     x = make_vectors(args.n)
@@ -133,7 +123,7 @@ def main() -> None:
     ours_full = {(min(pos(p["a"]), pos(p["b"])), max(pos(p["a"]), pos(p["b"]))) for p in report.pairs}
     res["ours_full"] = {"seconds": round(secs, 1), "peak_rss_mb": rss and round(rss), "pairs": len(ours_full),
                         "groups": len(report.groups), "drop": len(report.drop), "method": report.method,
-                        "stats": report.stats, "load": load()}
+                        "stats": report.stats, "load": load_average()}
     print(f"ours ({report.method}) on {args.n:,}: {secs:.1f} s, peak RSS +{rss or 0:,.0f} MiB, "
           f"{len(ours_full):,} pairs, {len(report.groups):,} groups; {report.stats}", flush=True)
 
@@ -188,10 +178,9 @@ def main() -> None:
         how = "extrapolated as n^2 from the run above" if cap < m else "measured"
         print(f"at {m:,}: paraphrase_mining {st_at_m:.0f} s ({how}) vs ours {ours_s:.1f} s (measured): "
               f"{res['mining_speedup']}x faster", flush=True)
-    res["load_after"] = load()
+    res["load_after"] = load_average()
     print(f"load average after: {res['load_after']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1, default=str))
+    write_report(args.out, res)
 
 
 if __name__ == "__main__":

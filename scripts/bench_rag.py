@@ -2,7 +2,8 @@
 
 Run from the repository root:
 
-    nice -n 5 .venv/bin/python scripts/bench_rag.py [--rows 100000] [--queries 200] [--out bench-out/bench_rag.json]
+    nice -n 5 .venv/bin/python scripts/bench_rag.py [--quick] [--rows 100000] [--queries 200]
+                                                     [--out bench-out/bench_rag.json]
 
 In one process and one run:
 
@@ -18,7 +19,8 @@ In one process and one run:
   latency for vector (the FAISS index `indexer index` builds, auto kind; the query embedded by MiniLM),
   text (BM25), hybrid (both + RRF) and hybrid --group-by-doc.
 
-Prints the machine load average beside the figures; writes everything to --out.
+Prints the machine load average beside the figures; writes everything to --out. `--quick`: a 0.2 MB
+document, 10,000 rows and 50 queries (about a minute).
 """
 
 from __future__ import annotations
@@ -28,12 +30,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import latency_ms, load_average, no_auto_index, timed, unit_rows, write_parquet, write_report
 
 
 def _vocabulary(rng: np.random.Generator, n: int = 5000) -> list[str]:
@@ -48,32 +48,22 @@ def _sentence(rng: np.random.Generator, vocab: list[str]) -> str:
     return " ".join(vocab[i] for i in idx).capitalize() + "."
 
 
-def _pcts(times: list[float]) -> dict[str, float]:
-    ms = np.array(times) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "mean_ms": round(float(ms.mean()), 2)}
-
-
-def bench_chunking(rng: np.random.Generator, vocab: list[str]) -> dict:
+def bench_chunking(rng: np.random.Generator, vocab: list[str], text_bytes: int = 1_000_000) -> dict:
     from indexer.ingest.chunking import make_chunker
     from indexer.models import load_embedder
 
     embedder = load_embedder("minilm")
     paragraphs, size = [], 0
-    while size < 1_000_000:
+    while size < text_bytes:
         p = " ".join(_sentence(rng, vocab) for _ in range(rng.integers(2, 8)))
         paragraphs.append(p)
         size += len(p) + 2
     text = "\n\n".join(paragraphs)
     chunker = make_chunker(embedder, 200, 32)
-    t = time.perf_counter()
-    spans = chunker.spans(text)
-    chunk_s = time.perf_counter() - t
+    spans, chunk_s = timed(chunker.spans, text)
     sample = [text[s.start:s.end] for s in spans[:256]]
     embedder.embed(sample[:32])  # warm-up
-    t = time.perf_counter()
-    embedder.embed(sample)
-    embed_s = time.perf_counter() - t
+    _, embed_s = timed(embedder.embed, sample)
     out = {"text_mb": round(len(text) / 1e6, 2), "passages": len(spans), "chunk_seconds": round(chunk_s, 3),
            "chunk_mb_per_s": round(len(text) / 1e6 / chunk_s, 2), "chunk_passages_per_s": round(len(spans) / chunk_s),
            "embed_passages_per_s": round(len(sample) / embed_s, 1)}
@@ -82,9 +72,6 @@ def bench_chunking(rng: np.random.Generator, vocab: list[str]) -> dict:
 
 
 def bench_collection(tmp: Path, rng: np.random.Generator, vocab: list[str], rows: int, n_queries: int) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     import indexer.index as index_mod
     from indexer import ingest, search
     from indexer.index.fulltext import update_fts_index
@@ -95,42 +82,35 @@ def bench_collection(tmp: Path, rng: np.random.Generator, vocab: list[str], rows
     for i, word in enumerate(rare):
         texts[(i + 1) * rows // 4] += f" It mentions {word}."
 
-    def table(start: int, end: int) -> pa.Table:
-        v = rng.standard_normal((end - start, 384)).astype(np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        return pa.table({"id": [f"p{i}" for i in range(start, end)], "text": texts[start:end],
-                         "doc_id": [f"doc{i // 8}" for i in range(start, end)],
-                         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 384)})
+    def parquet(name: str, start: int, end: int) -> Path:
+        v = unit_rows(rng.standard_normal((end - start, 384)).astype(np.float32))
+        return write_parquet(tmp / name, [f"p{i}" for i in range(start, end)], v, "embedding",
+                             text=texts[start:end], doc_id=[f"doc{i // 8}" for i in range(start, end)])
 
     main_rows = rows - rows // 100
-    pq.write_table(table(0, main_rows), tmp / "a.parquet")
-    pq.write_table(table(main_rows, rows), tmp / "b.parquet")
+    first, appended = parquet("a.parquet", 0, main_rows), parquet("b.parquet", main_rows, rows)
     path = tmp / "rag.idx"
-    saved = index_mod.update_fts_index, index_mod.AUTO_INDEX_ROWS
+
+    def refresh_fts() -> None:
+        with coll.write_lock():
+            update_fts_index(coll)
+
+    no_auto_index()  # the FAISS index is built (and timed) below
+    saved = index_mod.update_fts_index
     index_mod.update_fts_index = lambda coll: None
-    index_mod.AUTO_INDEX_ROWS = 10**12
     try:
-        t = time.perf_counter()
-        ingest(path, [str(tmp / "a.parquet")], vector_field="embedding", model="minilm", progress=False)
-        ingest_s = time.perf_counter() - t
+        _, ingest_s = timed(ingest, path, [str(first)], vector_field="embedding", model="minilm", progress=False)
         coll = Collection.open(path)
-        t = time.perf_counter()
-        with coll.write_lock():
-            update_fts_index(coll)
-        build_s = time.perf_counter() - t
-        ingest(path, [str(tmp / "b.parquet")], vector_field="embedding", progress=False)
-        t = time.perf_counter()
-        with coll.write_lock():
-            update_fts_index(coll)
-        refresh_s = time.perf_counter() - t
+        _, build_s = timed(refresh_fts)
+        ingest(path, [str(appended)], vector_field="embedding", progress=False)
+        _, refresh_s = timed(refresh_fts)
     finally:
-        index_mod.update_fts_index, index_mod.AUTO_INDEX_ROWS = saved
+        index_mod.update_fts_index = saved
 
     from indexer.index import build_index
 
-    t = time.perf_counter()
-    index_kind = build_index(path)["kind"]  # what ingest builds itself past 100k rows
-    index_s = time.perf_counter() - t
+    info, index_s = timed(build_index, path)  # what ingest builds itself past 100k rows
+    index_kind = info["kind"]
     queries = [" ".join(vocab[i] for i in rng.integers(0, 300, size=rng.integers(2, 5))) for _ in range(n_queries)]
     found_rare = [search(path, w, k=1, mode="text")[0]["text"].endswith(f"{w}.") for w in rare]
     latency = {}
@@ -139,12 +119,8 @@ def bench_collection(tmp: Path, rng: np.random.Generator, vocab: list[str], rows
                                                                                    "group_by_doc": True})):
         for q in queries[:5]:
             search(path, q, k=10, **kwargs)  # warm-up: model, index and file caches
-        times = []
-        for q in queries:
-            t = time.perf_counter()
-            search(path, q, k=10, **kwargs)
-            times.append(time.perf_counter() - t)
-        latency[label] = _pcts(times)
+        times = [timed(search, path, q, k=10, **kwargs)[1] for q in queries]
+        latency[label] = latency_ms(times)
         print(f"  {label:22} p50 {latency[label]['p50_ms']:7.2f} ms   p99 {latency[label]['p99_ms']:7.2f} ms",
               file=sys.stderr)
     return {"rows": rows, "ingest_seconds_without_fts": round(ingest_s, 2), "fts_build_seconds": round(build_s, 2),
@@ -158,22 +134,23 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default="bench-out/bench_rag.json")
+    ap.add_argument("--quick", action="store_true", help="a 0.2 MB document, 10000 rows, 50 queries (about a minute)")
     args = ap.parse_args()
+    if args.quick:
+        args.rows, args.queries = 10_000, 50
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
     vocab = _vocabulary(rng)
-    report = {"load_before": os.getloadavg()}
-    report["chunking"] = bench_chunking(rng, vocab)
+    report = {"load_before": load_average()}
+    report["chunking"] = bench_chunking(rng, vocab, 200_000 if args.quick else 1_000_000)
     print(json.dumps(report["chunking"]), file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         report["collection"] = bench_collection(Path(tmp), rng, vocab, args.rows, args.queries)
-    report["load_after"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    report["load_after"] = load_average()
+    write_report(args.out, report)
     c, s = report["chunking"], report["collection"]
     print(f"chunking: {c['chunk_mb_per_s']} MB/s, {c['chunk_passages_per_s']} passages/s of 200 tokens; "
           f"MiniLM embeds {c['embed_passages_per_s']} passages/s (chunking costs "

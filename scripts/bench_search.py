@@ -45,7 +45,6 @@ cores. Scratch collections live in a temporary directory that is removed at the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -56,7 +55,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")  # index stats without the centroids
 
@@ -64,9 +62,9 @@ import faiss
 import lance
 import lancedb
 import numpy as np
+from benchlib import clustered, latency_ms, measured, no_auto_index, write_report
 
 import indexer
-import indexer.index
 from indexer import Collection, Query
 from indexer.index import FaissIndex, build_index, lance_meta, lance_search
 from indexer.index.lance_engine import NPROBES, REFINE
@@ -106,29 +104,18 @@ class Result:
 @dataclass
 class Timing:
     ids: np.ndarray  # (queries, K) collection row numbers, -1 where none
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
     batch_qps: float | None = None
 
 
 # ---- data -----------------------------------------------------------------------------------------------
 
-def clustered(n: int, centers: np.ndarray, rng: np.random.Generator, chunk: int = 100_000) -> np.ndarray:
-    """n unit vectors: a random centre each plus NOISE * gaussian, normalised (built in chunks)."""
-    x = np.empty((n, centers.shape[1]), dtype=np.float32)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        block = centers[rng.integers(0, len(centers), m)] + NOISE * rng.standard_normal(
-            (m, centers.shape[1]), dtype=np.float32)
-        x[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return x
-
-
 def make_data(n: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(base, fresh queries, warm-up queries) from the same CENTERS clusters."""
     rng = np.random.default_rng(SEED + n)
     centers = rng.standard_normal((CENTERS, dim), dtype=np.float32)
-    base = clustered(n, centers, rng)
-    extra = clustered(queries + WARMUP, centers, rng)
+    base, _ = clustered(n, centers, NOISE, rng)
+    extra, _ = clustered(queries + WARMUP, centers, NOISE, rng)
     return base, extra[:queries], extra[queries:]
 
 
@@ -152,30 +139,6 @@ def ingest(x: np.ndarray, work: Path) -> tuple[Collection, dict]:
 
 # ---- measuring ------------------------------------------------------------------------------------------
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(key))
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def measured(fn: Callable, *args, **kwargs) -> tuple[Any, float, float | None]:
-    """fn's result, wall seconds and peak RSS growth over the RSS before it (MiB; None if unmeasurable)."""
-    can_reset = _reset_peak_rss()
-    before = _status_kib("VmRSS:")
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    return result, seconds, (_status_kib("VmHWM:") - before) / 1024 if can_reset else None
-
-
 def single_queries(search_one: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
                    warmup: np.ndarray) -> Timing:
     """One query per call, each timed; WARMUP untimed calls first."""
@@ -186,7 +149,7 @@ def single_queries(search_one: Callable[[np.ndarray], np.ndarray], queries: np.n
     for i, q in enumerate(queries):
         start = time.perf_counter()
         found = search_one(q)
-        latencies.append((time.perf_counter() - start) * 1000)
+        latencies.append(time.perf_counter() - start)
         ids[i, : len(found)] = found[:K]
     return Timing(ids, latencies)
 
@@ -205,11 +168,10 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 def summarize(method: str, params: str, truth: np.ndarray, batch: Timing | None, single: Timing,
               **extra) -> Result:
     """Recall from the batch call where there is one (else from the single-query loop)."""
-    lat = np.asarray(single.latencies_ms)
+    lat = latency_ms(single.latencies_s)
     found = batch.ids if batch is not None else single.ids
-    return Result(method, params, recall_at_k(found, truth), float(np.percentile(lat, 50)),
-                  float(np.percentile(lat, 99)), 1000 / float(lat.mean()), len(lat),
-                  batch_qps=batch.batch_qps if batch is not None else None, **extra)
+    return Result(method, params, recall_at_k(found, truth), lat["p50_ms"], lat["p99_ms"], 1000 / lat["mean_ms"],
+                  len(single.latencies_s), batch_qps=batch.batch_qps if batch is not None else None, **extra)
 
 
 # ---- 1. exact flat ----------------------------------------------------------------------------------------
@@ -521,7 +483,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # lancedb's create_index(metric=...) notice
     args = parse_args()
     faiss.omp_set_num_threads(args.threads)
-    indexer.index.AUTO_INDEX_ROWS = 1 << 62  # ingest must not build an index: each build is timed here
+    no_auto_index()  # ingest must not build an index: each build is timed here
     print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads; lancedb {lancedb.__version__}, "
           f"lance {lance.__version__}; {os.cpu_count()} CPUs")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -537,7 +499,7 @@ def main() -> None:
             print_size(report, faiss.omp_get_max_threads())
             sys.stdout.flush()
             sizes.append(report)
-            write_report(args, sizes, time.perf_counter() - started)  # after every size: a partial run still reports
+            save_report(args, sizes, time.perf_counter() - started)  # after every size: a partial run still reports
     target = next((s for s in sizes if s["n"] == TARGET_N and s["dim"] == 384), None)
     if target is None:
         print(f"\ntargets are defined at {TARGET_N:,} x 384, which this run did not include", end="")
@@ -546,7 +508,7 @@ def main() -> None:
     print(f"; total wall time {time.perf_counter() - started:.0f} s")
 
 
-def write_report(args: argparse.Namespace, sizes: list[dict], seconds: float) -> None:
+def save_report(args: argparse.Namespace, sizes: list[dict], seconds: float) -> None:
     report = {
         "config": {"sizes": args.sizes, "dim": args.dim, "queries": args.queries, "quick": args.quick,
                    "faiss_threads": faiss.omp_get_max_threads(), "cpus": os.cpu_count(), "k": K,
@@ -555,7 +517,7 @@ def write_report(args: argparse.Namespace, sizes: list[dict], seconds: float) ->
                    "lance": lance.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "sizes": sizes, "total_seconds": seconds,
     }
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(args.out, report)
     log.info("report written to %s", args.out)
 
 

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import clustered, latency_ms, machine, timed, write_parquet, write_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,9 +67,6 @@ def sentences(rng: np.random.Generator, n: int) -> list[str]:
 
 def build_collection(rows: int, root: Path) -> Path:
     """The synthetic collection, built once per size and reused."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     import indexer
     from indexer.index import build_index
 
@@ -80,21 +77,15 @@ def build_collection(rows: int, root: Path) -> Path:
         return path
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((1000, DIM)).astype(np.float32)
-    x = centres[rng.integers(0, 1000, rows)] + 0.6 * rng.standard_normal((rows, DIM)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    table = pa.table({"id": [f"doc-{i}" for i in range(rows)], "text": sentences(rng, rows),
-                      "label": [f"topic-{i % 20}" for i in range(rows)],
-                      "emb": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
+    x, _ = clustered(rows, centres, 0.6, rng)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "vectors.parquet"
-        pq.write_table(table, src)
-        t = time.perf_counter()
-        summary = indexer.ingest(path, [str(src)], model="minilm", vector_field="emb", progress=False)
-        log(f"ingested {summary.added} rows in {time.perf_counter() - t:.0f}s")
+        src = write_parquet(Path(tmp) / "vectors.parquet", [f"doc-{i}" for i in range(rows)], x, "emb",
+                            text=sentences(rng, rows), label=[f"topic-{i % 20}" for i in range(rows)])
+        summary, seconds = timed(indexer.ingest, path, [str(src)], model="minilm", vector_field="emb", progress=False)
+        log(f"ingested {summary.added} rows in {seconds:.0f}s")
     if not (path / "index" / "index.json").exists():
-        t = time.perf_counter()
-        build_index(path, target_recall=0.95)
-        log(f"built the FAISS index in {time.perf_counter() - t:.0f}s")
+        _, seconds = timed(build_index, path, target_recall=0.95)
+        log(f"built the FAISS index in {seconds:.0f}s")
     return path
 
 
@@ -186,12 +177,9 @@ async def level(server: Server, queries: list[bytes], clients: int, seconds: flo
     await asyncio.gather(*(client(server, queries, c * 31 + 1, until, latencies, errors) for c in range(clients)))
     wall = time.perf_counter() - t0
     calls1, queries1 = batch_stats(await get(server, "/metrics"))
-    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {"clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
             "error_examples": errors[:3], "throughput_rps": len(latencies) / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
-            "mean_batch": (queries1 - queries0) / max(calls1 - calls0, 1),
+            **latency_ms(latencies, (50, 90, 99)), "mean_batch": (queries1 - queries0) / max(calls1 - calls0, 1),
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
@@ -215,8 +203,7 @@ def main() -> None:
     configs = {"batched (--max-batch 32)": ["--max-batch", "32"],
                "batched, --batch-wait-ms 3": ["--max-batch", "32", "--batch-wait-ms", "3"],
                "unbatched (--max-batch 1)": ["--max-batch", "1"]}
-    report = {"rows": args.rows, "seconds_per_level": args.seconds, "cpus": os.cpu_count(),
-              "machine": platform.platform(), "python": platform.python_version(), "results": {}}
+    report = {"rows": args.rows, "seconds_per_level": args.seconds, "machine": machine(), "results": {}}
     for name, flags in configs.items():
         log(f"starting the server, {name}")
         server = Server(coll, *flags)
@@ -231,7 +218,7 @@ def main() -> None:
             report["results"][name] = rows
         finally:
             server.stop()
-    out.write_text(json.dumps(report, indent=2))
+    write_report(out, report)
     print(f"\nPOST /search, text queries (MiniLM) on {args.rows} rows, {report['index']['kind']} index "
           f"(recall@10 {report['index']['recall_at_10']:.3f}); {args.seconds:.0f}s per level, "
           f"{os.cpu_count()} CPUs shared by server and clients")

@@ -19,10 +19,14 @@ from indexer.errors import IndexerError
 from indexer.index import FaissIndex, build_index
 from indexer.spec import ModelSpec
 from indexer.store import Collection
-from indexer.tasks import dedup as dedup_module
-from indexer.tasks.dedup import DEFAULT_THRESHOLDS, Vectors, components, dedup, find_pairs, find_pairs_against
-from indexer.tasks.dedup_calibrate import (
+from indexer.tasks.dedup import (
+    DEFAULT_THRESHOLDS,
+    Vectors,
     calibrate,
+    components,
+    dedup,
+    find_pairs,
+    find_pairs_against,
     load_item,
     pair_scores,
     phash_pair,
@@ -30,6 +34,7 @@ from indexer.tasks.dedup_calibrate import (
     typos,
     write_near_duplicate_sets,
 )
+from indexer.tasks.dedup import pairs as dedup_module
 
 from .conftest import write_jsonl
 

@@ -99,7 +99,8 @@ def test_split_rows_holds_out_a_test_split_only_when_every_class_can_spare_it(ca
 
 
 def test_run_key_ignores_epochs_only(minilm):
-    from indexer.tasks.finetune import Hyper, LabelledSet, _run_key
+    from indexer.tasks.finetune import Hyper, LabelledSet
+    from indexer.tasks.finetune.checkpoint import run_key as _run_key
 
     data = LabelledSet(["1", "2"], ["x", "y"], ["a", "b"], [])
     key = _run_key(minilm.spec, data, 1, Hyper(epochs=2), "label")

@@ -47,7 +47,7 @@ def dedup(collection, threshold, method, keep, signal, against, out, apply, rest
     if calibrate:
         if apply or against:
             raise IndexerError("--calibrate only measures: run it without --apply and --against")
-        from ..tasks.dedup_calibrate import calibrate as run_calibrate
+        from ..tasks.dedup import calibrate as run_calibrate
 
         result = run_calibrate(collection, sample=sample_size)
         print_json(result.to_dict()) if as_json else click.echo(result.table())

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IndexerError
-from ..store import Collection
-from .dedup import DedupReport, load_vectors
+from ...errors import IndexerError
+from ...store import Collection
+from .records import DedupReport
+from .stored import load_vectors
 
 BAND_WIDTH = 0.05
 PAIRS_PER_BAND = 6
@@ -142,8 +143,8 @@ def write_html(report: DedupReport, out: Path, sample: HtmlSample | None = None)
 
 
 def histogram_png(values: np.ndarray, threshold: float, title: str) -> bytes:
-    from ..errors import attempt_import
-    from .plots import _pyplot
+    from ...errors import attempt_import
+    from ..plots import _pyplot
 
     attempt_import("matplotlib")  # names the extra when it is missing
     plt = _pyplot()
@@ -183,7 +184,7 @@ def _cell(item_id: str, row: dict[str, Any]) -> str:
         return f"{label}<div>{html.escape(text[:300])}{'...' if len(text) > 300 else ''}</div>"
     if row.get("path"):
         try:
-            from ..sources.images import ImageDecodeError, decode_image
+            from ...sources.images import ImageDecodeError, decode_image
 
             img = decode_image(Path(row["path"]).read_bytes())  # oriented, bomb-guarded
             size = img.size

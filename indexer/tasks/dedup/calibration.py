@@ -8,7 +8,7 @@ many positives against one negative each). Both compare the sampled item's store
 embedding (positives) or a neighbour's stored vector (negatives). For every threshold we count the positives kept (recall) and the negatives
 let through (precision = kept positives / everything kept), per signal:
 - `embedding`: cosine of the embeddings;
-- `phash`: a DCT perceptual hash (ours, below), flip-invariant, as 1 - Hamming distance / 64 (images);
+- `phash`: a DCT perceptual hash (phash.py), flip-invariant, as 1 - Hamming distance / 64 (images);
 - `combined`: the mean of the two (images).
 The best threshold per signal is the one with the highest F1; the best signal is reported too.
 
@@ -18,142 +18,18 @@ The best threshold per signal is the one with the highest F1; the best signal is
 
 from __future__ import annotations
 
-import io
-import logging
 import random
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..errors import IndexerError
-from ..store import Collection
-
-log = logging.getLogger(__name__)
-
-
-# ---- known transformations ------------------------------------------------------------------------------
-
-def _jpeg(img, quality: int = 35):
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    from PIL import Image
-
-    return Image.open(buf).convert("RGB")
-
-
-def _png(img):
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    buf.seek(0)
-    from PIL import Image
-
-    return Image.open(buf).convert("RGB")
-
-
-def _crop(img, keep: float = 0.9):
-    w, h = img.size
-    dx, dy = int(w * (1 - keep) / 2), int(h * (1 - keep) / 2)
-    return img.crop((dx, dy, w - dx, h - dy))
-
-
-def _brightness(img, factor: float = 1.3):
-    from PIL import ImageEnhance
-
-    return ImageEnhance.Brightness(img).enhance(factor)
-
-
-def _resize(img, scale: float = 0.5):
-    return img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-
-
-def _flip(img):
-    from PIL import ImageOps
-
-    return ImageOps.mirror(img)
-
-
-def _grayscale(img):
-    return img.convert("L").convert("RGB")
-
-
-IMAGE_TRANSFORMS: dict[str, Callable] = {
-    "resize": _resize, "jpeg": _jpeg, "crop90": _crop, "brightness": _brightness, "flip": _flip,
-    "grayscale": _grayscale, "png": _png,
-}
-
-BOILERPLATE = ("Posted by the editorial team. All rights reserved.", "Click here to subscribe to our newsletter.",
-               "This article was originally published on our website.")
-
-
-def typos(text: str, rng: random.Random, rate: float = 0.03) -> str:
-    """Swap, drop or double about `rate` of the letters (at least one edit)."""
-    chars = list(text)
-    letters = [k for k, c in enumerate(chars) if c.isalpha()]
-    if not letters:  # "2023", "": nothing to misspell
-        return text
-    for k in sorted(rng.sample(letters, max(1, int(len(letters) * rate))), reverse=True):
-        op = rng.choice(("swap", "drop", "double"))
-        if op == "swap" and k + 1 < len(chars):
-            chars[k], chars[k + 1] = chars[k + 1], chars[k]
-        elif op == "drop":
-            del chars[k]
-        else:
-            chars.insert(k, chars[k])
-    return "".join(chars)
-
-
-def reorder(text: str, rng: random.Random) -> str:
-    """Sentences in another order (a single sentence: its clauses rotated at a comma, if any)."""
-    parts = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
-    if len(parts) > 1:
-        rotated = parts[1:] + parts[:1]
-        return " ".join(rotated)
-    clauses = text.split(", ")
-    return ", ".join(clauses[1:] + clauses[:1]) if len(clauses) > 1 else text
-
-
-def boilerplate(text: str, rng: random.Random) -> str:
-    return f"{text.strip()} {rng.choice(BOILERPLATE)}"
-
-
-TEXT_TRANSFORMS: dict[str, Callable[[str, random.Random], str]] = {
-    "typos": typos, "reorder": reorder, "boilerplate": boilerplate,
-}
-
-
-# ---- perceptual hash ----------------------------------------------------------------------------------------
-
-def phash(img, flipped: bool = False) -> np.ndarray:
-    """64-bit DCT perceptual hash as a bool array: grayscale 32x32, 2-D DCT-II, the 8x8 lowest frequencies
-    (DC left out: it only encodes brightness), each bit = coefficient above their median."""
-    from PIL import Image, ImageOps
-    from scipy.fft import dctn
-
-    g = img.convert("L")
-    if flipped:
-        g = ImageOps.mirror(g)
-    a = np.asarray(g.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    coeffs = dctn(a, type=2, norm="ortho")[:8, :8].ravel()[1:]
-    return coeffs > np.median(coeffs)
-
-
-def phash_pair(img) -> np.ndarray:
-    """The hash of an image and of its mirror image, (2, 63): comparing against both makes it flip-invariant."""
-    return np.stack([phash(img), phash(img, flipped=True)])
-
-
-def phash_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """1 - normalised Hamming distance, the best over a's unmirrored hash against b's two."""
-    a0 = a[0] if a.ndim == 2 else a
-    bs = b if b.ndim == 2 else b[None]
-    return float(max(1 - np.count_nonzero(a0 != bb) / a0.size for bb in bs))
-
-
-# ---- calibration --------------------------------------------------------------------------------------------
+from ...errors import IndexerError
+from ...store import Collection
+from .phash import phash_pair, phash_similarity
+from .stored import load_item, load_vectors
+from .transforms import IMAGE_TRANSFORMS, TEXT_TRANSFORMS
 
 THRESHOLDS = np.round(np.arange(0.50, 0.995, 0.01), 2)
 
@@ -206,8 +82,7 @@ def best_of(points: list[dict[str, float]]) -> dict[str, float]:
 
 
 def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, device: str = "auto") -> Calibration:
-    from ..models import load_embedder, resolve_runtime, respec
-    from .dedup import load_vectors
+    from ...models import load_embedder, resolve_runtime, respec
 
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     modality = coll.spec.modality
@@ -236,7 +111,7 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
     trng = random.Random(seed)
     copies = {name: [fn(o) if modality == "image" else fn(o, trng) for o in originals] for name, fn in transforms.items()}
     # Positives and negatives both start from the sampled item's stored vector (what dedup compares).
-    from .features import normalized
+    from ..features import normalized
 
     base = vecs.x[kept]
     pos_emb = {name: np.einsum("ij,ij->i", base, normalized(embedder.embed(items))) for name, items in copies.items()}
@@ -307,82 +182,3 @@ def _same_content(a, b, modality: str) -> bool:
         small = min(len(a), len(b))
         return small > 0 and len(a & b) / small >= 0.5  # half the shingles of the shorter text shared
     return float(np.max(b @ a[0])) >= 0.9
-
-
-def load_item(value, modality: str):
-    """A stored text, or the image file at `value` decoded as ingest decodes it (EXIF orientation, the
-    decompression-bomb guard); None when it is gone or unreadable."""
-    if value is None:
-        return None
-    if modality == "text":
-        return value
-    from pathlib import Path
-
-    from ..sources.images import ImageDecodeError, decode_image
-
-    try:
-        return decode_image(Path(value).read_bytes())
-    except (ImageDecodeError, OSError):
-        return None
-
-
-# ---- generated near-duplicate sets (tests, README evidence) ---------------------------------------------------
-
-SET_IMAGE_TRANSFORMS = ("resize", "jpeg", "crop90", "brightness", "flip", "png")
-
-
-def write_near_duplicate_sets(directory, seed: int = 0) -> dict[str, Any]:
-    """Real photos (installed packages) under SET_IMAGE_TRANSFORMS, and two-sentence texts with typos,
-    reordering and boilerplate, next to their distinct siblings. Ids are `<original>--<transform>`.
-    Returns {"images": dir, "texts": jsonl path, "image_groups": [[id, ...]], "text_groups": [[id, ...]]}."""
-    import json
-    from importlib import resources
-    from pathlib import Path
-
-    from PIL import Image
-
-    from ..sample import photo_paths
-
-    root = Path(directory)
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    image_groups = []
-    for name, path in sorted(photo_paths().items()):
-        with Image.open(path) as src:
-            img = src.convert("RGB")
-        img.thumbnail((512, 512))  # photo-sized, and quick to embed in tests
-        img.save(images / f"{name}.jpg", quality=92)
-        group = [f"{name}.jpg"]
-        for t in SET_IMAGE_TRANSFORMS:
-            ext = "png" if t == "png" else "jpg"
-            IMAGE_TRANSFORMS[t](img).convert("RGB").save(images / f"{name}--{t}.{ext}", quality=90)
-            group.append(f"{name}--{t}.{ext}")
-        image_groups.append(group)
-    with resources.as_file(resources.files("indexer") / "data" / "sample_texts.jsonl") as src:
-        sentences = [json.loads(line) for line in Path(src).read_text().splitlines() if line.strip()]
-    by_label: dict[str, list[str]] = {}
-    for s in sentences:
-        by_label.setdefault(s["label"], []).append(s["text"])
-    rng = random.Random(seed)
-    rows, text_groups = [], []
-    for label, texts in sorted(by_label.items()):
-        for k in range(0, len(texts) - 1, 2):
-            doc_id, doc = f"{label}-{k // 2}", f"{texts[k]} {texts[k + 1]}"
-            rows.append({"id": doc_id, "text": doc, "label": label})
-            group = [doc_id]
-            for t, fn in TEXT_TRANSFORMS.items():
-                rows.append({"id": f"{doc_id}--{t}", "text": fn(doc, rng), "label": label})
-                group.append(f"{doc_id}--{t}")
-            text_groups.append(group)
-    texts_path = root / "texts.jsonl"
-    texts_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"images": images, "texts": texts_path, "image_groups": image_groups, "text_groups": text_groups}
-
-
-def pair_scores(found: set[tuple[str, str]], groups: list[list[str]]) -> dict[str, float]:
-    """Pair precision and recall of `found` (unordered id pairs) against ground-truth groups."""
-    truth = {tuple(sorted((a, b))) for g in groups for k, a in enumerate(g) for b in g[k + 1:]}
-    found = {tuple(sorted(p)) for p in found}
-    tp = len(found & truth)
-    return {"precision": tp / len(found) if found else 1.0, "recall": tp / len(truth) if truth else 1.0,
-            "found": len(found), "true": len(truth)}
