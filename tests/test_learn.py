@@ -302,3 +302,73 @@ def test_knn_through_an_hnsw_index_matches_exact(tmp_path, monkeypatch):
     preds = knn_predict(coll, vectors=centres, k=7)
     assert [p["label"] for p in preds] == ["c0", "c1", "c2", "c3"]
     assert all(len(p["neighbours"]) == 7 and int(n["id"][1:]) % 50 for p in preds for n in p["neighbours"])
+
+
+def _clustered(n: int, classes: int, spread: float, noise: float, seed: int = 0):
+    """Unit-norm 64-d rows around a few centres per class, `noise` of the labels replaced at random."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes * 3, 64)).astype(np.float32)
+    topic = rng.integers(0, len(centres), n)
+    x = centres[topic] + spread * rng.standard_normal((n, 64)).astype(np.float32)
+    y = topic // 3
+    flip = rng.random(n) < noise
+    y[flip] = rng.integers(0, classes, int(flip.sum()))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array([f"c{v}" for v in y])
+
+
+def test_probe_solver_matches_scikit_learn_at_the_same_c():
+    """Our L-BFGS minimises scikit-learn's objective: the same C gives the same probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    from indexer.tasks.probe import fit_probe
+
+    x, y = _clustered(600, 5, 1.5, 0.1)
+    for C in (0.003, 0.1):
+        head = fit_probe(x, y, C=C)
+        z = (x / np.linalg.norm(x, axis=1, keepdims=True) - head.mean) / head.scale
+        ref = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(z, y)
+        assert head.classes == list(ref.classes_)
+        assert np.abs(head.predict_proba(x) - ref.predict_proba(z)).max() < 2e-3
+
+
+def test_probe_path_extends_past_the_grid_while_the_best_c_is_at_its_end(monkeypatch):
+    from indexer.tasks import probe
+
+    # Noisy overlapping classes want strong regularisation: below a grid set at weaker C.
+    monkeypatch.setattr(probe, "C_GRID", (-2.0, 1.0))
+    x, y = _clustered(1500, 6, 3.0, 0.3)
+    noisy = probe.fit_probe(x, y)
+    accuracy = {float(c): a for c, a in noisy.info["validation_accuracy_by_C"].items()}
+    assert noisy.C < 0.01 and min(accuracy) < noisy.C  # walked down past the optimum
+    assert accuracy[min(accuracy, key=lambda c: abs(c - noisy.C))] == max(accuracy.values())
+    # Cleanly separated classes want almost none: above a grid set at strong C.
+    monkeypatch.setattr(probe, "C_GRID", (-3.0, -2.5))
+    x, y = _clustered(600, 3, 0.05, 0.0)
+    clean = probe.fit_probe(x, y)
+    assert clean.C > 10 ** -2.5
+    assert (np.array(clean.predict(x)) == y).all() and clean.predict_proba(x).max(axis=1).min() > 0.9
+
+
+def test_probe_is_as_accurate_as_scikit_learn_and_faster():
+    """scripts/bench_probe.py in small: the whole fit, C search included, against one default
+    LogisticRegression fit on one BLAS thread, on held-out rows."""
+    import time
+
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from indexer.tasks.probe import fit_probe
+
+    x, y = _clustered(3000, 8, 2.0, 0.2)
+    train, test = slice(0, 2400), slice(2400, None)
+    fit_probe(x[train], y[train])  # warm up imports
+    start = time.perf_counter()
+    head = fit_probe(x[train], y[train])
+    ours = time.perf_counter() - start
+    with threadpool_limits(1, user_api="blas"):
+        start = time.perf_counter()
+        ref = LogisticRegression(max_iter=1000).fit(x[train], y[train])
+        theirs = time.perf_counter() - start
+    ours_acc = np.mean(np.array(head.predict(x[test])) == y[test])
+    assert ours_acc >= np.mean(ref.predict(x[test]) == y[test]) - 0.01
+    assert ours < 3 * theirs + 0.2  # a loose bound: a shared machine's timings jump
