@@ -6,6 +6,7 @@ are short labelled sentences on six topics written for this project.
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -34,8 +35,16 @@ def photo_paths() -> dict[str, Path]:
     return out
 
 
+# queries/questions.jsonl (for `search --queries`) and queries/notes.jsonl (new unlabelled texts to classify).
+QUESTIONS = ("how do plants make energy", "what is the biggest planet", "how should I cook pasta")
+NEW_NOTES = {"note-1": "Leaves turn sunlight into sugar in their chloroplasts.",
+             "note-2": "The compiler turns source code into machine instructions.",
+             "note-3": "Saturn's rings are made of ice and rock."}
+
+
 def write_sample_corpus(directory: str | Path) -> dict[str, Path]:
-    """Write texts.jsonl, images/*.jpg and queries/ (edited copies to search with). Returns the paths."""
+    """Write texts.jsonl, images/*.jpg and queries/ (edited copies of two photos, questions and new
+    notes to search and classify with). Returns the paths."""
     root = Path(directory)
     images, queries = root / "images", root / "queries"
     images.mkdir(parents=True, exist_ok=True)
@@ -53,4 +62,6 @@ def write_sample_corpus(directory: str | Path) -> dict[str, Path]:
         ImageEnhance.Brightness(crop).enhance(1.2).save(queries / "cat-edited.jpg", quality=60)
     with Image.open(images / "flower.jpg") as flower:
         flower.resize((flower.width // 3, flower.height // 3)).save(queries / "flower-small.png")
+    (queries / "questions.jsonl").write_text("".join(json.dumps({"query": q}) + "\n" for q in QUESTIONS))
+    (queries / "notes.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in NEW_NOTES.items()))
     return {"texts": root / "texts.jsonl", "images": images, "queries": queries}

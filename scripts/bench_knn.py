@@ -39,16 +39,17 @@ K, T = 20, 0.07
 SUBCLUSTERS, SPREAD, LABEL_NOISE = 5, 1.0, 0.2
 
 
-def make_data(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0):
+def make_data(n_train: int, n_test: int, dim: int, classes: int, seed: int = 0, *, spread: float = SPREAD,
+              label_noise: float = LABEL_NOISE):
     """Clustered like real embeddings (each class a few topics, points spread around them), with
     LABEL_NOISE of the labels replaced at random so accuracy stays well below 1."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes * SUBCLUSTERS, dim)).astype(np.float32)
 
     def draw(n):
-        x, topic = clustered(n, centres, SPREAD, rng)
+        x, topic = clustered(n, centres, spread, rng)
         y = topic // SUBCLUSTERS
-        flip = rng.random(n) < LABEL_NOISE
+        flip = rng.random(n) < label_noise
         y[flip] = rng.integers(0, classes, int(flip.sum()))
         return x, y
 

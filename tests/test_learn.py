@@ -302,3 +302,143 @@ def test_knn_through_an_hnsw_index_matches_exact(tmp_path, monkeypatch):
     preds = knn_predict(coll, vectors=centres, k=7)
     assert [p["label"] for p in preds] == ["c0", "c1", "c2", "c3"]
     assert all(len(p["neighbours"]) == 7 and int(n["id"][1:]) % 50 for p in preds for n in p["neighbours"])
+
+
+def _clustered(n: int, classes: int, spread: float, noise: float, seed: int = 0):
+    """Unit-norm 64-d rows around a few centres per class, `noise` of the labels replaced at random."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes * 3, 64)).astype(np.float32)
+    topic = rng.integers(0, len(centres), n)
+    x = centres[topic] + spread * rng.standard_normal((n, 64)).astype(np.float32)
+    y = topic // 3
+    flip = rng.random(n) < noise
+    y[flip] = rng.integers(0, classes, int(flip.sum()))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array([f"c{v}" for v in y])
+
+
+def test_probe_solver_matches_scikit_learn_at_the_same_c():
+    """Our L-BFGS minimises scikit-learn's objective: the same C gives the same probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    from indexer.tasks.probe import fit_probe
+
+    x, y = _clustered(600, 5, 1.5, 0.1)
+    for C in (0.003, 0.1):
+        head = fit_probe(x, y, C=C)
+        z = (x / np.linalg.norm(x, axis=1, keepdims=True) - head.mean) / head.scale
+        ref = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(z, y)
+        assert head.classes == list(ref.classes_)
+        assert np.abs(head.predict_proba(x) - ref.predict_proba(z)).max() < 2e-3
+
+
+def test_probe_path_extends_past_the_grid_while_the_best_c_is_at_its_end(monkeypatch):
+    from indexer.tasks import probe
+
+    # Noisy overlapping classes want strong regularisation: below a grid set at weaker C.
+    monkeypatch.setattr(probe, "C_GRID", (-2.0, 1.0))
+    x, y = _clustered(1500, 6, 3.0, 0.3)
+    noisy = probe.fit_probe(x, y)
+    accuracy = {float(c): a for c, a in noisy.info["validation_accuracy_by_C"].items()}
+    assert noisy.C < 0.01 and min(accuracy) < noisy.C  # walked down past the optimum
+    assert accuracy[min(accuracy, key=lambda c: abs(c - noisy.C))] == max(accuracy.values())
+    # Cleanly separated classes want almost none: above a grid set at strong C.
+    monkeypatch.setattr(probe, "C_GRID", (-3.0, -2.5))
+    x, y = _clustered(600, 3, 0.05, 0.0)
+    clean = probe.fit_probe(x, y)
+    assert clean.C > 10 ** -2.5
+    assert (np.array(clean.predict(x)) == y).all() and clean.predict_proba(x).max(axis=1).min() > 0.9
+
+
+def test_probe_is_as_accurate_as_scikit_learn_and_faster():
+    """scripts/bench_probe.py in small: the whole fit, C search included, against one default
+    LogisticRegression fit on one BLAS thread, on held-out rows."""
+    import time
+
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from indexer.tasks.probe import fit_probe
+
+    x, y = _clustered(3000, 8, 2.0, 0.2)
+    train, test = slice(0, 2400), slice(2400, None)
+    fit_probe(x[train], y[train])  # warm up imports
+    start = time.perf_counter()
+    head = fit_probe(x[train], y[train])
+    ours = time.perf_counter() - start
+    with threadpool_limits(1, user_api="blas"):
+        start = time.perf_counter()
+        ref = LogisticRegression(max_iter=1000).fit(x[train], y[train])
+        theirs = time.perf_counter() - start
+    ours_acc = np.mean(np.array(head.predict(x[test])) == y[test])
+    assert ours_acc >= np.mean(ref.predict(x[test]) == y[test]) - 0.01
+    assert ours < 3 * theirs + 0.2  # a loose bound: a shared machine's timings jump
+
+
+# ---- labels named the way the user named them --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def topic_jsonl(tmp_path_factory, sample_corpus):
+    """The sample sentences with their label in a `topic` field."""
+    rows = [json.loads(line) for line in sample_corpus["texts"].read_text().splitlines()]
+    return write_jsonl(tmp_path_factory.mktemp("topic") / "notes.jsonl",
+                       [{"id": r["id"], "text": r["text"], "topic": r["label"]} for r in rows])
+
+
+@pytest.fixture(scope="module")
+def notes_idx(topic_jsonl):
+    coll = topic_jsonl.parent / "notes.idx"
+    result = run("ingest", coll, topic_jsonl, "--model", "minilm", "--label-field", "topic", "-q")
+    assert result.exit_code == 0, result.output
+    return coll
+
+
+def test_ingest_keeps_the_label_column_and_records_the_users_name(notes_idx, topic_jsonl):
+    coll = Collection.open(notes_idx)
+    assert coll.manifest.label_field == "topic" and coll.info()["label_field"] == "topic"
+    assert "label" in coll.table.schema.names and "topic" not in coll.table.schema.names  # the layout contract
+    assert load_labelled(coll, "topic").labels.tolist() == load_labelled(coll, "label").labels.tolist()
+    # A re-run without --label-field reads labels where the first run did: nothing changes.
+    again = json.loads(run("ingest", notes_idx, topic_jsonl, "--json", "-q").stdout)
+    assert again["skipped"] == 48 and again["updated"] == 0
+    other = run("ingest", notes_idx, topic_jsonl, "--label-field", "kind", "-q")
+    assert other.exit_code == 1 and "'topic'" in other.output and "--label-field 'kind'" in other.output
+    unknown = run("knn", notes_idx, "--eval", "--label-field", "kind")
+    assert unknown.exit_code == 1 and "no label field 'kind'" in unknown.output
+    assert "'topic' (stored as 'label')" in unknown.output and "Traceback" not in unknown.output
+
+
+def test_knn_and_probe_read_labels_by_the_users_name(notes_idx, tmp_path):
+    knn = run("knn", notes_idx, "--eval", "--label-field", "topic", "--json")
+    assert knn.exit_code == 0, knn.output
+    report = json.loads(knn.stdout)
+    assert report["label_field"] == "topic" and report["accuracy"] > 3 * CHANCE and report["n_test"] == 48
+    queries = json.dumps({"text": "Photosynthesis in the leaf cells turns light into sugar."}) + "\n"
+    preds = json.loads(run("knn", notes_idx, "--predict", "-", "--label-field", "topic", "--json",
+                           input=queries).stdout)
+    assert preds[0]["label"] == "biology"
+
+    head = tmp_path / "topic.npz"
+    probe = run("probe", notes_idx, "--label-field", "topic", "--save", head, "--json")
+    assert probe.exit_code == 0, probe.output
+    assert json.loads(probe.stdout)["accuracy"] > 3 * CHANCE and ProbeHead.load(head).label_field == "topic"
+    preds = json.loads(run("probe", head, "--predict", "-", "--json", input=queries).stdout)
+    assert preds[0]["label"] == "biology" and preds[0]["probabilities"]["biology"] > 0.5
+    # A labelled test collection ingested the same way.
+    test_rows = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "text": "Saturn has bright rings of ice.",
+                                                    "topic": "astronomy"}])
+    run("ingest", tmp_path / "test.idx", test_rows, "--label-field", "topic", "-q")
+    on_test = json.loads(run("probe", notes_idx, "--label-field", "topic", "--test", tmp_path / "test.idx",
+                             "--json").stdout)
+    assert on_test["n_test"] == 1 and on_test["accuracy"] == 1.0
+
+
+def test_layers_and_finetune_read_labels_by_the_users_name(topic_jsonl, tmp_path):
+    sweep = run("layers", topic_jsonl, "--label-field", "topic", "--model", "minilm", "--layers", "6",
+                "--pooling", "mean", "--folds", 3, "--json", "-q")
+    assert sweep.exit_code == 0, sweep.output
+    result = json.loads(sweep.stdout)
+    assert result["label_field"] == "topic" and result["n_classes"] == 6 and result["unlabelled"] == 0
+    ft = run("finetune", topic_jsonl, "--label-field", "topic", "--model", "minilm", "--unfreeze", 0,
+             "--epochs", 1, "--out", tmp_path / "head-only", "--device", "cpu", "--json", "-q")
+    assert ft.exit_code == 0, ft.output
+    assert len(json.loads(ft.stdout)["labels"]) == 6

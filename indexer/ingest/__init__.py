@@ -25,7 +25,7 @@ from ..sources import (
     iter_records,
 )
 from ..spec import ModelSpec
-from ..store import Collection
+from ..store import Collection, Manifest
 from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
 from .writer import BatchWriter
@@ -142,6 +142,17 @@ def _row(item: Prepared) -> dict:
     return row
 
 
+def _label_field(path: str, given: str | None) -> str | None:
+    """The field labels are read from: the one given, else the one the collection recorded (a
+    re-run without --label-field keeps reading labels where the first run did). The labels of one
+    collection come from one field: another name is refused."""
+    recorded = Manifest.load(Path(path)).label_field if Collection.exists(path) else None
+    if given is None or recorded is None or given == recorded:
+        return given or recorded
+    raise IndexerError(f"{path} stores its labels from the field {recorded!r}; got --label-field {given!r} "
+                       f"(use --label-field {recorded}, or ingest into a new collection)")
+
+
 def _resolve(path: str, sources: list[str], model: str | None, weights: str | None, layer,
              pooling: str | None, normalize: bool) -> tuple[Collection | None, ModelSpec]:
     """The collection (if it exists) and the spec to embed with: the recorded one unless flags say otherwise."""
@@ -202,6 +213,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
 
     path = str(collection)
     sources = expand_file_lists(sources)
+    label_field = _label_field(path, label_field)
     started = time.perf_counter()
     runtime = resolve_runtime(device, precision)
     if batch_size is not None and batch_size < 1:
@@ -227,6 +239,9 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     batch_size = batch_size or embedder.default_batch_size
 
     with coll.write_lock():
+        if label_field not in (None, "label", coll.manifest.label_field):
+            coll.manifest.label_field = label_field
+            coll.manifest.save(coll.path)
         known = coll.record_hashes()
         total = count_inputs(sources, opts)
         bar = tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True, smoothing=0.05,

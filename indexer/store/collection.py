@@ -271,4 +271,5 @@ class Collection:
             "updated": self.manifest.updated,
             "packages": self.manifest.packages,
             "chunking": self.manifest.chunking,
+            "label_field": self.manifest.label_field,
         }

@@ -40,18 +40,21 @@ class Manifest:
     updated: str = field(default_factory=now_iso)
     packages: dict[str, str] = field(default_factory=package_versions)
     chunking: dict[str, int] | None = None  # {"tokens", "overlap"} when texts are stored as passages
+    # The name the labels had in the sources (`--label-field topic`): stored in the `label` column
+    # (the layout other tools read), and accepted as that column's name by knn, probe and the API.
+    label_field: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "model": self.model.to_dict(), "metric": self.metric,
                 "created": self.created, "updated": self.updated, "packages": self.packages,
-                "chunking": self.chunking}
+                "chunking": self.chunking, "label_field": self.label_field}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(model=ModelSpec.from_dict(data["model"]), metric=data.get("metric", "cosine"),
                    schema_version=data.get("schema_version", SCHEMA_VERSION), created=data.get("created", ""),
                    updated=data.get("updated", ""), packages=data.get("packages", {}),
-                   chunking=data.get("chunking"))
+                   chunking=data.get("chunking"), label_field=data.get("label_field"))
 
     def save(self, directory: Path) -> None:
         write_json_atomic(directory / MANIFEST, self.to_dict())

@@ -41,17 +41,14 @@ def load_labelled(coll: Collection, label_field: str = "label", vectors: bool = 
     table = coll.table
     if table is None or coll.count() == 0:
         raise IndexerError(f"{coll.path} is empty: ingest something first")
-    if label_field not in table.schema.names:
-        fields = [n for n in coll.result_columns() if n not in ("id", "vector")]
-        raise IndexerError(f"{coll.path} has no field {label_field!r}; its fields: {', '.join(fields)} "
-                           "(ingest with --label-field to store labels)")
+    column = label_column(coll, label_field)
     ids: list[str] = []
     labels: list[str] = []
     blocks: list[np.ndarray] = []
     unlabelled = 0
-    columns = ["id", label_field] + (["vector"] if vectors else [])
+    columns = ["id", column] + (["vector"] if vectors else [])
     for batch in coll.scan(columns, batch_size=65536):
-        raw = batch.column(label_field).to_pylist()
+        raw = batch.column(column).to_pylist()
         keep = np.array([v is not None and str(v) != "" for v in raw], dtype=bool)
         unlabelled += int((~keep).sum())
         if not keep.any():
@@ -67,6 +64,22 @@ def load_labelled(coll: Collection, label_field: str = "label", vectors: bool = 
     if unlabelled:
         log.info("%d rows of %s have no %s: left out", unlabelled, coll.path, label_field)
     return LabelledVectors(ids, matrix, np.array(labels, dtype=object), unlabelled)
+
+
+def label_column(coll: Collection, name: str) -> str:
+    """The stored column holding the labels called `name`: a column of that name, or `label` when
+    `name` is what the sources called it at ingest (`--label-field topic` stores `label`, recorded in
+    the manifest). An unknown name is an error listing the names that work."""
+    columns = coll.table.schema.names
+    if name in columns:
+        return name
+    alias = coll.manifest.label_field
+    if name == alias and "label" in columns:
+        return "label"
+    fields = [n for n in coll.result_columns() if n not in ("id", "vector", "label")]
+    labels = f"{alias!r} (stored as 'label')" if alias else "'label'" if "label" in columns else "none"
+    raise IndexerError(f"{coll.path} has no label field {name!r}: its labels are {labels}; other fields: "
+                       f"{', '.join(fields) or 'none'} (ingest with --label-field to store labels)")
 
 
 @dataclass
