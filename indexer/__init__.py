@@ -20,8 +20,7 @@ from .tasks.knn import knn_eval, knn_predict
 from .tasks.layers import sweep_layers
 from .tasks.probe import ProbeHead, probe_eval, probe_predict
 from .tasks.search import Query, search, search_batch
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def info(collection: str | os.PathLike) -> dict[str, Any]:
@@ -32,4 +31,4 @@ def info(collection: str | os.PathLike) -> dict[str, Any]:
 __all__ = ["Collection", "Embedder", "FinetuneReport", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query",
            "dedup", "finetune", "info",
            "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
-           "search", "search_batch", "sweep_layers"]
+           "search", "search_batch", "sweep_layers", "__version__"]

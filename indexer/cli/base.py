@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..errors import IndexerError
+from ..version import __version__
 
 log = logging.getLogger("indexer")
 
@@ -53,7 +54,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="indexer")
+@click.version_option(__version__, prog_name="indexer")
 def cli() -> None:
     """Embed text and images with frozen pretrained models into a LanceDB collection, and search it."""
 

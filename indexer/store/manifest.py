@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..models.base import ModelSpec
+from ..version import DISTRIBUTION, __version__
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_TRACKED_PACKAGES = ("indexer", "torch", "torchvision", "transformers", "lancedb", "pylance", "faiss-cpu", "numpy")
+_TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "lancedb", "pylance", "faiss-cpu", "numpy")
 
 
 def now_iso() -> str:
@@ -23,7 +24,7 @@ def now_iso() -> str:
 
 
 def package_versions() -> dict[str, str]:
-    out = {}
+    out = {DISTRIBUTION: __version__}  # ours from the source: right whatever is installed under the name
     for name in _TRACKED_PACKAGES:
         try:
             out[name] = metadata.version(name)
