@@ -15,7 +15,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from .version import __version__
 
 # name -> the module (relative to this package) that defines it
 _API = {

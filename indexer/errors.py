@@ -14,5 +14,9 @@ def attempt_import(module: str, extra: str | None = None):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        hint = f"pip install 'indexer[{extra}]'" if extra else f"pip install {module}"
-        raise IndexerError(f"{module} is needed for this feature: {hint}") from exc
+        from .version import DISTRIBUTION
+
+        # The extra is named by the distribution: `pip install 'indexer[...]'` fetches an unrelated project.
+        hint = (f"install the indexer[{extra}] extra: pip install '{DISTRIBUTION}[{extra}]' "
+                f"(in a checkout: pip install -e '.[{extra}]')") if extra else f"pip install {module}"
+        raise IndexerError(f"{module} is needed for this feature; {hint}") from exc

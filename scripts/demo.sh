@@ -15,3 +15,4 @@ echo; echo '$ indexer search sample/images.idx --image sample/queries/cat-edited
 $ix search sample/images.idx --image sample/queries/cat-edited.jpg -k 3
 echo; echo '$ indexer knn sample/texts.idx --eval      # k-NN classifier on the frozen features, 5-fold CV'
 $ix knn sample/texts.idx --eval -q
+echo; echo "indexer is installed in .venv/bin: 'source .venv/bin/activate' puts it on your PATH"

@@ -169,3 +169,74 @@ def test_killed_ingest_resumes_exactly(tmp_path, sig):
     assert summary["skipped"] >= stopped_with and summary["added"] + summary["skipped"] == n
     ids = lance.dataset(str(coll / "lance" / "items.lance")).to_table(columns=["id"])["id"].to_pylist()
     assert len(ids) == n and set(ids) == {f"doc{i}" for i in range(n)}
+
+
+def test_help_lists_whole_one_line_summaries_and_every_option_says_what_it_does():
+    import click
+
+    result = run("--help")
+    assert result.exit_code == 0
+    commands = result.stdout.split("Commands:\n", 1)[1].splitlines()
+    assert not any("..." in line for line in commands)
+    # One line per command: a wrapped or cut summary would add lines that do not start with a command name.
+    assert [line.split()[0] for line in commands if line.strip()] == sorted(cli.commands)
+    assert all(line.rstrip().endswith(".") for line in commands if line.strip())
+    missing = [(name, p.opts[0]) for name, cmd in cli.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.help]
+    assert missing == []
+    for command in ("ingest", "layers", "finetune"):
+        model = next(p.help for p in cli.commands[command].params if p.name == "model")
+        assert "minilm" in model and "MODEL_DIR written by `indexer finetune`" in model, (command, model)
+    ingest_model = next(p.help for p in cli.commands["ingest"].params if p.name == "model")
+    assert "none" in ingest_model
+    for command in ("ingest", "search", "knn", "probe", "layers", "finetune", "serve"):
+        device = next(p.help for p in cli.commands[command].params if p.name == "device")
+        assert "cuda:N" in device and "cpu" in device, command
+
+
+def test_counts_agree_with_their_nouns(tmp_path):
+    src = write_jsonl(tmp_path / "x.jsonl", [{"text": "good"}, {"text": ""}])
+    result = run("ingest", tmp_path / "c.idx", src, "--model", "minilm")
+    assert result.exit_code == 0, result.output
+    assert "1 input skipped" in result.stderr and "1 inputs" not in result.stderr
+    assert "1 error in" in result.stdout and "; 1 row" in result.stdout and "1 rows" not in result.stdout
+    strict = run("ingest", tmp_path / "c.idx", src, "--strict", "-q")
+    assert strict.exit_code == 1 and "1 input was skipped" in strict.stderr
+    from indexer.wording import counted
+
+    assert (counted(0, "row"), counted(1, "row"), counted(2, "class", "classes")) == ("0 rows", "1 row", "2 classes")
+
+
+def test_an_ingest_where_every_input_failed_exits_1_with_the_reasons(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}, {"body": "no text field"}, {"text": "   "}])
+    for flags in ([], ["--json", "-q"]):
+        result = run("ingest", tmp_path / "c.idx", src, "--model", "minilm", *flags)
+        assert result.exit_code == 1, result.output
+        assert "every input failed (3 inputs), nothing was stored" in result.stderr
+        assert "missing text field" in result.stderr and "bad.jsonl:1" in result.stderr  # the first reasons
+        assert "Traceback" not in result.output
+    assert json.loads(result.stdout)["errors"] == 3  # --json still prints the summary
+    # Unchanged inputs are not failures: a re-run over the same good input exits 0.
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    assert run("ingest", tmp_path / "g.idx", good, "--model", "minilm", "-q").exit_code == 0
+    assert run("ingest", tmp_path / "g.idx", good, "-q").exit_code == 0
+
+
+def test_an_empty_collection_gives_one_answer_everywhere(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": ""}])
+    coll = tmp_path / "e.idx"
+    assert run("ingest", coll, tmp_path / "bad.jsonl", "--model", "minilm", "-q").exit_code == 1
+    for args in (["search", coll, "hello"], ["search", coll, "hello", "--mode", "text"],
+                 ["search", coll, "hello", "--mode", "hybrid"], ["search", coll, "hello", "--engine", "exact"],
+                 ["search", coll, "--id", "x"], ["knn", coll, "--eval"], ["index", coll], ["dedup", coll]):
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr.strip() == f"Error: {coll} is empty: ingest something first", (args, result.stderr)
+
+
+def test_a_bad_where_lists_only_stored_fields(text_idx):
+    result = run("search", text_idx, "x", "--where", "colour = 'red'")
+    assert result.exit_code == 1 and "No field named colour" in result.stderr
+    assert "label" in result.stderr and "_row" not in result.stderr and "record_hash" not in result.stderr
+    syntax = run("search", text_idx, "x", "--where", "label = = 'x'")
+    assert "SQL syntax error" in syntax.stderr and "SELECT" not in syntax.stderr

@@ -158,6 +158,72 @@ def test_openai_compatible_embeddings(open_server, minilm):
     assert np.allclose(decoded, got, atol=1e-6)
 
 
+def test_the_openai_client_reads_embeddings_and_errors(open_server, minilm):
+    """OpenAI's own client against the real server: embeddings (it asks for base64) and the errors it
+    shows, which it reads only from OpenAI's shape (before, it said just "Error code: 404")."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{open_server}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    texts = ["a cat sits on the mat", "interest rates rose again"]
+    got = client.embeddings.create(model="minilm", input=texts)
+    assert np.allclose(np.array([d.embedding for d in got.data]), minilm.embed(texts), atol=1e-4)
+    assert got.usage.prompt_tokens > 8
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model="gpt-4", input="x")
+    assert "unknown model 'gpt-4'" in str(missing.value) and missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="input is empty"):
+        client.embeddings.create(model="minilm", input=[])
+    with pytest.raises(openai.BadRequestError, match="384-dimensional"):
+        client.embeddings.create(model="minilm", input="x", dimensions=3)
+
+
+def test_openai_error_shape_only_on_v1(served_collections):
+    """Errors answered before any route runs (the token guard) take the shape of the route asked for."""
+    from fastapi.testclient import TestClient
+
+    from indexer.serve.app import create_app
+
+    client = TestClient(create_app([served_collections["texts"]], token="s3cret"), base_url="http://127.0.0.1")
+    v1 = client.post("/v1/embeddings", json={"model": "minilm", "input": "x"})
+    assert v1.status_code == 401 and v1.json()["error"]["code"] == "invalid_api_key", v1.text
+    assert "token" in _message(v1)
+    own = client.post("/search", json={"query": "x"})
+    assert own.status_code == 401 and isinstance(own.json()["error"], str) and "token" in _message(own)
+
+
+@pytest.mark.parametrize("mode", ["vector", "text", "hybrid"])
+def test_a_bad_where_speaks_of_the_field_and_lists_stored_fields(open_server, mode):
+    r = _search(open_server, collection="texts", query="galaxies", where="colour = 'red'", mode=mode)
+    _assert_error(r, 400, "invalid where \"colour = 'red'\": schema error: no field named colour")
+    message = _message(r)
+    assert "--where" not in message and "label" in message and "text" in message
+    for internal in ("_rowid", "_rowaddr", "_rowoffset", "_score", "record_hash", "vector"):
+        assert internal not in message, message
+    _assert_error(_search(open_server, collection="texts", query="a", where="label = = 'x'", mode=mode),
+                  400, "SQL syntax error")
+
+
+def test_an_empty_collection_answers_one_way(tmp_path, minilm):
+    """Never ingested into (every input failed) or emptied by a delete: the same clear 400 for every mode."""
+    from fastapi.testclient import TestClient
+
+    from indexer import Collection, ingest
+    from indexer.serve.app import create_app
+
+    (tmp_path / "bad.jsonl").write_text('{"text": ""}\n')
+    ingest(tmp_path / "never.idx", [str(tmp_path / "bad.jsonl")], model="minilm", progress=False)
+    (tmp_path / "one.jsonl").write_text('{"id": "a", "text": "one short note"}\n')
+    ingest(tmp_path / "emptied.idx", [str(tmp_path / "one.jsonl")], model="minilm", progress=False)
+    Collection.open(tmp_path / "emptied.idx").delete(["a"])
+    app = create_app([tmp_path / "never.idx", tmp_path / "emptied.idx"])
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for name in ("never", "emptied"):
+            for mode in ("vector", "text", "hybrid"):
+                r = client.post("/search", json={"collection": name, "query": "note", "mode": mode})
+                _assert_error(r, 400, f"{name} is empty")
+            _assert_error(client.post("/search", json={"collection": name, "vector": [0.1] * 384}), 400, "is empty")
+
+
 def test_metrics_count_requests_by_route_and_status(open_server):
     for _ in range(3):
         _search(open_server, collection="texts", query="bread and flour")
@@ -282,10 +348,22 @@ def test_bad_embedding_and_item_requests(open_server):
     _assert_error(_get(f"{open_server}/no/such/route"), 404, "no such route")
 
 
+def _message(r: httpx.Response) -> str:
+    """An error's message: `{"error": message}`, or OpenAI's `{"error": {"message", "type", "param", "code"}}`
+    on the /v1 routes (the only shape OpenAI's clients read)."""
+    body = r.json()
+    assert set(body) == {"error"}, body
+    if r.url.path.startswith("/v1/"):
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert body["error"]["type"] == ("server_error" if r.status_code >= 500 else "invalid_request_error"), body
+        return body["error"]["message"]
+    return body["error"]
+
+
 def _assert_error(r: httpx.Response, status: int, words: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and words.lower() in body["error"].lower(), body
+    message = _message(r)
+    assert words.lower() in message.lower(), message
     assert "Traceback" not in r.text and ".idx" not in r.text  # no paths on the server's disk
 
 
@@ -379,7 +457,7 @@ def test_token_guards_every_route_but_health(served_collections):
                                   ("POST", "/v1/embeddings"), ("GET", "/items/texts/astronomy-5")):
                 r = _request(method, f"{url}{route}", headers=bad, json={"query": "x"})
                 assert r.status_code == 401, (route, bad, r.text)
-                assert "token" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
+                assert "token" in _message(r) and r.headers["www-authenticate"] == "Bearer"
         assert _get(f"{url}/collections", headers=good).status_code == 200
         # With a token the Host header is not checked (a rebinding page does not know the token).
         assert _get(f"{url}/collections", headers={**good, "host": "search.example.org"}).status_code == 200

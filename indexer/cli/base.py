@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..errors import IndexerError
+from ..version import __version__
 
 log = logging.getLogger("indexer")
 
@@ -39,8 +40,28 @@ def output_options(fn):
     return wrapper
 
 
+# What --model accepts (`indexer models` lists the same); each command adds its own default.
+MODEL_HELP = ("minilm, efficientnet-lite0, hf:<hub id or dir>, torchvision:<name> (or a bare name like resnet50), "
+              "or a MODEL_DIR written by `indexer finetune`")
+
+
+def device_option(fn=None, *, note: str = ""):
+    """--device, the same on every command that runs a model."""
+    option = click.option("--device", default="auto", show_default=True,
+                          help="Where models run: auto (CUDA when available, else CPU), cpu, cuda or cuda:N." + note)
+    return option if fn is None else option(fn)
+
+
 class _Group(click.Group):
-    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback."""
+    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback.
+    `--help` lists each command with its whole one-line summary (click cuts long ones with "...")."""
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, cmd.get_short_help_str(limit=1000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx):
         try:
@@ -53,7 +74,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="indexer")
+@click.version_option(__version__, prog_name="indexer")
 def cli() -> None:
     """Embed text and images with frozen pretrained models into a LanceDB collection, and search it."""
 

@@ -9,27 +9,28 @@ from pathlib import Path
 import click
 
 from ..errors import IndexerError
-from .base import cli, log, output_options, parse_layer, print_json
+from ..wording import counted
+from .base import MODEL_HELP, cli, device_option, log, output_options, parse_layer, print_json
 
 
 @cli.command()
 @click.argument("collection", type=click.Path(file_okay=False))
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--model", help="minilm, efficientnet-lite0, hf:<id or dir>, torchvision:<name>. "
+@click.option("--model", help=f"{MODEL_HELP}; or none (precomputed --vector-field vectors of an unnamed model). "
               "Default: the collection's model, or one picked from the sources.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
 @click.option("--layer", help="Text: hidden-state number (-1 = last). CNN: module name (e.g. layer3).")
 @click.option("--pooling", type=click.Choice(["cls", "pooler", "mean", "max"]), help="Text token pooling.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
-@click.option("--text-field", default="text", show_default=True)
+@click.option("--text-field", default="text", show_default=True, help="Table field with the text.")
 @click.option("--image-field", default="image", show_default=True, help="Table field with an image path or bytes.")
 @click.option("--id-field", help="Table field with the item id (default: `id` if present).")
 @click.option("--label-field", help="Table field with the label (default: `label` if present).")
 @click.option("--vector-field", help="Table field with precomputed embeddings: stored as they are, no model "
               "run (.npy sources need no field). Name the model that made them with --model, or --model none.")
-@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
@@ -39,14 +40,16 @@ from .base import cli, log, output_options, parse_layer, print_json
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
-    """Embed SOURCES (folders, files, @FILE-LIST, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION.
-    Documents: .txt, .md, .html (visible text) and .pdf (text per page)."""
+    """Embed files, folders or tables into a collection.
+
+    SOURCES: folders, files, @FILE-LIST, JSONL/CSV/Parquet, or - for JSONL on stdin. Documents: .txt, .md,
+    .html (visible text) and .pdf (text per page)."""
     from ..ingest import IngestInterrupted, StrictError
     from ..ingest import ingest as run_ingest
 
     try:
         summary = run_ingest(collection, list(sources), layer=parse_layer(layer), progress=not quiet, **options)
-        code = 0
+        code = 1 if summary.all_failed else 0  # the library has said why, loudly
     except (StrictError, IngestInterrupted) as exc:
         summary, code = exc.summary, exc.exit_code
         log.error("%s", exc)
@@ -69,11 +72,13 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
 @click.option("--mode", type=click.Choice(["vector", "text", "hybrid"]), default="vector", show_default=True,
               help="vector: embedding similarity; text: BM25 full-text; hybrid: both, fused by reciprocal rank.")
 @click.option("--group-by-doc", is_flag=True, help="One result per document: its best passage (+ other_chunks).")
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @output_options
 def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, device,
            as_json, quiet):
-    """Nearest items in COLLECTION to QUERY (text), --image, --id, or each line of --queries."""
+    """Nearest items to a text, image, stored item or vector.
+
+    Searches COLLECTION for QUERY (text), --image, --id, or each line of --queries."""
     from ..tasks.search import Query, search_batch
     from ..tasks.search import search as run_search
 
@@ -116,14 +121,16 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
               help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way.")
 @output_options
 def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
-    """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
+    """Build and tune the collection's ANN index.
+
+    The index over COLLECTION is tuned to reach --target-recall at the lowest cost."""
     from ..index import build_index
 
     data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine)
     if as_json:
         print_json(data)
         return
-    click.echo(f"{data['engine']} {data['kind']} index over {data['rows']} rows: {_describe_index(data)}; "
+    click.echo(f"{data['engine']} {data['kind']} index over {counted(data['rows'], 'row')}: {_describe_index(data)}; "
                f"built in {data['build_seconds']:.1f}s")
 
 
@@ -164,7 +171,8 @@ def _describe_finetuned(ft: dict | None) -> list[str]:
         return []
     val = ft.get("evaluation") or ft.get("validation", {})  # (models fine-tuned before test splits: "validation")
     return [f"finetuned    from {ft['base']} (sha256 {ft['base_weights_sha256'][:12]}), top {ft['unfreeze']} of "
-            f"{ft['n_blocks']} blocks ({', '.join(ft['unfrozen_blocks']) or 'head only'}), {ft['epochs_run']} epochs",
+            f"{counted(ft['n_blocks'], 'block')} ({', '.join(ft['unfrozen_blocks']) or 'head only'}), "
+            f"{counted(ft['epochs_run'], 'epoch')}",
             f"             on {', '.join(ft['sources'])} ({ft['label_field']}: {len(ft['labels'])} classes); "
             f"{val.get('split', 'validation')} k-NN {val.get('finetuned_knn_accuracy', 0):.3f} (base {val.get('base_knn_accuracy', 0):.3f}), "
             f"probe {val.get('finetuned_probe_accuracy', 0):.3f} (base {val.get('base_probe_accuracy', 0):.3f})"]
@@ -193,7 +201,9 @@ def models(as_json, quiet):
 @click.argument("directory", type=click.Path(file_okay=False))
 @output_options
 def sample(directory, as_json, quiet):
-    """Write a small real corpus (labelled texts, photos, query images) into DIRECTORY."""
+    """Write a small real corpus to try the commands on.
+
+    Labelled texts, photos and query images, into DIRECTORY."""
     from ..sample import write_sample_corpus
 
     paths = {k: str(v) for k, v in write_sample_corpus(Path(directory)).items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import IndexerError
+from ..wording import counted
 from .base import cli, output_options, print_json
 
 
@@ -35,14 +36,16 @@ from .base import cli, output_options, print_json
 @output_options
 def dedup(collection, threshold, method, keep, signal, against, out, apply, restore_version, calibrate, sample_size,
           as_json, quiet):
-    """Find exact and near duplicates in COLLECTION; nothing is deleted without --apply."""
+    """Find exact and near duplicates; delete them with --apply.
+
+    Nothing in COLLECTION is deleted without --apply (and --restore undoes it)."""
     if restore_version is not None:
         from ..tasks.dedup import restore
 
         data = restore(collection, restore_version)
         print_json(data) if as_json else click.echo(
-            f"{data['rows_restored']} rows of version {data['restored']} brought back as version "
-            f"{data['version_after']}: {data['rows']} rows")
+            f"{counted(data['rows_restored'], 'row')} of version {data['restored']} brought back as version "
+            f"{data['version_after']}: {counted(data['rows'], 'row')}")
         return
     if calibrate:
         if apply or against:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .base import cli, output_options, print_json
+from .base import MODEL_HELP, cli, device_option, output_options, print_json
 
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--label-field", required=True, help="Table field with the class label (`folder`: an image's "
               "parent folder).")
-@click.option("--model", help="Base model: minilm, efficientnet-lite0, hf:<id or dir>, torchvision:<name>. "
-              "Default: picked from the sources.")
+@click.option("--model", help=f"Base model: {MODEL_HELP}. Default: picked from the sources.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
 @click.option("--unfreeze", type=click.IntRange(min=0), required=True,
               help="Blocks to train, counted from the top (transformer layers, CNN stages); 0: the head alone.")
@@ -24,7 +23,8 @@ from .base import cli, output_options, print_json
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Head learning rate (AdamW); the backbone trains at a tenth of it.")
 @click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), help="Override the backbone's rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Training examples per optimiser step.")
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of each class held out of training and early stopping, for the before/after table "
               "(none when a class has fewer than 3 examples: the table then uses the validation split).")
@@ -32,16 +32,17 @@ from .base import cli, output_options, print_json
               show_default=True, help="Share of each class, after the test rows, that drives early stopping.")
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Stop after this many epochs without a better validation accuracy.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--image-field", default="image", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits and the training.")
+@click.option("--text-field", default="text", show_default=True, help="Table field with the text.")
+@click.option("--image-field", default="image", show_default=True, help="Table field with an image path or bytes.")
 @click.option("--id-field", help="Table field with the item id.")
 @click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (mixed precision "
-              "on GPU, fp32 on CPU).")
+@device_option(note=" Mixed precision on GPU, fp32 on CPU.")
 @output_options
 def finetune(sources, as_json, quiet, **options):
-    """Fine-tune the top --unfreeze blocks of a model on the labelled SOURCES and write --out as a model."""
+    """Fine-tune a model's top blocks on labelled data.
+
+    Trains the top --unfreeze blocks on the labelled SOURCES and writes --out as a model."""
     from ..tasks.finetune import finetune as run_finetune
 
     report = run_finetune(list(sources), progress=not quiet, **options)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .base import cli, output_options, print_json
+from ..wording import counted
+from .base import MODEL_HELP, cli, device_option, output_options, print_json
 
 
 def predict_inputs(fn):
@@ -15,7 +16,7 @@ def predict_inputs(fn):
         click.option("--text-field", default="text", show_default=True, help="--predict tables: the text field."),
         click.option("--image-field", default="image", show_default=True, help="--predict tables: the image field."),
         click.option("--id-field", help="--predict tables: the id field."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        device_option(),
     )):
         fn = decorator(fn)
     return fn
@@ -36,8 +37,9 @@ def _eval_options(fn):
 def _print_eval(result: dict, what: str) -> None:
     split = f"test collection {result['test']}" if "test" in result else f"{result['folds']}-fold cross-validation"
     click.echo(f"{what}: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
-               f"({split}; {result['n_test']} predictions, {result['n_train']} training rows"
-               + (f", {result['unlabelled']} unlabelled rows left out" if result.get("unlabelled") else "") + ")")
+               f"({split}; {counted(result['n_test'], 'prediction')}, {counted(result['n_train'], 'training row')}"
+               + (f", {counted(result['unlabelled'], 'unlabelled row')} left out" if result.get("unlabelled") else "")
+               + ")")
     click.echo(f"{'class':24} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}")
     for cls, m in result["per_class"].items():
         click.echo(f"{cls[:24]:24} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['support']:8d}")
@@ -64,14 +66,17 @@ def _print_predictions(predictions: list[dict], as_json: bool) -> None:
 @click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
               help="Weighted vote: each neighbour adds exp(similarity / T).")
-@click.option("--vote", type=click.Choice(["weighted", "majority"]), default="weighted", show_default=True)
+@click.option("--vote", type=click.Choice(["weighted", "majority"]), default="weighted", show_default=True,
+              help="weighted: by similarity (see --temperature); majority: one vote per neighbour.")
 @click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
               help="auto: the collection's FAISS index when it has one, else exact.")
 @predict_inputs
 @output_options
 def knn(collection, label_field, test, folds, out, evaluate, predict, k, temperature, vote, engine, text_field,
         image_field, id_field, device, as_json, quiet):
-    """k-NN classifier over COLLECTION's labelled rows (DINO protocol: cosine, top-20, exp(sim/0.07) votes)."""
+    """k-NN classifier on the stored embeddings: --eval or --predict.
+
+    Over COLLECTION's labelled rows, DINO protocol: cosine, top-20, exp(sim/0.07) votes."""
     from ..tasks.knn import knn_eval, knn_predict
 
     if evaluate == bool(predict):
@@ -103,9 +108,10 @@ def knn(collection, label_field, test, folds, out, evaluate, predict, k, tempera
 @output_options
 def probe(collection, label_field, test, folds, out, save, predict, text_field, image_field, id_field, device,
           as_json, quiet):
-    """Linear probe: logistic regression on COLLECTION's frozen features (C chosen on a validation split).
+    """Linear probe (logistic regression) on the stored embeddings.
 
-    COLLECTION may be a head saved with --save when used with --predict."""
+    Fitted on COLLECTION's frozen features, C chosen on a validation split. COLLECTION may be a head saved
+    with --save when used with --predict."""
     from ..tasks.probe import probe_eval, probe_predict
 
     if Path(collection).is_file() and not predict:
@@ -130,24 +136,26 @@ def probe(collection, label_field, test, folds, out, save, predict, text_field, 
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--label-field", default="label", show_default=True,
               help="The field holding labels (`folder`: an image's parent folder names its class).")
-@click.option("--model", help="Default: minilm for text, efficientnet-lite0 for images.")
+@click.option("--model", help=f"{MODEL_HELP}. Default: minilm for text, efficientnet-lite0 for images.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
 @click.option("--layers", help="all (default) or a comma list: hidden-state numbers for transformers, module "
               "names (or penultimate) for CNNs.")
 @click.option("--pooling", help="Transformers: comma list of cls, mean, max, pooler (default: cls,mean,max).")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds.")
 @click.option("-k", type=click.IntRange(min=1), default=20, show_default=True, help="k-NN neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, show_default=True,
               help="k-NN weighted vote temperature.")
 @click.option("--max-items", type=click.IntRange(min=2), help="Use at most this many inputs.")
-@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Write layers.json and layers.png here.")
 @predict_inputs
 @output_options
 def layers(sources, label_field, model, weights, layers, pooling, folds, k, temperature, max_items, batch_size,
            out, text_field, image_field, id_field, device, as_json, quiet):
-    """Accuracy of k-NN and a linear probe on every layer of a backbone over labelled SOURCES; recommends
-    the layer (and pooling) to ingest with."""
+    """Compare a backbone's layers by k-NN and probe accuracy.
+
+    Accuracy of k-NN and a linear probe on every layer over labelled SOURCES; recommends the layer (and
+    pooling) to ingest with."""
     from ..tasks.layers import sweep_layers
 
     poolings = [p.strip() for p in pooling.split(",") if p.strip()] if pooling else None
@@ -158,7 +166,7 @@ def layers(sources, label_field, model, weights, layers, pooling, folds, k, temp
     if as_json:
         print_json(result)
         return
-    click.echo(f"{result['model']}: {result['n_items']} items, {result['n_classes']} classes, "
+    click.echo(f"{result['model']}: {counted(result['n_items'], 'item')}, {counted(result['n_classes'], 'class', 'classes')}, "
                f"{result['folds']}-fold cross-validation, k={result['k']}")
     click.echo(f"  {'layer':>14} {'pooling':>8} {'dim':>5} {'k-NN acc':>9} {'k-NN F1':>8} {'probe acc':>10} "
                f"{'probe F1':>9}")

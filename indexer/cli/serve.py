@@ -6,7 +6,8 @@ import os
 
 import click
 
-from .base import cli, log, output_options, print_json
+from ..wording import counted
+from .base import cli, device_option, log, output_options, print_json
 
 
 @cli.command()
@@ -26,11 +27,13 @@ from .base import cli, log, output_options, print_json
               "while the previous batch ran).")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
               "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @output_options
 def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, device, as_json,
           quiet):
-    """Serve COLLECTIONS over HTTP: a JSON API (/docs) and a search page (/)."""
+    """Serve collections over HTTP: a JSON API and a search page.
+
+    COLLECTIONS are served at / (the search page) and /docs (the API)."""
     from ..errors import IndexerError
     from ..index import parse_size
     from ..serve import serve as run
@@ -45,7 +48,7 @@ def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch
 
     def ready(url: str) -> None:
         page = f"{url}?token=..." if token else url
-        print_json({"url": url}) if as_json else click.echo(f"serving {len(collections)} collection(s) on {url}")
+        print_json({"url": url}) if as_json else click.echo(f"serving {counted(len(collections), 'collection')} on {url}")
         log.info("search page: %s  API docs: %sdocs", page, url)
 
     run(list(collections), host=host, port=port, token=token, max_body=max_body,

@@ -79,7 +79,7 @@ def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
                                        prefilter=where is not None, limit=k).to_table()
     except ValueError as exc:  # lance reports SQL, column and query-syntax errors as ValueError
         reason = lance_reason(exc)
-        if where and ("Schema error" in reason or "Error parsing statement" in reason):
+        if where and ("Schema error" in reason or "SQL syntax error" in reason):
             raise where_error(where, exc) from exc
         raise IndexerError(f"invalid text query {query!r}: {reason}") from exc
     hits = [{"id": r.pop("id"), "score": float(r.pop("_score")), **r} for r in table.to_pylist()]

@@ -26,6 +26,7 @@ from ..sources import (
 )
 from ..spec import ModelSpec
 from ..store import Collection, Manifest
+from ..wording import counted
 from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
 from .writer import BatchWriter
@@ -33,6 +34,7 @@ from .writer import BatchWriter
 log = logging.getLogger(__name__)
 
 SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
+FIRST_ERRORS = 3  # reasons quoted when every input failed
 
 
 @dataclass
@@ -53,15 +55,20 @@ class IngestSummary:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def all_failed(self) -> bool:
+        """Every input of the run failed: nothing was stored or found unchanged (the CLI exits 1)."""
+        return self.errors > 0 and self.added + self.updated + self.skipped == 0
+
     def line(self) -> str:
         parts = [f"{self.added} added", f"{self.updated} updated", f"{self.skipped} unchanged",
-                 f"{self.errors} errors"]
+                 counted(self.errors, "error")]
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
         if self.removed:
-            parts.append(f"{self.removed} old passages removed")
+            parts.append(f"{counted(self.removed, 'old passage')} removed")
         return (f"{self.collection}: " + ", ".join(parts)
-                + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {self.rows} rows")
+                + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {counted(self.rows, 'row')}")
 
 
 class StrictError(IndexerError):
@@ -88,10 +95,13 @@ class _Run:
         self.summary = IngestSummary(collection=str(collection.path), model=collection.spec.name)
         self.seen: set[str] = set()
         self.pending_errors: list[SkippedInput] = []
+        self.first_errors: list[SkippedInput] = []  # a few, for the message when every input fails
 
     def skip(self, item: SkippedInput) -> None:
         self.summary.errors += 1
         self.pending_errors.append(item)
+        if len(self.first_errors) < FIRST_ERRORS:
+            self.first_errors.append(item)
         log.debug("skipped %s: %s", item.source, item.reason)
         self.progress.update(1)
 
@@ -274,13 +284,19 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
     s.rows = coll.count()
     if s.truncated:
-        log.warning("%d texts were longer than %s tokens and were truncated", s.truncated, embedder.spec.max_length)
-    if s.errors:
-        log.warning("%d inputs skipped; reasons in %s", s.errors, coll.path / "errors.jsonl")
+        log.warning("%s longer than %s tokens: embedded from their first tokens",
+                    counted(s.truncated, "text was", "texts were"), embedder.spec.max_length)
+    if s.all_failed:
+        reasons = "; ".join(f"{e.source}: {e.reason}" for e in run.first_errors)
+        log.error("every input failed (%s), nothing was stored; first: %s (all reasons in %s)",
+                  counted(s.errors, "input"), reasons, coll.path / "errors.jsonl")
+    elif s.errors:
+        log.warning("%s skipped; reasons in %s", counted(s.errors, "input"), coll.path / "errors.jsonl")
     if s.interrupted:
         raise IngestInterrupted("interrupted; committed rows are kept: run the same command to resume", s)
     if strict and s.errors:
-        raise StrictError(f"--strict: {s.errors} inputs were skipped (see {coll.path / 'errors.jsonl'})", s)
+        raise StrictError(f"--strict: {counted(s.errors, 'input was', 'inputs were')} skipped "
+                          f"(see {coll.path / 'errors.jsonl'})", s)
     return s
 
 

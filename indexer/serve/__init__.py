@@ -1,4 +1,4 @@
-"""The HTTP service and search page over collections: `indexer serve COLL...` (extra `indexer[serve]`)."""
+"""The HTTP service and search page over collections: `indexer serve COLL...` (the `serve` extra: `pip install 'indexer-lancedb[serve]'`)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 
 from starlette.routing import Match
 
+from .errors import error_body
 from .metrics import Metrics
 
 COOKIE = "indexer_session"
@@ -26,8 +27,9 @@ def allowed_hosts(bound: str) -> frozenset[str] | None:
     return None if bound in WILDCARDS else frozenset({"localhost", "127.0.0.1", "::1", bound})
 
 
-async def send_json(send, status: int, payload: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(payload).encode()
+async def send_error(scope, send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An error answered here, in the shape the route would have used (errors.error_body)."""
+    body = json.dumps(error_body(scope["path"], status, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -56,24 +58,24 @@ class Guard:
             return await self.app(scope, receive, send)
         host = self._host(scope)
         if self.allowed_hosts is not None and host is not None and host not in self.allowed_hosts:
-            return await send_json(send, 421, {"error": f"Host {host!r} is not this server: open it as "
-                                                        f"http://{min(self.allowed_hosts)}:PORT/ (or serve with --token)"})
+            return await send_error(scope, send, 421, f"Host {host!r} is not this server: open it as "
+                                                      f"http://{min(self.allowed_hosts)}:PORT/ (or serve with --token)")
         if self.token is not None and scope["path"] != "/health" and not self._authorized(scope):
             if scope["path"] == "/" and self._token_in_query(scope):
                 cookie = f"{COOKIE}={self.session.decode()}; HttpOnly; SameSite=Strict; Path=/".encode()
                 await send({"type": "http.response.start", "status": 303,
                             "headers": [(b"location", b"/"), (b"set-cookie", cookie), (b"content-length", b"0")]})
                 return await send({"type": "http.response.body", "body": b""})
-            return await send_json(send, 401, {"error": "missing or wrong token: send `Authorization: Bearer TOKEN` "
-                                                        "(in a browser, open /?token=TOKEN once)"},
-                                   [(b"www-authenticate", b"Bearer")])
+            return await send_error(scope, send, 401, "missing or wrong token: send `Authorization: Bearer TOKEN` "
+                                                      "(in a browser, open /?token=TOKEN once)",
+                                    [(b"www-authenticate", b"Bearer")])
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await send_json(send, 400, {"error": "invalid Content-Length header"})
+                return await send_error(scope, send, 400, "invalid Content-Length header")
             if int(length) > self.max_body:
-                return await send_json(send, 413, self._too_large())
+                return await send_error(scope, send, 413, self._too_large())
         # Read the body here (chunked uploads have no Content-Length) and hand it on in one piece.
         body = bytearray()
         while True:
@@ -82,7 +84,7 @@ class Guard:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_body:
-                return await send_json(send, 413, self._too_large())
+                return await send_error(scope, send, 413, self._too_large())
             if not message.get("more_body"):
                 break
         replayed = False
@@ -105,8 +107,8 @@ class Guard:
                 return host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
         return None
 
-    def _too_large(self) -> dict:
-        return {"error": f"request body larger than {self.max_body} bytes (the server's limit, --max-body)"}
+    def _too_large(self) -> str:
+        return f"request body larger than {self.max_body} bytes (the server's limit, --max-body)"
 
     def _authorized(self, scope) -> bool:
         given = b""

@@ -33,13 +33,19 @@ MAX_K = 1000
 
 
 class ServeError(IndexerError):
-    """A user error with the HTTP status that says what kind it is."""
+    """A user error with the HTTP status that says what kind it is (and the `code` OpenAI's error
+    shape gives it on the /v1 routes, if any)."""
 
     status = 400
+    code: str | None = None
 
 
 class NotFound(ServeError):
     status = 404
+
+
+class UnknownModel(NotFound):
+    code = "model_not_found"
 
 
 class TooLarge(ServeError):

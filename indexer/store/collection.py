@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -36,9 +37,22 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+# Columns Lance adds to what a filter may name (row ids, addresses, versions, scores): not the user's fields.
+_LANCE_COLUMN = re.compile(r"_(row\w*|distance|score|relevance_score)")
+
+
 def lance_reason(exc: Exception) -> str:
-    """Lance's error message for a user: without its prefix and the Rust source location."""
-    return str(exc).split(", /")[0].removeprefix("Invalid user input: ")
+    """Lance's error message for a user: without its prefix, the Rust source location, the SQL it
+    wraps a filter in, and its own columns in a list of the valid fields."""
+    reason = str(exc).split(", /")[0].removeprefix("Invalid user input: ")
+    syntax = re.match(r"Error parsing statement: .* \(sql parser error: (.*)\)$", reason, re.S)
+    if syntax:
+        return f"SQL syntax error: {syntax[1]}"
+
+    def user_fields(m: re.Match) -> str:
+        names = [n for n in m[1].split(", ") if n not in HIDDEN_COLUMNS and not _LANCE_COLUMN.fullmatch(n)]
+        return f"Valid fields are {', '.join(names)}."
+    return re.sub(r"Valid fields are (.*?)\.?$", user_fields, reason, flags=re.S)
 
 
 def where_error(where: str, exc: Exception) -> IndexerError:

@@ -11,10 +11,11 @@ from typing import Any
 
 from ..files import write_json_atomic
 from ..spec import ModelSpec
+from ..version import DISTRIBUTION, __version__
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-_TRACKED_PACKAGES = ("indexer", "torch", "torchvision", "transformers", "lancedb", "pylance", "faiss-cpu", "numpy")
+_TRACKED_PACKAGES = ("torch", "torchvision", "transformers", "lancedb", "pylance", "faiss-cpu", "numpy")
 
 
 def now_iso() -> str:
@@ -22,7 +23,7 @@ def now_iso() -> str:
 
 
 def package_versions() -> dict[str, str]:
-    out = {}
+    out = {DISTRIBUTION: __version__}  # ours from the source: right whatever is installed under the name
     for name in _TRACKED_PACKAGES:
         try:
             out[name] = metadata.version(name)

@@ -106,6 +106,8 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
         raise IndexerError(f"--mode {mode}: choose one of {', '.join(MODES)}")
     if not queries:
         return []
+    if coll.count() == 0:  # one answer for every mode and engine (the text modes would miss the text column)
+        raise IndexerError(f"{coll.path} is empty: ingest something first")
     if mode != "vector":
         _check_text_mode(coll, queries, mode)
 
