@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import IndexerError
-from .base import cli, log, output_options, parse_layer, print_json
+from .base import cli, log, output_options, parse_layer, print_json, storage_options
 
 
 @cli.command()
@@ -37,6 +37,7 @@ from .base import cli, log, output_options, parse_layer, print_json
               "collection; 0 turns it off.")
 @click.option("--chunk-overlap", type=click.IntRange(min=0), help="Tokens shared by consecutive passages.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
+@storage_options
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
     """Embed SOURCES (folders, files, @FILE-LIST, JSONL/CSV/Parquet, or - for JSONL on stdin) into COLLECTION.
@@ -70,6 +71,7 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
               help="vector: embedding similarity; text: BM25 full-text; hybrid: both, fused by reciprocal rank.")
 @click.option("--group-by-doc", is_flag=True, help="One result per document: its best passage (+ other_chunks).")
 @click.option("--device", default="auto", show_default=True)
+@storage_options
 @output_options
 def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, device,
            as_json, quiet):
@@ -116,6 +118,7 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
 @click.option("--max-memory", help="Memory budget for the index, e.g. 4GB (default: 70% of available RAM).")
 @click.option("--engine", type=click.Choice(["faiss", "lance"]), default="faiss", show_default=True,
               help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way.")
+@storage_options
 @output_options
 def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
     """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
@@ -131,6 +134,7 @@ def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
 
 @cli.command()
 @click.argument("collection", type=click.Path(file_okay=False))
+@storage_options
 @output_options
 def info(collection, as_json, quiet):
     """What COLLECTION holds: rows, model, fields, errors, size."""

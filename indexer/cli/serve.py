@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .base import cli, log, output_options, print_json
+from .base import cli, log, output_options, print_json, storage_options
 
 
 @cli.command()
@@ -27,6 +27,7 @@ from .base import cli, log, output_options, print_json
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
               "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
 @click.option("--device", default="auto", show_default=True)
+@storage_options
 @output_options
 def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, device, as_json,
           quiet):

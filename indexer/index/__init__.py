@@ -61,18 +61,23 @@ _OPEN: dict[str, tuple[tuple, FaissIndex]] = {}
 def _open_cached(coll: Collection) -> FaissIndex | None:
     """Opening reads (or maps) the index and its row map: keep the last one per collection in this
     process, keyed by index.json's identity, so repeated searches by path cost no reload."""
-    meta = coll.path / "index" / "index.json"
-    try:
-        st = meta.stat()
-    except FileNotFoundError:
-        return None
-    key = (st.st_mtime_ns, st.st_size, st.st_ino)
-    hit = _OPEN.get(str(coll.path.resolve()))
+    if coll.location.remote:
+        data = coll.location.read_bytes("index/index.json")  # one small GET: did a writer publish a new index?
+        if data is None:
+            return None
+        key: tuple = (hash(data),)
+    else:
+        try:
+            st = (coll.location.local_path / "index" / "index.json").stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _OPEN.get(coll.location.identity())
     if hit is not None and hit[0] == key:
         return hit[1]
     index = FaissIndex.open(coll)
     if index is not None:
-        _OPEN[str(coll.path.resolve())] = (key, index)
+        _OPEN[coll.location.identity()] = (key, index)
     return index
 
 

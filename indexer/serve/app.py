@@ -353,7 +353,7 @@ def _present(served: Served, row: dict[str, Any]) -> dict[str, Any]:
 def _error_handlers(app: FastAPI, service: Service) -> None:
     # Messages name collections by their paths on this machine; clients know them by their names.
     paths = sorted(((str(p), s.name) for s in service.collections.values()
-                    for p in {s.coll.path, s.coll.path.resolve()}), key=lambda pn: -len(pn[0]))
+                    for p in {str(s.coll.path), s.coll.location.identity()}), key=lambda pn: -len(pn[0]))
 
     @app.exception_handler(IndexerError)
     async def user_error(_request, exc: IndexerError) -> JSON:

@@ -69,9 +69,9 @@ class Manifest:
                    updated=data.get("updated", ""), packages=data.get("packages", {}),
                    chunking=data.get("chunking"))
 
-    def save(self, directory: Path) -> None:
-        write_json_atomic(directory / MANIFEST, self.to_dict())
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Manifest:
-        return cls.from_dict(json.loads((directory / MANIFEST).read_text()))
+    def from_json(cls, data: bytes) -> Manifest:
+        return cls.from_dict(json.loads(data))
