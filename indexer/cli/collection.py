@@ -116,15 +116,19 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="recall@10 the tuned search knobs must reach on held-out queries.")
 @click.option("--max-memory", help="Memory budget for the index, e.g. 4GB (default: 70% of available RAM).")
-@click.option("--engine", type=click.Choice(["faiss", "lance"]), default="faiss", show_default=True,
-              help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way.")
+@click.option("--engine", type=click.Choice(["faiss", "lance", "ray"]), default="faiss", show_default=True,
+              help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way; ray: the FAISS index "
+                   "encoded in parallel shards on a Ray cluster and merged (flat and IVF kinds).")
+@click.option("--address", help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT; default: "
+                                "RAY_ADDRESS, else a local one).")
 @storage_options
 @output_options
-def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
+def index(collection, kind, target_recall, max_memory, engine, address, as_json, quiet):
     """Build COLLECTION's ANN index, tuned to reach --target-recall at the lowest cost."""
     from ..index import build_index
 
-    data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine)
+    data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine,
+                       address=address)
     if as_json:
         print_json(data)
         return

@@ -22,21 +22,29 @@ AUTO_INDEX_ROWS = 100_000
 
 
 def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto", target_recall: float = 0.95,
-                max_memory: str | int | None = None, engine: str = "faiss") -> dict:
+                max_memory: str | int | None = None, engine: str = "faiss", address: str | None = None) -> dict:
     """Build (or rebuild) the collection's ANN index and return what index.json records.
+
+    engine: `faiss` (this process), `lance` (LanceDB's own index) or `ray` (the FAISS index encoded in
+    parallel shards on the Ray cluster at `address` and merged: index/sharded.py).
 
     >>> build_index("photos.idx", target_recall=0.95)["recall_at_10"]     # doctest: +SKIP
     0.962
     """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    if engine not in ("faiss", "lance"):
-        raise IndexerError(f"--engine {engine}: choose faiss or lance")
+    if engine not in ("faiss", "lance", "ray"):
+        raise IndexerError(f"--engine {engine}: choose faiss, lance or ray")
     budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     with coll.write_lock():
         if engine == "lance":
             return {k: v for k, v in build_lance_index(coll, kind=kind, target_recall=target_recall).items()
                     if k != "sweep"}
-        index = FaissIndex.build(coll, kind=kind, target_recall=target_recall, max_memory=budget)
+        if engine == "ray":
+            from .sharded import build_on_ray
+
+            index = build_on_ray(coll, kind=kind, target_recall=target_recall, max_memory=budget, address=address)
+        else:
+            index = FaissIndex.build(coll, kind=kind, target_recall=target_recall, max_memory=budget)
     return index.info()
 
 
