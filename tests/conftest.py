@@ -119,3 +119,15 @@ def open_server(served_collections) -> str:
 
     with running_server(list(served_collections.values()), "--max-body", "2MB", "--max-pixels", "1000000") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster for the --engine ray tests (2 CPUs, no dashboard, a small object store); its
+    address. Shut down at the end of the session."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 2**20, log_to_driver=False,
+             logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

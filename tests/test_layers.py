@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "indexer"
 LAYERS: list[set[str]] = [
     {"version", "wording"},
     {"errors"},
-    {"files", "spec", "sample"},
+    {"files", "spec", "sample", "cluster"},
     {"models", "sources"},
     {"store"},
     {"index"},

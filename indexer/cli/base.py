@@ -52,6 +52,21 @@ def device_option(fn=None, *, note: str = ""):
     return option if fn is None else option(fn)
 
 
+def storage_options(fn):
+    """--storage-option KEY=VALUE, for commands that open a collection that may be on object storage."""
+    @click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
+                  help="Object-store setting for an s3:// (gs://, az://) collection, repeatable, e.g. "
+                       "aws_region=eu-west-1, aws_endpoint=http://host:9000, allow_http=true; the standard "
+                       "AWS_* environment variables and profiles apply too.")
+    @functools.wraps(fn)
+    def wrapper(*args, storage_pairs: tuple[str, ...], **kwargs):
+        from ..store.location import parse_storage_options, set_default_storage_options
+
+        set_default_storage_options(parse_storage_options(storage_pairs))
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback.
     `--help` lists each command with its whole one-line summary (click cuts long ones with "...")."""

@@ -10,7 +10,16 @@ import click
 
 from ..errors import IndexerError
 from ..wording import counted
-from .base import MODEL_HELP, cli, device_option, log, output_options, parse_layer, print_json
+from .base import (
+    MODEL_HELP,
+    cli,
+    device_option,
+    log,
+    output_options,
+    parse_layer,
+    print_json,
+    storage_options,
+)
 
 
 @cli.command()
@@ -38,6 +47,7 @@ from .base import MODEL_HELP, cli, device_option, log, output_options, parse_lay
               "collection; 0 turns it off.")
 @click.option("--chunk-overlap", type=click.IntRange(min=0), help="Tokens shared by consecutive passages.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
+@storage_options
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
     """Embed files, folders or tables into a collection.
@@ -73,6 +83,7 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
               help="vector: embedding similarity; text: BM25 full-text; hybrid: both, fused by reciprocal rank.")
 @click.option("--group-by-doc", is_flag=True, help="One result per document: its best passage (+ other_chunks).")
 @device_option
+@storage_options
 @output_options
 def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, device,
            as_json, quiet):
@@ -117,16 +128,21 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
 @click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="recall@10 the tuned search knobs must reach on held-out queries.")
 @click.option("--max-memory", help="Memory budget for the index, e.g. 4GB (default: 70% of available RAM).")
-@click.option("--engine", type=click.Choice(["faiss", "lance"]), default="faiss", show_default=True,
-              help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way.")
+@click.option("--engine", type=click.Choice(["faiss", "lance", "ray"]), default="faiss", show_default=True,
+              help="lance: LanceDB's own index (ivf-pq, ivf-hnsw-sq), tuned the same way; ray: the FAISS index "
+                   "encoded in parallel shards on a Ray cluster and merged (flat and IVF kinds).")
+@click.option("--address", help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT; default: "
+                                "RAY_ADDRESS, else a local one).")
+@storage_options
 @output_options
-def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
+def index(collection, kind, target_recall, max_memory, engine, address, as_json, quiet):
     """Build and tune the collection's ANN index.
 
     The index over COLLECTION is tuned to reach --target-recall at the lowest cost."""
     from ..index import build_index
 
-    data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine)
+    data = build_index(collection, kind=kind, target_recall=target_recall, max_memory=max_memory, engine=engine,
+                       address=address)
     if as_json:
         print_json(data)
         return
@@ -136,6 +152,7 @@ def index(collection, kind, target_recall, max_memory, engine, as_json, quiet):
 
 @cli.command()
 @click.argument("collection", type=click.Path(file_okay=False))
+@storage_options
 @output_options
 def info(collection, as_json, quiet):
     """What COLLECTION holds: rows, model, fields, errors, size."""

@@ -6,7 +6,7 @@ import click
 
 from ..errors import IndexerError
 from ..wording import counted
-from .base import cli, output_options, print_json
+from .base import cli, output_options, print_json, storage_options
 
 
 @cli.command()
@@ -33,6 +33,7 @@ from .base import cli, output_options, print_json
               "the estimated precision/recall per threshold (needs the collection's model).")
 @click.option("--sample", "sample_size", type=click.IntRange(min=4), default=200, show_default=True,
               help="Items --calibrate transforms.")
+@storage_options
 @output_options
 def dedup(collection, threshold, method, keep, signal, against, out, apply, restore_version, calibrate, sample_size,
           as_json, quiet):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..wording import counted
-from .base import MODEL_HELP, cli, device_option, output_options, print_json
+from .base import MODEL_HELP, cli, device_option, output_options, print_json, storage_options
 
 
 def predict_inputs(fn):
@@ -25,7 +25,7 @@ def predict_inputs(fn):
 def _eval_options(fn):
     for decorator in reversed((
         click.option("--label-field", default="label", show_default=True, help="The stored field holding labels."),
-        click.option("--test", type=click.Path(file_okay=False, exists=True),
+        click.option("--test", type=click.Path(file_okay=False),
                      help="Evaluate on this labelled collection (same model) instead of cross-validation."),
         click.option("--folds", type=click.IntRange(min=2), help="Cross-validation folds (default 5)."),
         click.option("--out", type=click.Path(file_okay=False), help="Write the JSON report and a confusion PNG here."),
@@ -58,7 +58,7 @@ def _print_predictions(predictions: list[dict], as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("collection", type=click.Path(file_okay=False, exists=True))
+@click.argument("collection", type=click.Path(file_okay=False))
 @_eval_options
 @click.option("--eval", "evaluate", is_flag=True, help="Measure accuracy (cross-validation or --test).")
 @click.option("--predict", "predict", multiple=True, help="Classify these sources (files, folders, tables, - for "
@@ -71,6 +71,7 @@ def _print_predictions(predictions: list[dict], as_json: bool) -> None:
 @click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
               help="auto: the collection's FAISS index when it has one, else exact.")
 @predict_inputs
+@storage_options
 @output_options
 def knn(collection, label_field, test, folds, out, evaluate, predict, k, temperature, vote, engine, text_field,
         image_field, id_field, device, as_json, quiet):
@@ -98,13 +99,14 @@ def knn(collection, label_field, test, folds, out, evaluate, predict, k, tempera
 
 
 @cli.command()
-@click.argument("collection", type=click.Path(exists=True))
+@click.argument("collection", type=click.Path())
 @_eval_options
 @click.option("--save", type=click.Path(dir_okay=False), help="Fit the head on every labelled row and save it "
               "(.npz) for `indexer probe HEAD --predict`.")
 @click.option("--predict", "predict", multiple=True, help="Classify these sources with a saved head (COLLECTION "
               "is then the head file) or with a head fitted on COLLECTION; repeatable.")
 @predict_inputs
+@storage_options
 @output_options
 def probe(collection, label_field, test, folds, out, save, predict, text_field, image_field, id_field, device,
           as_json, quiet):

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..wording import counted
-from .base import cli, device_option, log, output_options, print_json
+from .base import cli, device_option, log, output_options, print_json, storage_options
 
 
 @cli.command()
@@ -28,6 +28,7 @@ from .base import cli, device_option, log, output_options, print_json
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
               "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
 @device_option
+@storage_options
 @output_options
 def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, device, as_json,
           quiet):

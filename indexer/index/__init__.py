@@ -25,21 +25,29 @@ AUTO_INDEX_ROWS = 100_000
 
 
 def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto", target_recall: float = 0.95,
-                max_memory: str | int | None = None, engine: str = "faiss") -> dict:
+                max_memory: str | int | None = None, engine: str = "faiss", address: str | None = None) -> dict:
     """Build (or rebuild) the collection's ANN index and return what index.json records.
+
+    engine: `faiss` (this process), `lance` (LanceDB's own index) or `ray` (the FAISS index encoded in
+    parallel shards on the Ray cluster at `address` and merged: index/sharded.py).
 
     >>> build_index("photos.idx", target_recall=0.95)["recall_at_10"]     # doctest: +SKIP
     0.962
     """
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
-    if engine not in ("faiss", "lance"):
-        raise IndexerError(f"--engine {engine}: choose faiss or lance")
+    if engine not in ("faiss", "lance", "ray"):
+        raise IndexerError(f"--engine {engine}: choose faiss, lance or ray")
     budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     with coll.write_lock():
         if engine == "lance":
             return {k: v for k, v in build_lance_index(coll, kind=kind, target_recall=target_recall).items()
                     if k != "sweep"}
-        index = FaissIndex.build(coll, kind=kind, target_recall=target_recall, max_memory=budget)
+        if engine == "ray":
+            from .sharded import build_on_ray
+
+            index = build_on_ray(coll, kind=kind, target_recall=target_recall, max_memory=budget, address=address)
+        else:
+            index = FaissIndex.build(coll, kind=kind, target_recall=target_recall, max_memory=budget)
     return index.info()
 
 
@@ -64,18 +72,23 @@ _OPEN: dict[str, tuple[tuple, FaissIndex]] = {}
 def _open_cached(coll: Collection) -> FaissIndex | None:
     """Opening reads (or maps) the index and its row map: keep the last one per collection in this
     process, keyed by index.json's identity, so repeated searches by path cost no reload."""
-    meta = coll.path / "index" / "index.json"
-    try:
-        st = meta.stat()
-    except FileNotFoundError:
-        return None
-    key = (st.st_mtime_ns, st.st_size, st.st_ino)
-    hit = _OPEN.get(str(coll.path.resolve()))
+    if coll.location.remote:
+        data = coll.location.read_bytes("index/index.json")  # one small GET: did a writer publish a new index?
+        if data is None:
+            return None
+        key: tuple = (hash(data),)
+    else:
+        try:
+            st = (coll.location.local_path / "index" / "index.json").stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _OPEN.get(coll.location.identity())
     if hit is not None and hit[0] == key:
         return hit[1]
     index = FaissIndex.open(coll)
     if index is not None:
-        _OPEN[str(coll.path.resolve())] = (key, index)
+        _OPEN[coll.location.identity()] = (key, index)
     return index
 
 

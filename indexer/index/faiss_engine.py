@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 from ..errors import IndexerError
 from ..files import verify, write_atomic, write_json_atomic
 from ..store import Collection
+from ..store.location import Location
 from ..store.manifest import now_iso
 from .exact import normalized
 from .tuning import (
@@ -45,8 +45,11 @@ MAX_TOMBSTONES = 0.2
 
 
 class FaissIndex:
-    def __init__(self, directory: Path, index, rows: pa.Table, meta: dict[str, Any]):
-        self.directory, self.index, self.meta = directory, index, meta
+    def __init__(self, location: Location, index, rows: pa.Table, meta: dict[str, Any]):
+        # Files are read and written in `directory`: the collection's index/ or, on object storage, a
+        # local copy that `save` publishes.
+        self.location, self.index, self.meta = location, index, meta
+        self.directory = location.local_dir(INDEX_DIR)
         # One contiguous array each: take() on parquet's chunked columns costs ms per query.
         self.ids = _chunk(rows.column("id"))
         self.hashes = _chunk(rows.column("record_hash"))
@@ -61,7 +64,7 @@ class FaissIndex:
         if not 0 < target_recall <= 1:
             raise IndexerError("--target-recall must be in (0, 1]")
         started = time.perf_counter()
-        _ensure_id_index(coll)  # first: it makes a Lance version, and the index must reflect the last one
+        ensure_id_index(coll)  # first: it makes a Lance version, and the index must reflect the last one
         ids, hashes, x = _load_vectors(coll)
         n, d = x.shape
         if n == 0:
@@ -101,7 +104,7 @@ class FaissIndex:
             "sweep": sweep, "build_seconds": round(time.perf_counter() - started, 3),
             "trained_rows": n, "rows": n, "dim": d, "lance_version": coll.version(), "built": now_iso(),
         }
-        built = cls(coll.path / INDEX_DIR, index, rows, meta)
+        built = cls(coll.location, index, rows, meta)
         built.save()
         return built
 
@@ -110,7 +113,7 @@ class FaissIndex:
     def save(self) -> None:
         import faiss
 
-        self.directory.mkdir(exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         rows = pa.table({"id": self.ids, "record_hash": self.hashes, "live": pa.array(self.live)})
         self.meta["files"] = {
             INDEX_FILE: write_atomic(self.directory / INDEX_FILE, lambda p: faiss.write_index(self.index, p)),
@@ -119,20 +122,23 @@ class FaissIndex:
         self.meta["memory_bytes"] = self.meta["files"][INDEX_FILE]["size"]
         self.meta["rows"] = int(self.live.sum())
         write_json_atomic(self.directory / META, self.meta)
+        self.location.push(INDEX_DIR, [INDEX_FILE, ROWS_FILE, META])
 
     @classmethod
     def open(cls, coll: Collection, mmap: bool = True) -> FaissIndex | None:
         import faiss
 
-        directory = coll.path / INDEX_DIR
-        if not (directory / META).exists():
+        data = coll.location.read_bytes(f"{INDEX_DIR}/{META}")
+        if data is None:
             return None
+        directory = coll.location.local_dir(INDEX_DIR)
         hint = f"indexer index {coll.path}"
         try:
-            meta = json.loads((directory / META).read_text())
+            meta = json.loads(data)
             files = meta["files"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise IndexerError(f"{directory / META} is damaged; rebuild with `{hint}`") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
+            raise IndexerError(f"{coll.path}/{INDEX_DIR}/{META} is damaged; rebuild with `{hint}`") from exc
+        coll.location.pull(INDEX_DIR, {name: files[name] for name in (INDEX_FILE, ROWS_FILE)})
         for name in (INDEX_FILE, ROWS_FILE):
             verify(directory / name, files[name], hint)
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
@@ -143,7 +149,7 @@ class FaissIndex:
             raise IndexerError(f"cannot read the index in {directory} ({exc}); rebuild with `{hint}`") from exc
         if index.ntotal != rows.num_rows:
             raise IndexerError(f"the index in {directory} does not match its row map; rebuild with `{hint}`")
-        return cls(directory, index, rows, meta)
+        return cls(coll.location, index, rows, meta)
 
     # -- keeping up with the collection ----------------------------------------------------------------
 
@@ -268,7 +274,7 @@ def _load_vectors(coll: Collection) -> tuple[pa.Array, pa.Array, np.ndarray]:
     return pa.concat_arrays(ids), pa.concat_arrays(hashes), x
 
 
-def _ensure_id_index(coll: Collection) -> None:
+def ensure_id_index(coll: Collection) -> None:
     """A BTREE on `id` turns the per-result row lookups into index probes instead of scans."""
     try:
         coll.table.create_scalar_index("id", replace=True)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexerError
-from ..files import write_json_atomic
 from ..store import Collection
 from ..store.collection import where_error
 from ..store.manifest import now_iso
@@ -112,11 +111,10 @@ def build_lance_index(coll: Collection, kind: str = "auto", target_recall: float
         "qps_single": best["qps"], "sweep": sweep, "build_seconds": round(time.perf_counter() - started, 3),
         "trained_rows": n, "rows": n, "lance_version": coll.version(), "built": now_iso(),
     }
-    (coll.path / "index").mkdir(exist_ok=True)
-    write_json_atomic(coll.path / "index" / META, meta)
+    coll.location.write_bytes(f"index/{META}", json.dumps(meta, indent=2).encode())
     return meta
 
 
 def lance_meta(coll: Collection) -> dict[str, Any] | None:
-    path = coll.path / "index" / META
-    return json.loads(path.read_text()) if path.exists() else None
+    data = coll.location.read_bytes(f"index/{META}")
+    return json.loads(data) if data is not None else None

@@ -25,7 +25,7 @@ from ..sources import (
     iter_records,
 )
 from ..spec import ModelSpec
-from ..store import Collection, Manifest
+from ..store import Collection
 from ..wording import counted
 from .chunking import Passages, make_chunker, stored_chunks
 from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
@@ -152,39 +152,41 @@ def _row(item: Prepared) -> dict:
     return row
 
 
-def _label_field(path: str, given: str | None) -> str | None:
+def _open_existing(path: str, storage_options: dict[str, str] | None) -> Collection | None:
+    return Collection.open(path, storage_options) if Collection.exists(path, storage_options) else None
+
+
+def _label_field(coll: Collection | None, given: str | None) -> str | None:
     """The field labels are read from: the one given, else the one the collection recorded (a
     re-run without --label-field keeps reading labels where the first run did). The labels of one
     collection come from one field: another name is refused."""
-    recorded = Manifest.load(Path(path)).label_field if Collection.exists(path) else None
+    recorded = coll.manifest.label_field if coll is not None else None
     if given is None or recorded is None or given == recorded:
         return given or recorded
-    raise IndexerError(f"{path} stores its labels from the field {recorded!r}; got --label-field {given!r} "
+    raise IndexerError(f"{coll.path} stores its labels from the field {recorded!r}; got --label-field {given!r} "
                        f"(use --label-field {recorded}, or ingest into a new collection)")
 
 
-def _resolve(path: str, sources: list[str], model: str | None, weights: str | None, layer,
-             pooling: str | None, normalize: bool) -> tuple[Collection | None, ModelSpec]:
-    """The collection (if it exists) and the spec to embed with: the recorded one unless flags say otherwise."""
-    if Collection.exists(path):
-        coll = Collection.open(path)
+def _resolve(coll: Collection | None, sources: list[str], model: str | None, weights: str | None, layer,
+             pooling: str | None, normalize: bool) -> ModelSpec:
+    """The spec to embed with: the collection's recorded one unless flags say otherwise."""
+    if coll is not None:
         if coll.spec.name == "none":
-            raise IndexerError(f"{path} holds precomputed vectors (model none): add more with --vector-field")
+            raise IndexerError(f"{coll.path} holds precomputed vectors (model none): add more with --vector-field")
         if model is None and weights is None and layer is None and pooling is None:
-            return coll, respec(coll.spec)
-        return coll, resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
-                                  normalize=normalize)
+            return respec(coll.spec)
+        return resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
+                            normalize=normalize)
     if model is None:
         model = DEFAULT_MODELS[guess_modality(sources)]
         log.info("no --model given: using %s", model)
-    return None, resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
+    return resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
 
 
-def _precomputed(path: str, sources: list[str], opts: SourceOptions, model: str | None, weights, layer,
-                 pooling, normalize: bool, runtime) -> tuple[Collection | None, Embedder]:
+def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOptions, model: str | None, weights,
+                 layer, pooling, normalize: bool, runtime) -> Embedder:
     """The spec for vectors made elsewhere: the named model's (its dim is checked), `none`, or the
     collection's own."""
-    coll = Collection.open(path) if Collection.exists(path) else None
     if model not in (None, "none"):
         spec = load_embedder(resolve_spec(model, weights=weights, layer=layer, pooling=pooling,
                                           normalize=normalize), runtime).spec
@@ -195,7 +197,7 @@ def _precomputed(path: str, sources: list[str], opts: SourceOptions, model: str 
         if first is None:
             raise IndexerError("no vectors found in the sources (check --vector-field)")
         spec = ModelSpec(name="none", modality="vector", dim=len(first.vector), normalize=normalize)
-    return coll, PrecomputedVectors(spec, runtime)
+    return PrecomputedVectors(spec, runtime)
 
 
 def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | None = None,
@@ -204,7 +206,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
            vector_field: str | None = None, workers: int | None = None, device: str = "auto",
            precision: str = "auto", strict: bool = False, progress: bool = True,
-           chunk_tokens: int | None = None, chunk_overlap: int | None = None) -> IngestSummary:
+           chunk_tokens: int | None = None, chunk_overlap: int | None = None,
+           storage_options: dict[str, str] | None = None) -> IngestSummary:
     """Embed `sources` into the collection at `collection` (created on first use).
 
     Incremental: items whose content and metadata are unchanged are skipped; changed ones are
@@ -214,6 +217,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     `chunk_tokens` splits each text into passages of at most that many model tokens (consecutive ones
     sharing `chunk_overlap`), stored as `DOCID#N` rows with doc_id, chunk, start, end, page, heading;
     the collection remembers the setting (`chunk_tokens=0` turns it off).
+    `collection` may be a local directory or an object-store URI (`s3://bucket/coll`), configured by
+    the standard environment (AWS_*) and `storage_options` (Lance's option names).
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -223,7 +228,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
 
     path = str(collection)
     sources = expand_file_lists(sources)
-    label_field = _label_field(path, label_field)
+    coll = _open_existing(path, storage_options)
+    label_field = _label_field(coll, label_field)
     started = time.perf_counter()
     runtime = resolve_runtime(device, precision)
     if batch_size is not None and batch_size < 1:
@@ -234,15 +240,15 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     if vector_field is not None or any(Path(s).suffix.lower() == ".npy" for s in sources):
         opts = opts_for("vector")
         check_sources(sources, "vector")
-        coll, embedder = _precomputed(path, sources, opts, model, weights, layer, pooling, normalize, runtime)
+        embedder = _precomputed(coll, sources, opts, model, weights, layer, pooling, normalize, runtime)
     else:
-        coll, spec = _resolve(path, sources, model, weights, layer, pooling, normalize)
+        spec = _resolve(coll, sources, model, weights, layer, pooling, normalize)
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
         embedder = load_embedder(spec, runtime)
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
     if coll is None:
-        coll = Collection.create(path, embedder.spec)
+        coll = Collection.create(path, embedder.spec, storage_options)
     else:
         coll.check_compatible(embedder.spec)
     modality = opts.modality
@@ -251,7 +257,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     with coll.write_lock():
         if label_field not in (None, "label", coll.manifest.label_field):
             coll.manifest.label_field = label_field
-            coll.manifest.save(coll.path)
+            coll.save_manifest()
         known = coll.record_hashes()
         total = count_inputs(sources, opts)
         bar = tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True, smoothing=0.05,
@@ -289,14 +295,14 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     if s.all_failed:
         reasons = "; ".join(f"{e.source}: {e.reason}" for e in run.first_errors)
         log.error("every input failed (%s), nothing was stored; first: %s (all reasons in %s)",
-                  counted(s.errors, "input"), reasons, coll.path / "errors.jsonl")
+                  counted(s.errors, "input"), reasons, f"{coll.path}/errors.jsonl")
     elif s.errors:
-        log.warning("%s skipped; reasons in %s", counted(s.errors, "input"), coll.path / "errors.jsonl")
+        log.warning("%s skipped; reasons in %s", counted(s.errors, "input"), f"{coll.path}/errors.jsonl")
     if s.interrupted:
         raise IngestInterrupted("interrupted; committed rows are kept: run the same command to resume", s)
     if strict and s.errors:
         raise StrictError(f"--strict: {counted(s.errors, 'input was', 'inputs were')} skipped "
-                          f"(see {coll.path / 'errors.jsonl'})", s)
+                          f"(see {coll.path}/errors.jsonl)", s)
     return s
 
 

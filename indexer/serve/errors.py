@@ -53,7 +53,7 @@ def install(app: FastAPI, service: Service, fields: Iterable[str]) -> None:
     fields = tuple(fields)
     # Messages name collections by their paths on this machine; clients know them by their names.
     paths = sorted(((str(p), s.name) for s in service.collections.values()
-                    for p in {s.coll.path, s.coll.path.resolve()}), key=lambda pn: -len(pn[0]))
+                    for p in {str(s.coll.path), s.coll.location.identity()}), key=lambda pn: -len(pn[0]))
 
     def answer(request: Request, status: int, message: str, headers=None, **extra) -> JSON:
         return JSON(error_body(request.url.path, status, message, **extra), status_code=status, headers=headers)

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
+from ..store.location import is_remote
 from ..tasks.search import MODES, Query, query_embedder, search_batch
 from .metrics import Histogram
 
@@ -105,11 +106,13 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def collection_names(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
-    """name -> path; a collection is named after its directory, without a trailing `.idx`."""
-    out: dict[str, Path] = {}
-    for p in map(Path, paths):
-        name = p.resolve().name.removesuffix(".idx")
+def collection_names(paths: Sequence[str | os.PathLike]) -> dict[str, Path | str]:
+    """name -> path or object-store URI; a collection is named after its directory (or last URI part),
+    without a trailing `.idx`."""
+    out: dict[str, Path | str] = {}
+    for given in paths:
+        p = str(given).rstrip("/") if is_remote(str(given)) else Path(given)
+        name = (p.rsplit("/", 1)[-1] if isinstance(p, str) else p.resolve().name).removesuffix(".idx")
         if name in out:
             raise IndexerError(f"two collections are both named {name!r} ({out[name]} and {p}): "
                                "rename one directory")

@@ -6,8 +6,6 @@ killed at any moment leaves the last committed state, never half a batch.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +22,7 @@ from ..errors import IndexerError
 from ..sources.records import SkippedInput
 from ..spec import ModelSpec
 from .arrow import conform, rows_to_table
+from .location import Location
 from .manifest import MANIFEST, Manifest, now_iso
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,16 @@ def where_error(where: str, exc: Exception) -> IndexerError:
 
 
 class Collection:
-    """Open with `Collection.open(path)`; ingest creates one with `Collection.create(path, spec)`."""
+    """Open with `Collection.open(path_or_uri)`; ingest creates one with `Collection.create(path, spec)`.
 
-    def __init__(self, path: Path, manifest: Manifest):
-        self.path = path
+    A collection is a local directory or a prefix on object storage (`s3://bucket/coll`): `location`
+    reads and writes the files beside the Lance table wherever they live. `path` is what the user named
+    (a Path for a local directory, the URI otherwise), for messages and reports.
+    """
+
+    def __init__(self, location: Location, manifest: Manifest):
+        self.location = location
+        self.path: Path | str = location.uri if location.remote else location.local_path
         self.manifest = manifest
         self._db = None
         self._table = None
@@ -72,30 +77,37 @@ class Collection:
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Collection:
-        p = Path(path)
-        if not (p / MANIFEST).is_file():
-            if p.exists():
-                raise IndexerError(f"{p} is not an indexer collection (no {MANIFEST})")
-            raise IndexerError(f"collection not found: {p} (create it with `indexer ingest {p} SOURCE`)")
+    def open(cls, path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> Collection:
+        loc = Location(path, storage_options)
+        data = loc.read_bytes(MANIFEST)
+        if data is None:
+            if loc.exists():
+                raise IndexerError(f"{loc} is not an indexer collection (no {MANIFEST})")
+            raise IndexerError(f"collection not found: {loc} (create it with `indexer ingest {loc} SOURCE`)")
         try:
-            return cls(p, Manifest.load(p))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise IndexerError(f"{p / MANIFEST} is damaged ({exc}); restore it or re-ingest") from exc
+            return cls(loc, Manifest.from_json(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise IndexerError(f"{loc}/{MANIFEST} is damaged ({exc}); restore it or re-ingest") from exc
 
     @classmethod
-    def create(cls, path: str | os.PathLike, spec: ModelSpec) -> Collection:
-        p = Path(path)
-        if p.exists() and any(p.iterdir()):
-            raise IndexerError(f"{p} exists and is not an empty directory or a collection")
-        p.mkdir(parents=True, exist_ok=True)
+    def create(cls, path: str | os.PathLike, spec: ModelSpec,
+               storage_options: dict[str, str] | None = None) -> Collection:
+        loc = Location(path, storage_options)
+        if not loc.is_empty():
+            raise IndexerError(f"{loc} exists and is not an empty directory or a collection")
         manifest = Manifest(model=spec)
-        manifest.save(p)
-        return cls(p, manifest)
+        coll = cls(loc, manifest)
+        coll.save_manifest()
+        return coll
 
     @staticmethod
-    def exists(path: str | os.PathLike) -> bool:
-        return (Path(path) / MANIFEST).is_file()
+    def exists(path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> bool:
+        return Location(path, storage_options).exists(MANIFEST)
+
+    @property
+    def name(self) -> str:
+        """The collection's folder name, for titles."""
+        return self.location.name
 
     @property
     def spec(self) -> ModelSpec:
@@ -109,22 +121,19 @@ class Collection:
             raise IndexerError(f"{self.path} was built with {self.spec.describe()}; refusing "
                                f"{spec.describe()} ({diff}). Use a new collection for another model.")
 
+    def save_manifest(self) -> None:
+        self.location.write_bytes(MANIFEST, self.manifest.to_json())
+
     def touch(self, spec: ModelSpec | None = None) -> None:
         """Record an update (and the spec's current local path, which can move between machines)."""
         self.manifest.updated = now_iso()
         if spec is not None and spec.path != self.spec.path:
             self.manifest.model = replace(self.spec, path=spec.path)
-        self.manifest.save(self.path)
+        self.save_manifest()
 
-    @contextlib.contextmanager
-    def write_lock(self) -> Iterator[None]:
-        """One writer at a time; the OS releases the lock if the process dies."""
-        with open(self.path / ".lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise IndexerError(f"{self.path} is being written by another process; wait for it") from exc
-            yield
+    def write_lock(self):
+        """One writer at a time (see Location.lock)."""
+        return self.location.lock()
 
     # ---- the Lance table ------------------------------------------------------------------------------
 
@@ -133,7 +142,7 @@ class Collection:
         if self._db is None:
             import lancedb
 
-            self._db = lancedb.connect(str(self.path / "lance"))
+            self._db = lancedb.connect(self.location.lance_uri(), storage_options=self.location.storage_options or None)
         return self._db
 
     @property
@@ -239,10 +248,10 @@ class Collection:
     def index_info(self, name: str = "index.json") -> dict[str, Any] | None:
         """index/index.json (FAISS) or index/lance.json without the sweep; a FAISS index also says
         whether it reflects the current Lance version (Lance's own index always does)."""
-        path = self.path / "index" / name
-        if not path.exists():
+        data = self.location.read_bytes(f"index/{name}")
+        if data is None:
             return None
-        meta = json.loads(path.read_text())
+        meta = json.loads(data)
         meta = {k: v for k, v in meta.items() if k not in ("sweep", "files")}
         if meta.get("engine") == "faiss":
             meta["current"] = meta.get("lance_version") == self.version()
@@ -254,21 +263,19 @@ class Collection:
         if not items:
             return
         t = now_iso()
-        with open(self.path / ERRORS, "a", encoding="utf-8") as fh:
-            for item in items:
-                fh.write(json.dumps({"source": item.source, "id": item.id, "reason": item.reason, "time": t}) + "\n")
+        self.location.append_lines(ERRORS, [json.dumps({"source": item.source, "id": item.id, "reason": item.reason,
+                                                        "time": t}) for item in items])
 
     def errors(self) -> list[dict[str, Any]]:
-        path = self.path / ERRORS
-        if not path.exists():
+        data = self.location.read_bytes(ERRORS)
+        if not data:
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
     # ---- summary ------------------------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         table = self.table
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         return {
             "path": str(self.path),
             "rows": self.count(),
@@ -280,7 +287,7 @@ class Collection:
             "errors": len(self.errors()),
             "index": self.index_info(),
             "lance_index": self.index_info("lance.json"),
-            "size_bytes": size,
+            "size_bytes": self.location.size(),
             "created": self.manifest.created,
             "updated": self.manifest.updated,
             "packages": self.manifest.packages,

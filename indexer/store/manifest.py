@@ -6,10 +6,8 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
 from ..spec import ModelSpec
 from ..version import DISTRIBUTION, __version__
 
@@ -57,9 +55,9 @@ class Manifest:
                    updated=data.get("updated", ""), packages=data.get("packages", {}),
                    chunking=data.get("chunking"), label_field=data.get("label_field"))
 
-    def save(self, directory: Path) -> None:
-        write_json_atomic(directory / MANIFEST, self.to_dict())
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Manifest:
-        return cls.from_dict(json.loads((directory / MANIFEST).read_text()))
+    def from_json(cls, data: bytes) -> Manifest:
+        return cls.from_dict(json.loads(data))

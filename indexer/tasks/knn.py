@@ -174,7 +174,7 @@ def knn_eval(collection: Collection | str, label_field: str = "label", *, test: 
     if out is not None:
         from .plots import write_eval_report
 
-        result["files"] = write_eval_report(result, out, "knn", f"k-NN ({vote}, k={settings.k}) on {coll.path.name}")
+        result["files"] = write_eval_report(result, out, "knn", f"k-NN ({vote}, k={settings.k}) on {coll.name}")
     return result
 
 

@@ -303,7 +303,7 @@ def probe_eval(collection: Collection | str, label_field: str = "label", *, test
     if out is not None:
         from .plots import write_eval_report
 
-        result["files"] = write_eval_report(result, out, "probe", f"linear probe on {coll.path.name}")
+        result["files"] = write_eval_report(result, out, "probe", f"linear probe on {coll.name}")
     return result
 
 

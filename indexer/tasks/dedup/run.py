@@ -87,7 +87,7 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
         if method == "semdedup":
             raise IndexerError("--against compares two collections; use --method exact or knn")
         other = against if isinstance(against, Collection) else Collection.open(against)
-        if other.path.resolve() == coll.path.resolve():
+        if other.location.identity() == coll.location.identity():
             raise IndexerError("--against names the same collection: run dedup without --against")
         coll.check_compatible(other.spec)
     else:
