@@ -456,3 +456,16 @@ def test_calibrate_images_compares_signals(sets):
     # The combined signal it can recommend is one dedup accepts.
     r = dedup(sets["image_idx"], signal="combined", threshold=cal.signals["combined"]["best"]["threshold"])
     assert pair_scores(found_pairs(r), sets["image_groups"])["precision"] >= 0.99
+
+
+@pytest.mark.parametrize("method", ["exact", "knn", "semdedup"])
+def test_ray_engine_gives_the_local_groups(planted, method, ray_cluster):
+    """--engine ray joins the lists in Ray tasks: the same pairs and groups as the local run."""
+    local = dedup(planted["idx"], threshold=0.9, method=method)
+    result = run("dedup", planted["idx"], "--threshold", 0.9, "--method", method, "--engine", "ray", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    distributed = json.loads(result.stdout)
+    assert distributed["stats"]["engine"] == "ray" and distributed["method"] == method
+    assert distributed["groups"] == local.groups and distributed["drop"] == local.drop
+    assert {(p["a"], p["b"]) for p in distributed["pairs"]} == found_pairs(local)
+    assert len(local.groups) >= 90

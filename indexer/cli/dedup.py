@@ -33,10 +33,14 @@ from .base import cli, output_options, print_json, storage_options
               "the estimated precision/recall per threshold (needs the collection's model).")
 @click.option("--sample", "sample_size", type=click.IntRange(min=4), default=200, show_default=True,
               help="Items --calibrate transforms.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: the list joins run on a Ray cluster (same pairs and groups as local).")
+@click.option("--address", help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT; default: "
+                                "RAY_ADDRESS, else a local one).")
 @storage_options
 @output_options
 def dedup(collection, threshold, method, keep, signal, against, out, apply, restore_version, calibrate, sample_size,
-          as_json, quiet):
+          engine, address, as_json, quiet):
     """Find exact and near duplicates; delete them with --apply.
 
     Nothing in COLLECTION is deleted without --apply (and --restore undoes it)."""
@@ -59,7 +63,7 @@ def dedup(collection, threshold, method, keep, signal, against, out, apply, rest
     from ..tasks.dedup import dedup as run_dedup
 
     report = run_dedup(collection, threshold=threshold, method=method, keep=keep, signal=signal, against=against,
-                       apply=apply, out=out)
+                       apply=apply, out=out, engine=engine, address=address)
     if as_json:
         print_json(report.to_dict())
         return

@@ -111,7 +111,7 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
     trng = random.Random(seed)
     copies = {name: [fn(o) if modality == "image" else fn(o, trng) for o in originals] for name, fn in transforms.items()}
     # Positives and negatives both start from the sampled item's stored vector (what dedup compares).
-    from ..features import normalized
+    from ...index.exact import normalized
 
     base = vecs.x[kept]
     pos_emb = {name: np.einsum("ij,ij->i", base, normalized(embedder.embed(items))) for name, items in copies.items()}

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
 
 from ...errors import IndexerError
+from ...index.exact import blocks
 from .records import Pairs, Vectors
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,48 @@ def too_many_pairs(threshold: float, count: float) -> IndexerError:
         "higher threshold shows the nearest-neighbour similarities) or run --calibrate.")
 
 
+def join_lists(xq: np.ndarray, q_members: Iterable[np.ndarray], xb: np.ndarray, b_members: Iterable[np.ndarray],
+               threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact pairs >= threshold inside each list, queries against bases: matrix products in blocks of
+    JOIN_ROWS x JOIN_COLS (index/exact.blocks), so memory stays bounded whatever the list sizes, never
+    n x n. With `same`, pairs come back once each as (smaller, larger) position. Lists are independent:
+    `--engine ray` runs groups of them on a cluster with this same function (dedup/distributed.py).
+    Past MAX_PAIRS found: IndexerError."""
+    parts_i, parts_j, parts_s = [], [], []
+    found = 0
+    for qm, bm in zip(q_members, b_members):
+        if len(qm) == 0 or len(bm) == 0:
+            continue
+        for rows, cols, sims in blocks(xq, xb, query_rows=qm, base_rows=bm, rows=JOIN_ROWS, cols=JOIN_COLS):
+            qi, qj = np.nonzero(sims >= threshold)
+            a, b, sc = rows[qi], cols[qj], sims[qi, qj]
+            if same:
+                a, b = np.minimum(a, b), np.maximum(a, b)
+                keep = a != b
+                a, b, sc = a[keep], b[keep], sc[keep]
+            parts_i.append(a)
+            parts_j.append(b)
+            parts_s.append(sc)
+            found += len(a)
+            if found > (2 if same else 1) * MAX_PAIRS:  # `same` finds most pairs from both ends
+                raise too_many_pairs(threshold, found // (2 if same else 1))
+    return unique_pairs(parts_i, parts_j, parts_s)
+
+
+def unique_pairs(parts_i: list[np.ndarray], parts_j: list[np.ndarray], parts_s: list[np.ndarray],
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not parts_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return _unique(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
+
+
+# How the list joins run: join_lists here, or spread over a Ray cluster (dedup/distributed.py).
+Join = Callable[[np.ndarray, Iterable[np.ndarray], np.ndarray, Iterable[np.ndarray], float, bool],
+                tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
 def find_pairs(vecs: Vectors, threshold: float, method: Method = "auto", target_recall: float = TARGET_PAIR_RECALL,
-               seed: int = 0) -> tuple[Pairs, str, dict[str, Any]]:
+               seed: int = 0, join: Join = join_lists) -> tuple[Pairs, str, dict[str, Any]]:
     """All pairs of one collection with cosine >= threshold, plus identical content. Returns the pairs,
     the method used and what it measured. One representative per content hash is searched; its copies
     are linked to it (the groups come out the same, the pairs stay linear in the copies)."""
@@ -69,10 +110,10 @@ def find_pairs(vecs: Vectors, threshold: float, method: Method = "auto", target_
     stats: dict[str, Any] = {"searched": n}
     t0 = time.perf_counter()
     if method == "exact" or n < 2:
-        i, j, s = range_pairs_exact(x, threshold)
+        i, j, s = range_pairs_exact(x, threshold, join=join)
     else:  # knn: spread tuned to the recall target; semdedup: one list each
         i, j, s, tuned = range_pairs_partitioned(x, threshold, target_recall=target_recall, seed=seed,
-                                                 spread=1 if method == "semdedup" else None)
+                                                 spread=1 if method == "semdedup" else None, join=join)
         stats.update(tuned)
     stats["search_seconds"] = round(time.perf_counter() - t0, 3)
     if n < len(vecs.x):  # back to positions in the collection (reps ascend: i < j still holds)
@@ -81,7 +122,8 @@ def find_pairs(vecs: Vectors, threshold: float, method: Method = "auto", target_
 
 
 def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Method = "auto",
-                       target_recall: float = TARGET_PAIR_RECALL, seed: int = 0) -> tuple[Pairs, str, dict[str, Any]]:
+                       target_recall: float = TARGET_PAIR_RECALL, seed: int = 0,
+                       join: Join = join_lists) -> tuple[Pairs, str, dict[str, Any]]:
     """Pairs (i in vecs, j in ref) with cosine >= threshold or identical content."""
     if method == "semdedup":
         raise IndexerError("--against compares two collections; use --method exact or knn")
@@ -90,10 +132,10 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     if method == "exact":
-        i, j, s = range_pairs_exact(ref.x, threshold, queries=vecs.x)
+        i, j, s = range_pairs_exact(ref.x, threshold, queries=vecs.x, join=join)
     else:
         i, j, s, stats = range_pairs_partitioned(ref.x, threshold, queries=vecs.x, target_recall=target_recall,
-                                                 seed=seed)
+                                                 seed=seed, join=join)
     stats["search_seconds"] = round(time.perf_counter() - t0, 3)
     where: dict[str, list[int]] = {}
     for p, h in enumerate(ref.hashes):
@@ -104,15 +146,15 @@ def find_pairs_against(vecs: Vectors, ref: Vectors, threshold: float, method: Me
 
 
 def range_pairs_exact(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      join: Join = join_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact: every query against every base vector, in blocked matrix products (the lists join with one
     list holding everything), so the base is never copied into an index and memory stays bounded. Within
     one collection each block of rows meets only the rows from its own start on: half the products."""
     if queries is not None:
-        return _join(queries, [np.arange(len(queries))], base, [np.arange(len(base))], threshold, False)
+        return join(queries, [np.arange(len(queries))], base, [np.arange(len(base))], threshold, False)
     n = len(base)
     starts = range(0, n, JOIN_ROWS)
-    return _join(base, (np.arange(s, min(s + JOIN_ROWS, n)) for s in starts), base, (np.arange(s, n) for s in starts),
+    return join(base, (np.arange(s, min(s + JOIN_ROWS, n)) for s in starts), base, (np.arange(s, n) for s in starts),
                  threshold, True)
 
 
@@ -157,42 +199,9 @@ def _members(assign: np.ndarray, nlist: int) -> list[np.ndarray]:
     return [owners[bounds[c] : bounds[c + 1]] for c in range(nlist)]
 
 
-def _join(xq: np.ndarray, q_members: Iterable[np.ndarray], xb: np.ndarray, b_members: Iterable[np.ndarray],
-          threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact pairs >= threshold inside each list, queries against bases: matrix products in blocks of
-    JOIN_ROWS x JOIN_COLS, so memory stays bounded whatever the list sizes, never n x n. With `same`,
-    pairs come back once each as (smaller, larger) position. Past MAX_PAIRS found: IndexerError."""
-    parts_i, parts_j, parts_s = [], [], []
-    found = 0
-    for qm, bm in zip(q_members, b_members):
-        if len(qm) == 0 or len(bm) == 0:
-            continue
-        for bstart in range(0, len(bm), JOIN_COLS):
-            bcols = bm[bstart : bstart + JOIN_COLS]
-            xbm = xb[bcols]
-            for start in range(0, len(qm), JOIN_ROWS):
-                rows = qm[start : start + JOIN_ROWS]
-                sims = xq[rows] @ xbm.T
-                qi, qj = np.nonzero(sims >= threshold)
-                a, b, sc = rows[qi], bcols[qj], sims[qi, qj]
-                if same:
-                    a, b = np.minimum(a, b), np.maximum(a, b)
-                    keep = a != b
-                    a, b, sc = a[keep], b[keep], sc[keep]
-                parts_i.append(a)
-                parts_j.append(b)
-                parts_s.append(sc)
-                found += len(a)
-                if found > (2 if same else 1) * MAX_PAIRS:  # `same` finds most pairs from both ends
-                    raise too_many_pairs(threshold, found // (2 if same else 1))
-    if not parts_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return _unique(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
-
-
 def range_pairs_partitioned(base: np.ndarray, threshold: float, queries: np.ndarray | None = None,
                             target_recall: float = TARGET_PAIR_RECALL, seed: int = 0, spread: int | None = None,
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+                            join: Join = join_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """All pairs >= threshold through k-means lists (an IVF partition of ~500 vectors per list). Each
     vector is a query in its nearest list and a base in its `spread` nearest lists; each list joins its
     queries with its bases exactly, in one matrix product. A pair is found when either one's nearest list
@@ -216,9 +225,9 @@ def range_pairs_partitioned(base: np.ndarray, threshold: float, queries: np.ndar
             raise too_many_pairs(threshold, tuned["estimated_pairs"])
     m = tuned["spread"]
     t0 = time.perf_counter()
-    i, j, s = _join(qx, _members(q_assign[:, :1], nlist), base, _members(b_assign[:, :m], nlist), threshold, same)
+    i, j, s = join(qx, _members(q_assign[:, :1], nlist), base, _members(b_assign[:, :m], nlist), threshold, same)
     if not same and m > 1:  # the other direction: a base's nearest list among a query's `spread` nearest
-        j2, i2, s2 = _join(base, _members(b_assign[:, :1], nlist), qx, _members(q_assign[:, :m], nlist), threshold,
+        j2, i2, s2 = join(base, _members(b_assign[:, :1], nlist), qx, _members(q_assign[:, :m], nlist), threshold,
                            False)
         i, j, s = _unique(np.concatenate([i, i2]), np.concatenate([j, j2]), np.concatenate([s, s2]))
     sizes = np.bincount(b_assign[:, :m].ravel(), minlength=nlist)
@@ -237,7 +246,7 @@ def _tune_spread(base: np.ndarray, queries: np.ndarray, q_assign: np.ndarray, b_
     rng = np.random.default_rng(seed + 1)
     sample = np.sort(rng.choice(len(queries), min(len(queries), TUNING_QUERIES), replace=False))
     low = threshold - 0.05
-    i, j, s = _join(np.ascontiguousarray(queries[sample]), _members(q_assign[sample], nlist), base,
+    i, j, s = join_lists(np.ascontiguousarray(queries[sample]), _members(q_assign[sample], nlist), base,
                     _members(b_assign[:, :1], nlist), low, same=False)
     if same:
         keep = sample[i] != j

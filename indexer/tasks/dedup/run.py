@@ -22,7 +22,7 @@ from ...errors import IndexerError
 from ...store import Collection
 from .apply import delete
 from .groups import KEEPS, Keep, check_keep, groups_against, groups_within
-from .pairs import METHODS, TARGET_PAIR_RECALL, Method, find_pairs, find_pairs_against
+from .pairs import METHODS, TARGET_PAIR_RECALL, Method, find_pairs, find_pairs_against, join_lists
 from .phash import rescore_combined
 from .records import DedupReport
 from .report import check_out, html_sample, write_output
@@ -41,7 +41,7 @@ DEFAULT_THRESHOLDS = {"text": 0.85, "image": 0.85, "vector": 0.90}
 def dedup(collection: Collection | str, *, threshold: float | None = None, method: Method = "auto",
           keep: Keep = "first", against: Collection | str | None = None, apply: bool = False,
           signal: Signal = "embedding", out: str | Path | None = None, target_recall: float = TARGET_PAIR_RECALL,
-          seed: int = 0) -> DedupReport:
+          seed: int = 0, engine: str = "local", address: str | None = None) -> DedupReport:
     """Find exact and near duplicates; with `apply`, delete the ones to drop as a new Lance version.
 
     signal: `embedding` scores pairs by cosine; `combined` (images) by the mean of the cosine and a
@@ -59,6 +59,8 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
       train and test, or "have we seen this before?"); those are the ones to drop.
     out: also write the result (.json, .csv or .html). Every argument is checked before anything is
       searched or deleted; the HTML page's sample is taken before `apply` deletes.
+    engine: `local`, or `ray`: the list joins run on the Ray cluster at `address` (same pairs, same
+      groups; dedup/distributed.py).
     """
 
     started = time.perf_counter()
@@ -67,6 +69,8 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
         raise IndexerError(f"--method {method}: choose one of {', '.join(METHODS)}")
     if keep not in KEEPS:
         raise IndexerError(f"--keep {keep}: choose one of {', '.join(KEEPS)}")
+    if engine not in ("local", "ray"):
+        raise IndexerError(f"--engine {engine}: choose local or ray")
     out = None if out is None else check_out(out)
     modality = coll.spec.modality
     source = "given"
@@ -92,26 +96,31 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
         coll.check_compatible(other.spec)
     else:
         check_keep(coll, keep)
+    join = join_lists
+    if engine == "ray":
+        from .distributed import ray_join
+
+        join = ray_join(address)
     with coll.write_lock() if apply else contextlib.nullcontext():
         version = coll.version()
         vecs = load_vectors(coll)
         if other is None:
             search_t = max(-1.0, 2 * threshold - 1) if signal == "combined" else threshold
-            pairs, used, stats = find_pairs(vecs, search_t, method, target_recall, seed)
+            pairs, used, stats = find_pairs(vecs, search_t, method, target_recall, seed, join)
             if signal == "combined":
                 pairs = rescore_combined(coll, vecs, pairs, threshold)
             groups, drop, dropped = groups_within(coll, vecs, pairs, keep)
             names = (vecs.ids, vecs.ids)
         else:
             ref = load_vectors(other)
-            pairs, used, stats = find_pairs_against(vecs, ref, threshold, method, target_recall, seed)
+            pairs, used, stats = find_pairs_against(vecs, ref, threshold, method, target_recall, seed, join)
             groups, drop, dropped = groups_against(vecs, ref, pairs)
             names = (vecs.ids, ref.ids)
         report = DedupReport(
             collection=str(coll.path), method=used, threshold=float(threshold), threshold_source=source,
             modality=modality, keep=keep, items=len(vecs.ids), groups=groups, drop=drop, dropped=dropped,
             against=None if other is None else str(other.path), version_before=version, version_after=version,
-            stats={"signal": signal, **stats}, pair_arrays=pairs, pair_ids=names)
+            stats={"signal": signal, "engine": engine, **stats}, pair_arrays=pairs, pair_ids=names)
         # The page shows the items it samples: take them while the ones to drop are still stored.
         sample = html_sample(report) if out is not None and out.suffix.lower() in (".html", ".htm") else None
         if apply and drop:

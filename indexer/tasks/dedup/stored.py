@@ -17,7 +17,7 @@ from .records import Vectors
 
 
 def load_vectors(coll: Collection) -> Vectors:
-    from ..features import normalized
+    from ...index.exact import normalized
 
     ids: list[str] = []
     hashes: list[str] = []

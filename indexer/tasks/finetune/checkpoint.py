@@ -14,10 +14,9 @@ import numpy as np
 import torch
 
 from ...errors import IndexerError
-from ...index.files import write_atomic
-from ...models import ModelSpec
+from ...files import write_atomic, write_json_atomic
 from ...models.finetuned import MODEL_MANIFEST
-from ...store.manifest import write_json_atomic
+from ...spec import ModelSpec
 from .data import LabelledSet
 from .trainer import Hyper, Trainer
 

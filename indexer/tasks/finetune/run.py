@@ -26,11 +26,13 @@ import numpy as np
 import torch
 
 from ...errors import IndexerError
-from ...models import DEFAULT_MODELS, Embedder, ModelSpec, load_embedder, resolve_runtime, resolve_spec
+from ...files import write_json_atomic
+from ...models import DEFAULT_MODELS, Embedder, load_embedder, resolve_runtime, resolve_spec
 from ...models.blocks import Block, backbone_blocks, unfreeze_top
 from ...models.finetuned import FORMAT, MODEL_MANIFEST, root_family, save_backbone
 from ...sources import SkippedInput, guess_modality
-from ...store.manifest import now_iso, package_versions, write_json_atomic
+from ...spec import ModelSpec
+from ...store.manifest import now_iso, package_versions
 from .batches import Batches, BatchSource, ForwardSize
 from .checkpoint import CHECKPOINT, check_out, load_checkpoint, run_key, save_checkpoint
 from .data import LabelledSet, Splits, check_labels, read_labelled, split_rows
