@@ -68,7 +68,7 @@ class FaissIndex:
         ids, hashes, x = _load_vectors(coll)
         n, d = x.shape
         if n == 0:
-            raise IndexerError(f"{coll.path} is empty: ingest something first")
+            raise coll.empty()
         plan = choose_plan(n, d, kind, max_memory)
         rng = np.random.default_rng(seed)
         # Held-out queries: taken from the collection, left out of the index while tuning, added after.

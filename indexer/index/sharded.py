@@ -46,7 +46,7 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
     ensure_id_index(coll)  # first: it makes a Lance version, and the index must reflect the last one
     ds = coll.dataset()
     if ds is None or ds.count_rows() == 0:
-        raise IndexerError(f"{coll.path} is empty: ingest something first")
+        raise coll.empty()
     keys = ds.to_table(columns=["id", "record_hash"])
     n, d = keys.num_rows, coll.spec.dim
     plan = choose_plan(n, d, kind, max_memory)

@@ -131,6 +131,10 @@ class Collection:
             self.manifest.model = replace(self.spec, path=spec.path)
         self.save_manifest()
 
+    def empty(self) -> IndexerError:
+        """The one answer every command gives about a collection without rows."""
+        return IndexerError(f"{self.path} is empty: ingest something first")
+
     def write_lock(self):
         """One writer at a time (see Location.lock)."""
         return self.location.lock()

@@ -40,7 +40,7 @@ def load_labelled(coll: Collection, label_field: str = "label", vectors: bool = 
     array with `vectors=False`: the index answers, only ids and labels are needed)."""
     table = coll.table
     if table is None or coll.count() == 0:
-        raise IndexerError(f"{coll.path} is empty: ingest something first")
+        raise coll.empty()
     column = label_column(coll, label_field)
     ids: list[str] = []
     labels: list[str] = []

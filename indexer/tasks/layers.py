@@ -16,6 +16,7 @@ import numpy as np
 
 from ..models import DEFAULT_MODELS, load_embedder, resolve_runtime, resolve_spec
 from ..sources import guess_modality
+from ..wording import counted
 from .features import DEFAULT_FOLDS, LabelledVectors, check_classes, read_inputs, scores, stratified_folds
 from .knn import DEFAULT_K, DEFAULT_TEMPERATURE, KnnSettings, Reference
 from .probe import fit_probe
@@ -54,7 +55,8 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
                          min_size=embedder.spec.preprocessing.get("resize"))
     keep = [i for i, y in enumerate(inputs.labels) if y is not None]
     if len(keep) < len(inputs.labels):
-        log.warning("%d inputs have no %s: left out", len(inputs.labels) - len(keep), label_field)
+        log.warning("%s no %s: left out", counted(len(inputs.labels) - len(keep), "input has", "inputs have"),
+                    label_field)
     labels = np.array([inputs.labels[i] for i in keep], dtype=object)
     classes = check_classes(labels, "labelled input")
     fold = stratified_folds(labels, folds)

@@ -107,7 +107,7 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     if not queries:
         return []
     if coll.count() == 0:  # one answer for every mode and engine (the text modes would miss the text column)
-        raise IndexerError(f"{coll.path} is empty: ingest something first")
+        raise coll.empty()
     if mode != "vector":
         _check_text_mode(coll, queries, mode)
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ...wording import counted
+
 
 @dataclass
 class Vectors:
@@ -81,5 +83,5 @@ class DedupReport:
         done = (f"; deleted as Lance version {self.version_after} (undo with "
                 f"`indexer dedup {self.collection} --restore {self.version_before}`)" if self.applied
                 else "; nothing deleted (use --apply)")
-        return (f"{self.items} items, {self.pair_count} pairs >= {self.threshold:g} ({self.method}), {what}, "
-                f"{len(self.drop)} to drop (keep {self.keep}){done}")
+        return (f"{counted(self.items, 'item')}, {counted(self.pair_count, 'pair')} >= {self.threshold:g} "
+                f"({self.method}), {what}, {len(self.drop)} to drop (keep {self.keep}){done}")

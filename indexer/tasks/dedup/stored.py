@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import IndexerError
 from ...store import Collection
 from .records import Vectors
 
@@ -23,7 +22,7 @@ def load_vectors(coll: Collection) -> Vectors:
     hashes: list[str] = []
     n = coll.count()
     if n == 0:
-        raise IndexerError(f"{coll.path} is empty: ingest something first")
+        raise coll.empty()
     x = np.empty((n, coll.spec.dim), dtype=np.float32)  # filled in place: one copy of GBs, not two
     for batch in coll.scan(["id", "content_hash", "vector"], batch_size=65536):
         block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ...errors import IndexerError
 from ...sources import SkippedInput
+from ...wording import counted
 from ..features import check_classes, read_inputs, stratified_holdout
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def read_labelled(sources: Sequence[str], modality: str, label_field: str, *, te
         out.labels.append(label)
     if not out.ids:
         raise IndexerError(f"no labelled {modality} input in {', '.join(sources)} (label field {label_field!r}; "
-                           f"{len(out.skipped)} inputs skipped)")
+                           f"{counted(len(out.skipped), 'input')} skipped)")
     return out
 
 

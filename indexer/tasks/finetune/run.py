@@ -33,6 +33,7 @@ from ...models.finetuned import FORMAT, MODEL_MANIFEST, root_family, save_backbo
 from ...sources import SkippedInput, guess_modality
 from ...spec import ModelSpec
 from ...store.manifest import now_iso, package_versions
+from ...wording import counted
 from .batches import Batches, BatchSource, ForwardSize
 from .checkpoint import CHECKPOINT, check_out, load_checkpoint, run_key, save_checkpoint
 from .data import LabelledSet, Splits, check_labels, read_labelled, split_rows
@@ -139,7 +140,7 @@ def _prepare(sources: list[str], label_field: str, out_dir: Path, model: str | N
     for s in data.skipped:
         log.debug("skipped %s: %s", s.id or s.source, s.reason)
     if data.skipped:
-        log.warning("%d inputs skipped (no label or unreadable); first: %s: %s", len(data.skipped),
+        log.warning("%s skipped (no label or unreadable); first: %s: %s", counted(len(data.skipped), "input"),
                     data.skipped[0].id or data.skipped[0].source, data.skipped[0].reason)
     classes = check_labels(data.labels)
     class_of = {c: n for n, c in enumerate(classes)}
