@@ -134,21 +134,33 @@ def _many_texts(path: Path, n: int) -> Path:
     return write_jsonl(path, [{"id": f"t{i}", "text": " ".join(rng.choice(WORDS, 40))} for i in range(n)])
 
 
+def _embedding_workers() -> list:
+    """The embedding actors' processes of the cluster this test session started (its descendants)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "MapBatches(_Embed)" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_a_killed_embedding_worker_is_retried(tmp_path, ray_address, minilm):
-    from ray.util.state import list_actors
-
     src = _many_texts(tmp_path / "many.jsonl", 1500)
     killed: list[int] = []
 
     def kill_one_worker():
         deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                if "_Embed" in actor.class_name and actor.pid and Collection.open(coll).count() > 0:
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed.append(actor.pid)
-                    return
+        while time.time() < deadline:
+            workers = _embedding_workers()
+            if workers and Collection.open(coll).count() > 0:
+                workers[0].send_signal(signal.SIGKILL)
+                killed.append(workers[0].pid)
+                return
             time.sleep(0.5)
 
     coll = tmp_path / "k.idx"

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 BLOB = "item"  # every stage passes pickled items in this one binary column
 READ_BLOCK = 256  # items per block a read task yields
 SCHEMA_PEEK = 512  # records read on the driver to fix the new table's schema
+BLOCK_BYTES = 128 * 1024  # a few hundred texts, one image
 
 
 def _dumps(objs: list) -> dict[str, np.ndarray]:
@@ -85,8 +86,7 @@ class _Claims:
                 raise RuntimeError(f"items reached the claims stage out of order ({order} after {self.last})")
             self.last = order
             item = self.claims.classify(item)
-            update = isinstance(item, Prepared) and item.record.id in self.known
-            out.append((item, update))
+            out.append((item, isinstance(item, Prepared) and item.record.id in self.known))
         return _dumps(out)
 
 
@@ -209,9 +209,14 @@ class RayEngine:
         light = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, min(4, int(cpus))))}
         spare = cpus - workers * cpus_per
         embedder = plan.embedder
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the claims stage needs input order
+        # Ray Data runs one task per block and merges what a task yields into blocks of this size: small
+        # blocks spread the items of one big file over all the embedding workers.
+        ctx.target_max_block_size = BLOCK_BYTES
         ds = ray.data.from_items([{"order": i, BLOB: pickle.dumps(u)} for i, u in enumerate(units)],
                                  override_num_blocks=max(1, len(units)))
-        ds.context.execution_options.preserve_order = True  # the claims stage needs input order
+        window = plan.batch_size * (1 if plan.opts.modality == "image" else 8)  # texts sort by length in it
         ds = ds.map_batches(_read, batch_size=1, fn_kwargs={"opts": plan.opts}, **light)
         ds = ds.map_batches(_Claims, batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                             # its state is the run's: a restart would forget the ids seen
@@ -222,7 +227,6 @@ class RayEngine:
             ds = ds.map_batches(_decode, batch_size=plan.batch_size, **decode_cpus,
                                 fn_kwargs={"transform": embedder.preprocess_fn(),
                                            "min_size": embedder.spec.preprocessing.get("resize")})
-        window = plan.batch_size * (1 if plan.opts.modality == "image" else 8)  # texts sort by length in it
         ds = ds.map_batches(_Embed, batch_size=window, compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=cpus_per, num_gpus=gpus_per,
                             fn_constructor_kwargs={"factory": plan.factory, "spec": embedder.spec,
