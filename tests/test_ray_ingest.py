@@ -20,6 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from indexer import ingest  # noqa: E402
+from indexer.cluster import quiet_ray  # noqa: E402
 from indexer.store import Collection  # noqa: E402
 
 from .conftest import WORDS, write_jsonl  # noqa: E402
@@ -30,8 +31,9 @@ IGNORED = {"vector"}  # compared separately, to 1e-5
 @pytest.fixture(scope="module")
 def ray_address():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 2**20, log_to_driver=False,
-             logging_level="ERROR")
+    with quiet_ray():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 2**20, log_to_driver=False,
+                 logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
