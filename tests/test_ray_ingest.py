@@ -129,6 +129,22 @@ def test_ray_flags_and_sources_it_refuses(tmp_path, ray_address, text_sources):
         ingest(tmp_path / "c.idx", ["-"], model="minilm", engine="ray", progress=False)
     with pytest.raises(IndexerError, match="unknown engine 'spark'; known: local, ray"):
         ingest(tmp_path / "d.idx", text_sources, engine="spark", progress=False)
+    with pytest.raises(IndexerError, match="2 CPUs and 0 GPUs: 3 workers of 1 CPUs and 0 GPUs do not fit"):
+        ingest(tmp_path / "e.idx", text_sources, model="minilm", engine="ray", workers=3, progress=False)
+
+
+def test_precomputed_vectors_match_the_local_engine(tmp_path, ray_address):
+    vectors = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    rows = [{"id": f"p{i}", "emb": v.tolist(), "text": f"row {i}"} for i, v in enumerate(vectors[:50])]
+    rows.append({"id": "short", "emb": [1.0, 2.0]})  # wrong dimension: an error line
+    table = write_jsonl(tmp_path / "v.jsonl", rows)
+    local, remote = tmp_path / "local.idx", tmp_path / "ray.idx"
+    for coll, engine in ((local, "local"), (remote, "ray")):
+        ingest(coll, [str(tmp_path / "v.npy")], model="none", progress=False, engine=engine)
+        s = ingest(coll, [str(table)], vector_field="emb", progress=False, engine=engine)
+        assert (s.added, s.errors) == (50, 1)
+    assert_same_collection(local, remote)
 
 
 def _many_texts(path: Path, n: int) -> Path:

@@ -200,9 +200,10 @@ class RayEngine:
         gpus_per = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus else 0)
         cpus_per = self.cpus_per_worker or 1
         workers = self.workers or max(1, int(gpus // gpus_per) if gpus_per else int(cpus // cpus_per))
-        if gpus_per > gpus or cpus_per > cpus:
-            raise IndexerError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: a worker asks for "
-                               f"{cpus_per:g} CPUs and {gpus_per:g} GPUs")
+        if workers * gpus_per > gpus or workers * cpus_per > cpus:  # Ray would wait for them forever
+            raise IndexerError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: {workers} workers of "
+                               f"{cpus_per:g} CPUs and {gpus_per:g} GPUs do not fit (lower --workers, "
+                               "--cpus-per-worker or --gpus-per-worker)")
         log.info("ray: %d embedding workers (%g CPUs, %g GPUs each) on %g CPUs, %g GPUs",
                  workers, cpus_per, gpus_per, cpus, gpus)
         # Light stages take no CPU slot (the embedding actors may hold them all) and few processes.
@@ -246,11 +247,12 @@ def _ensure_table(plan: Plan) -> str | None:
     coll = plan.collection
     if coll.table is None:
         rows = []
+        peek = SCHEMA_PEEK if plan.opts.modality != "image" else 16  # images: reading one is reading a file
         for n, record in enumerate(iter_records(plan.sources, plan.opts)):
             item = prepare(record, {})
             if isinstance(item, Prepared):
                 rows.append(_row(item))
-            if len(rows) >= SCHEMA_PEEK or n >= 8 * SCHEMA_PEEK:
+            if len(rows) >= peek or n >= 8 * peek:
                 break
         if not rows:
             return None
