@@ -60,8 +60,9 @@ def connect(address: str | None = None):
 def quiet_ray():
     """Ray's advice to its own developers (deprecations, concurrency hints, fork notices) is not for our users."""
     with warnings.catch_warnings():
-        for message in ("lancedb fork support", "`ray_remote_args` is deprecated", "The argument ``concurrency``",
-                        "The maximum number of concurrent", "The minimum number of concurrent"):
+        for message in ("lancedb fork support", "lance is not fork-safe", "`ray_remote_args` is deprecated",
+                        "The argument ``concurrency``", "The maximum number of concurrent",
+                        "The minimum number of concurrent"):
             warnings.filterwarnings("ignore", message=message)
         yield
 

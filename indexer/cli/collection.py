@@ -38,7 +38,8 @@ from .base import (
 @click.option("--vector-field", help="Table field with precomputed embeddings: stored as they are, no model "
               "run (.npy sources need no field). Name the model that made them with --model, or --model none.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
-@click.option("--workers", type=click.IntRange(min=0), help="Image decoding processes (default: up to 4).")
+@click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4). "
+              "ray: embedding actors (default: one per GPU, else one per --cpus-per-worker CPUs).")
 @device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU.")
@@ -47,13 +48,20 @@ from .base import (
               "collection; 0 turns it off.")
 @click.option("--chunk-overlap", type=click.IntRange(min=0), help="Tokens shared by consecutive passages.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any input was skipped.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: read, embed and write on a Ray cluster (pip install -e '.[ray]').")
+@click.option("--address", help="ray: the cluster, auto, HOST:PORT or ray://HOST:PORT (default: start a local one).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="ray: GPUs per embedding actor "
+              "(default: 1 when the cluster has GPUs).")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+              help="ray: CPUs per embedding actor (default: 1).")
 @storage_options
 @output_options
 def ingest(collection, sources, layer, as_json, quiet, **options):
     """Embed files, folders or tables into a collection.
 
     SOURCES: folders, files, @FILE-LIST, JSONL/CSV/Parquet, or - for JSONL on stdin. Documents: .txt, .md,
-    .html (visible text) and .pdf (text per page)."""
+    .html (visible text) and .pdf (text per page). --engine ray runs the same on a Ray cluster."""
     from ..ingest import IngestInterrupted, StrictError
     from ..ingest import ingest as run_ingest
 

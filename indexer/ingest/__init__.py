@@ -1,22 +1,22 @@
-"""ingest: sources -> model -> collection, streaming, incremental and resumable."""
+"""ingest: sources -> model -> collection, streaming, incremental and resumable.
+
+`ingest()` is what every engine shares; the engines (engine.py explains the seam) read, embed,
+write and commit: `local` in this process, `ray` on a Ray cluster.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ..errors import IndexerError
 from ..index import update_after_ingest
 from ..models import DEFAULT_MODELS, Embedder, load_embedder, resolve_runtime, resolve_spec, respec
 from ..models.precomputed import PrecomputedVectors
 from ..sources import (
-    SkippedInput,
     SourceOptions,
     check_sources,
     count_inputs,
@@ -28,47 +28,15 @@ from ..spec import ModelSpec
 from ..store import Collection
 from ..wording import counted
 from .chunking import Passages, make_chunker, stored_chunks
-from .loader import ImageInputs, Prepared, Unchanged, image_batches, prepare
-from .writer import BatchWriter
+from .engine import Engine, IngestSummary, Plan, Run
+from .loader import Prepared
+
+__all__ = ["Engine", "IngestInterrupted", "IngestSummary", "Plan", "StrictError", "ingest", "make_engine"]
 
 log = logging.getLogger(__name__)
 
-SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
-FIRST_ERRORS = 3  # reasons quoted when every input failed
-
-
-@dataclass
-class IngestSummary:
-    added: int = 0
-    updated: int = 0
-    skipped: int = 0  # unchanged since the last run: not embedded again
-    errors: int = 0  # inputs that could not be used; reasons in errors.jsonl
-    truncated: int = 0  # texts longer than the model's limit, embedded from their first tokens
-    removed: int = 0  # stored passages a changed document no longer has, deleted
-    seconds: float = 0.0
-    items_per_s: float = 0.0
-    rows: int = 0
-    collection: str = ""
-    model: str = ""
-    interrupted: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def all_failed(self) -> bool:
-        """Every input of the run failed: nothing was stored or found unchanged (the CLI exits 1)."""
-        return self.errors > 0 and self.added + self.updated + self.skipped == 0
-
-    def line(self) -> str:
-        parts = [f"{self.added} added", f"{self.updated} updated", f"{self.skipped} unchanged",
-                 counted(self.errors, "error")]
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated")
-        if self.removed:
-            parts.append(f"{counted(self.removed, 'old passage')} removed")
-        return (f"{self.collection}: " + ", ".join(parts)
-                + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {counted(self.rows, 'row')}")
+# Engines load lazily: the ray one imports Ray, an optional extra.
+ENGINES = {"local": "indexer.ingest.local:LocalEngine", "ray": "indexer.ingest.ray_engine:RayEngine"}
 
 
 class StrictError(IndexerError):
@@ -85,59 +53,6 @@ class IngestInterrupted(StrictError):
     """Ctrl-C: what was embedded is committed; the same command resumes."""
 
     exit_code = 130
-
-
-class _Run:
-    """Bookkeeping shared by the text and image paths: ids seen, counts, errors, progress."""
-
-    def __init__(self, collection: Collection, writer: BatchWriter, known: dict[str, str], progress):
-        self.collection, self.writer, self.known, self.progress = collection, writer, known, progress
-        self.summary = IngestSummary(collection=str(collection.path), model=collection.spec.name)
-        self.seen: set[str] = set()
-        self.pending_errors: list[SkippedInput] = []
-        self.first_errors: list[SkippedInput] = []  # a few, for the message when every input fails
-
-    def skip(self, item: SkippedInput) -> None:
-        self.summary.errors += 1
-        self.pending_errors.append(item)
-        if len(self.first_errors) < FIRST_ERRORS:
-            self.first_errors.append(item)
-        log.debug("skipped %s: %s", item.source, item.reason)
-        self.progress.update(1)
-
-    def accept(self, item: Prepared | Unchanged | SkippedInput) -> Prepared | None:
-        """Count an item; return it if it needs embedding."""
-        if isinstance(item, SkippedInput):
-            self.skip(item)
-            return None
-        rid, source = (item.id, item.source) if isinstance(item, Unchanged) else (item.record.id, item.record.source)
-        if rid in self.seen:
-            self.skip(SkippedInput(source, f"duplicate id {rid!r} in this run (first occurrence kept)", rid))
-            return None
-        self.seen.add(rid)
-        if isinstance(item, Unchanged):
-            self.summary.skipped += 1
-            self.progress.update(1)
-            return None
-        return item
-
-    def emit(self, items: list[Prepared], vectors: np.ndarray) -> None:
-        """Hand embedded rows to the writer: new ids are appended, known ids upserted."""
-        for upsert in (False, True):
-            idx = [i for i, p in enumerate(items) if (p.record.id in self.known) == upsert]
-            if idx:
-                rows = [_row(items[i]) for i in idx]
-                self.writer.put(rows, vectors[idx], upsert=upsert)
-                if upsert:
-                    self.summary.updated += len(idx)
-                else:
-                    self.summary.added += len(idx)
-        self.progress.update(len(items))
-        self.flush_errors()
-
-    def flush_errors(self) -> None:
-        self.collection.log_skipped(self.pending_errors)
-        self.pending_errors = []
 
 
 def _row(item: Prepared) -> dict:
@@ -200,14 +115,29 @@ def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOption
     return PrecomputedVectors(spec, runtime)
 
 
+def make_engine(name: str = "local", **options) -> Engine:
+    """The engine called `name`, configured by its own options (the local one takes `workers`; ray takes
+    `address`, `workers`, `gpus_per_worker`, `cpus_per_worker`)."""
+    if name not in ENGINES:
+        raise IndexerError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    module, cls = ENGINES[name].split(":")
+    engine = getattr(importlib.import_module(module), cls)
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in engine.__dataclass_fields__)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise IndexerError(f"{flags}: only for another --engine than {name}")
+    return engine(**{k: v for k, v in options.items() if v is not None})
+
+
 def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | None = None,
            weights: str | None = None, layer: int | str | None = None, pooling: str | None = None,
            normalize: bool = True, text_field: str = "text", image_field: str = "image",
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
            vector_field: str | None = None, workers: int | None = None, device: str = "auto",
            precision: str = "auto", strict: bool = False, progress: bool = True,
-           chunk_tokens: int | None = None, chunk_overlap: int | None = None,
-           storage_options: dict[str, str] | None = None) -> IngestSummary:
+           chunk_tokens: int | None = None, chunk_overlap: int | None = None, engine: str = "local",
+           address: str | None = None, gpus_per_worker: float | None = None,
+           cpus_per_worker: float | None = None, storage_options: dict[str, str] | None = None) -> IngestSummary:
     """Embed `sources` into the collection at `collection` (created on first use).
 
     Incremental: items whose content and metadata are unchanged are skipped; changed ones are
@@ -219,6 +149,9 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     the collection remembers the setting (`chunk_tokens=0` turns it off).
     `collection` may be a local directory or an object-store URI (`s3://bucket/coll`), configured by
     the standard environment (AWS_*) and `storage_options` (Lance's option names).
+    `engine="ray"` runs the same ingest on a Ray cluster (`address`: "auto", "HOST:PORT" or
+    "ray://HOST:PORT"; default: a local one) with `workers` embedding actors of `gpus_per_worker` GPUs
+    and `cpus_per_worker` CPUs each; `workers` is the number of image decoding processes locally.
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -231,7 +164,11 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     coll = _open_existing(path, storage_options)
     label_field = _label_field(coll, label_field)
     started = time.perf_counter()
-    runtime = resolve_runtime(device, precision)
+    runner = make_engine(engine, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
+                         cpus_per_worker=cpus_per_worker)
+    local = engine == "local"
+    # Another engine embeds on its workers: here the model is built on the CPU only to know its spec.
+    runtime = resolve_runtime(device, precision) if local else resolve_runtime("cpu", "fp32")
     if batch_size is not None and batch_size < 1:
         raise IndexerError("--batch-size must be at least 1")
     opts_for = lambda modality: SourceOptions(  # noqa: E731
@@ -241,17 +178,20 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         opts = opts_for("vector")
         check_sources(sources, "vector")
         embedder = _precomputed(coll, sources, opts, model, weights, layer, pooling, normalize, runtime)
+        factory = PrecomputedVectors
     else:
         spec = _resolve(coll, sources, model, weights, layer, pooling, normalize)
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
         embedder = load_embedder(spec, runtime)
+        factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
+    if chunker is not None and not local:
+        raise IndexerError(f"chunked documents (--chunk-tokens) are not supported with --engine {engine} yet")
     if coll is None:
         coll = Collection.create(path, embedder.spec, storage_options)
     else:
         coll.check_compatible(embedder.spec)
-    modality = opts.modality
     batch_size = batch_size or embedder.default_batch_size
 
     with coll.write_lock():
@@ -262,19 +202,16 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         total = count_inputs(sources, opts)
         bar = tqdm(total=total, unit="item", disable=not progress, dynamic_ncols=True, smoothing=0.05,
                    desc=f"ingest {Path(path).name}")
-        writer = BatchWriter(coll, commit_rows=max(256, 8 * batch_size))
-        run = _Run(coll, writer, known, bar)
+        run = Run(coll, known, bar, dim=embedder.dim)
         passages = Passages(chunker, stored_chunks(coll), known)
+        plan = Plan(coll, sources, opts, embedder, factory, batch_size, passages, device, precision,
+                    commit_rows=max(256, 8 * batch_size), total=total)
         try:
-            if modality in ("text", "vector"):
-                _ingest_windows(run, embedder, sources, opts, batch_size, passages)
-            else:
-                _ingest_images(run, embedder, sources, opts, batch_size, workers, runtime.is_cuda, total)
+            runner.run(plan, run)
         except KeyboardInterrupt:
             run.summary.interrupted = True
         finally:
             bar.close()
-            writer.close()
             run.flush_errors()
         if not run.summary.interrupted:
             run.summary.removed = coll.delete(passages.orphans)
@@ -285,7 +222,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             update_after_ingest(coll)
 
     s = run.summary
-    s.truncated = getattr(embedder, "truncated", 0)
+    s.truncated += getattr(embedder, "truncated", 0)  # the local engine embeds with this one
     s.seconds = time.perf_counter() - started
     s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
     s.rows = coll.count()
@@ -304,56 +241,3 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         raise StrictError(f"--strict: {counted(s.errors, 'input was', 'inputs were')} skipped "
                           f"(see {coll.path}/errors.jsonl)", s)
     return s
-
-
-def _ingest_windows(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions,
-                    batch_size: int, passages: Passages) -> None:
-    """Text and precomputed vectors, in windows of many batches (sorting a window of texts by length
-    keeps padding small). Documents are split into passages first when the collection chunks."""
-    window: list[Prepared] = []
-    window_size = batch_size * 64
-    for document in iter_records(sources, opts):
-        records = passages.expand(document)
-        if len(records) > 1 and run.progress.total is not None:
-            run.progress.total += len(records) - 1  # the bar counts passages
-        for record in records:
-            item = run.accept(prepare(record, run.known))
-            if item is not None and item.record.vector is not None and len(item.record.vector) != embedder.dim:
-                run.skip(SkippedInput(item.record.source, f"vector has {len(item.record.vector)} dimensions; "
-                                      f"the collection has {embedder.dim}", item.record.id))
-            elif item is not None:
-                window.append(item)
-        if len(window) >= window_size:
-            _embed_window(run, embedder, window, batch_size)
-            window = []
-    _embed_window(run, embedder, window, batch_size)
-
-
-def _embed_window(run: _Run, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
-    if window:
-        payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in window]
-        run.emit(window, embedder.embed(payloads, batch_size))
-
-
-def _ingest_images(run: _Run, embedder: Embedder, sources: list[str], opts: SourceOptions, batch_size: int,
-                   workers: int | None, cuda: bool, total: int | None) -> None:
-    if workers is None:
-        # Starting a worker costs seconds (it imports torch): not worth it for a handful of images.
-        small = total is not None and total < SMALL_IMAGE_RUN
-        workers = 0 if small else min(4, os.cpu_count() or 1)
-    if "-" in sources:
-        workers = 0  # stdin can be read by one process only
-    crop = embedder.spec.preprocessing.get("resize")
-    dataset = ImageInputs(sources, opts, run.known, embedder.preprocess_fn(), min_size=crop)
-    for batch in image_batches(dataset, batch_size, workers, pin_memory=cuda):
-        # batch["pixels"] holds one image per Prepared item, in order; duplicates are dropped after.
-        prepared, keep = [], []
-        for item in batch["items"]:
-            accepted = run.accept(item) is not None
-            if isinstance(item, Prepared):
-                prepared.append(item)
-                keep.append(accepted)
-        keep = np.array(keep, dtype=bool)
-        if keep.any():
-            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)])
-            run.emit([p for p, k in zip(prepared, keep) if k], vectors)

@@ -66,18 +66,23 @@ class ImageInputs(IterableDataset):
                 yield self._load(record)
 
     def _load(self, record: Record | SkippedInput) -> Item:
-        item = prepare(record, self.known)
-        if not isinstance(item, Prepared):
-            return item
-        data, item.record.data = item.record.data, None
-        try:
-            image = decode_image(data, self.min_size)
-            item.tensor = self.transform(image)
-        except ImageDecodeError as exc:
-            return SkippedInput(record.source, str(exc), record.id)
-        except Exception as exc:  # noqa: BLE001 - an odd image must not stop the run
-            return SkippedInput(record.source, f"cannot preprocess image: {exc}", record.id)
+        return decode(prepare(record, self.known), self.transform, self.min_size)
+
+
+def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int | None) -> Item:
+    """A Prepared image's bytes -> its model input in `tensor`; an undecodable image becomes a SkippedInput."""
+    if not isinstance(item, Prepared):
         return item
+    record = item.record
+    data, record.data = record.data, None
+    try:
+        image = decode_image(data, min_size)
+        item.tensor = transform(image)
+    except ImageDecodeError as exc:
+        return SkippedInput(record.source, str(exc), record.id)
+    except Exception as exc:  # noqa: BLE001 - an odd image must not stop the run
+        return SkippedInput(record.source, f"cannot preprocess image: {exc}", record.id)
+    return item
 
 
 def _collate(items: list[Item]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from .records import RESERVED, Record, SkippedInput, content_hash
 TEXT_EXTENSIONS = DOCUMENT_EXTENSIONS  # .txt .md .markdown .html .htm .pdf
 TABLE_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".csv", ".tsv", ".parquet"})
 
-__all__ = ["Record", "SkippedInput", "SourceOptions", "check_sources", "count_inputs", "iter_records",
+__all__ = ["Record", "SkippedInput", "SourceOptions", "Unit", "check_sources", "count_inputs", "iter_records",
+           "iter_unit", "split_sources",
            "content_hash", "IMAGE_EXTENSIONS", "TEXT_EXTENSIONS", "expand_file_lists", "guess_modality"]
 
 
@@ -287,3 +288,44 @@ def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
     else:
         return SkippedInput(where, f"missing image field {payload_key!r} (a path or bytes; set --image-field)", rid)
     return record
+
+
+# ---- units: the sources split into pieces that workers read independently ---------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the sources one worker reads: some files of a folder (ids relative to `root`), or one
+    file. Reading the units in order yields exactly what `iter_records` yields."""
+
+    path: str  # the folder root, or the file
+    files: tuple[str, ...] = ()  # for a folder: its files, relative to the root, in walk order
+
+
+def split_sources(paths: list[str], opts: SourceOptions,
+                  files_per_unit: int = 256) -> tuple[list[Unit], list[SkippedInput]]:
+    """The units of `paths` in source order, plus unreadable folders (reported, as `iter_records` does).
+    Lists folders up front, which stdin cannot do."""
+    if "-" in paths:
+        raise IndexerError("stdin (-) can be read by one process only: save it to a .jsonl file for a cluster")
+    units: list[Unit] = []
+    errors: list[SkippedInput] = []
+    exts = _payload_extensions(opts.modality)
+    for p in paths:
+        # Absolute: a worker runs in another directory (or on another machine that mounts the same path).
+        # Ids do not change: they are relative to a folder, or a file's name.
+        path = Path(p).absolute()
+        if not path.is_dir():
+            units.append(Unit(str(path)))
+            continue
+        files = [f.relative_to(path).as_posix() for f in _walk(path, errors) if f.suffix.lower() in exts]
+        units += [Unit(str(path), tuple(files[i : i + files_per_unit])) for i in range(0, len(files), files_per_unit)]
+    return units, errors
+
+
+def iter_unit(unit: Unit, opts: SourceOptions) -> Iterator[Record | SkippedInput]:
+    if not unit.files:
+        yield from iter_records([unit.path], opts)
+        return
+    root = Path(unit.path)
+    for rel in unit.files:
+        yield _file_record(root / rel, rel, opts)

@@ -1,0 +1,102 @@
+"""The local engine: one process embeds, DataLoader workers decode images, a thread commits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models import Embedder
+from ..sources import iter_records
+from . import _row
+from .engine import Plan, Run
+from .loader import ImageInputs, Prepared, image_batches, prepare
+from .writer import BatchWriter
+
+SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
+
+
+@dataclass
+class LocalEngine:
+    workers: int | None = None  # image decoding processes; None: up to 4, none for a small run
+
+    def run(self, plan: Plan, run: Run) -> None:
+        writer = BatchWriter(plan.collection, commit_rows=plan.commit_rows)
+        out = _Output(run, writer)
+        try:
+            if plan.opts.modality in ("text", "vector"):
+                _ingest_windows(out, plan)
+            else:
+                _ingest_images(out, plan, self.workers)
+        finally:
+            writer.close()
+
+
+class _Output:
+    """Embedded rows to the writer: new ids are appended, known ids upserted."""
+
+    def __init__(self, run: Run, writer: BatchWriter):
+        self.run, self.writer = run, writer
+
+    def emit(self, items: list[Prepared], vectors: np.ndarray) -> None:
+        counts = {}
+        for upsert in (False, True):
+            idx = [i for i, p in enumerate(items) if (p.record.id in self.run.known) == upsert]
+            if idx:
+                self.writer.put([_row(items[i]) for i in idx], vectors[idx], upsert=upsert)
+            counts[upsert] = len(idx)
+        self.run.written(added=counts[False], updated=counts[True])
+        self.run.flush_errors()
+
+
+def _ingest_windows(out: _Output, plan: Plan) -> None:
+    """Text and precomputed vectors, in windows of many batches (sorting a window of texts by length
+    keeps padding small). Documents are split into passages first when the collection chunks."""
+    run = out.run
+    window: list[Prepared] = []
+    window_size = plan.batch_size * 64
+    for document in iter_records(plan.sources, plan.opts):
+        records = plan.passages.expand(document)
+        if len(records) > 1 and run.progress.total is not None:
+            run.progress.total += len(records) - 1  # the bar counts passages
+        for record in records:
+            item = run.accept(prepare(record, run.known))
+            if item is not None:
+                window.append(item)
+        if len(window) >= window_size:
+            _embed_window(out, plan.embedder, window, plan.batch_size)
+            window = []
+    _embed_window(out, plan.embedder, window, plan.batch_size)
+
+
+def _embed_window(out: _Output, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
+    if window:
+        payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in window]
+        out.emit(window, embedder.embed(payloads, batch_size))
+
+
+def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
+    run, embedder, sources = out.run, plan.embedder, plan.sources
+    if workers is None:
+        # Starting a worker costs seconds (it imports torch): not worth it for a handful of images.
+        small = plan.total is not None and plan.total < SMALL_IMAGE_RUN
+        workers = 0 if small else min(4, os.cpu_count() or 1)
+    if "-" in sources:
+        workers = 0  # stdin can be read by one process only
+    crop = embedder.spec.preprocessing.get("resize")
+    dataset = ImageInputs(sources, plan.opts, run.known, embedder.preprocess_fn(), min_size=crop)
+    cuda = embedder.runtime.is_cuda
+    for batch in image_batches(dataset, plan.batch_size, workers, pin_memory=cuda):
+        # batch["pixels"] holds one image per Prepared item, in order; duplicates are dropped after.
+        prepared, keep = [], []
+        for item in batch["items"]:
+            accepted = run.accept(item) is not None
+            if isinstance(item, Prepared):
+                prepared.append(item)
+                keep.append(accepted)
+        keep = np.array(keep, dtype=bool)
+        if keep.any():
+            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)])
+            out.emit([p for p, k in zip(prepared, keep) if k], vectors)
