@@ -163,3 +163,23 @@ def test_storage_option_errors_and_missing_collection(s3):
     assert result.exit_code == 1 and "expected KEY=VALUE" in result.output
     result = CliRunner().invoke(cli, ["info", f"{s3}/nothing.idx"])
     assert result.exit_code == 1 and "collection not found" in result.output
+
+
+@pytest.mark.slow
+def test_ray_ingest_into_s3_with_storage_options(s3, sample_corpus, ray_cluster, tmp_path):
+    """Ray workers write the fragments to the bucket themselves: the storage options travel with the plan
+    (the workers of the session's cluster were started without the AWS_* variables)."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    uri = f"{s3}/ray-texts.idx"
+    _run("ingest", uri, str(sample_corpus["texts"]), "--model", "minilm", "--engine", "ray", "--workers", "1",
+         "-q", "--storage-option", f"aws_endpoint={endpoint}", "--storage-option", "allow_http=true",
+         "--storage-option", "aws_access_key_id=testing", "--storage-option", "aws_secret_access_key=testing",
+         "--storage-option", "aws_region=us-east-1")
+    local = indexer.ingest(tmp_path / "texts.idx", [str(sample_corpus["texts"])], model="minilm", progress=False)
+    coll = Collection.open(uri)
+    assert coll.count() == local.rows
+    remote = {r["id"]: r["vector"] for b in coll.scan(["id", "vector"]) for r in b.to_pylist()}
+    here = {r["id"]: r["vector"] for b in Collection.open(tmp_path / "texts.idx").scan(["id", "vector"])
+            for r in b.to_pylist()}
+    assert remote.keys() == here.keys()
+    assert max(float(np.abs(np.subtract(remote[i], here[i])).max()) for i in here) < 1e-5
