@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_knn import make_data  # noqa: E402
+from benchlib import load_average, machine, write_report  # noqa: E402
 
 
 def best_time(fn, repeat: int):
@@ -62,7 +61,7 @@ def main() -> None:
     n_test = args.rows // 5
     (train_x, train_y), (test_x, test_y) = make_data(args.rows - n_test, n_test, args.dim, args.classes,
                                                      spread=args.spread)
-    load_before = os.getloadavg()
+    load_before = load_average()
 
     head, ours_s, ours_runs = best_time(lambda: fit_probe(train_x, train_y), args.repeat)
     ours_acc = float(np.mean(np.asarray(head.predict(test_x)) == test_y.astype(str)))
@@ -88,11 +87,9 @@ def main() -> None:
         "sklearn_one_blas_thread": {"seconds": round(sk1_s, 3), "runs": [round(t, 3) for t in sk1_runs]},
         "speedup": round(sk_s / ours_s, 2),
         "ours_at_most_sklearn_time_at_least_its_accuracy": ours_s <= min(sk_s, sk1_s) and ours_acc >= sk_acc,
-        "load_avg": [load_before, os.getloadavg()],
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_avg_before": load_before, "machine": machine(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     print(json.dumps(report))
 
 

@@ -39,7 +39,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ingest import make_texts, write_jsonl  # noqa: E402
+from bench_ingest import make_texts  # noqa: E402
+from benchlib import machine, write_jsonl, write_report  # noqa: E402
 
 log = logging.getLogger("bench_ray")
 BATCH = 64
@@ -117,7 +118,7 @@ def main() -> None:
     ray.init(num_cpus=cores, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              object_store_memory=min(4 * 2**30, max(500 * 2**20, int(0.2 * _total_memory()))))
     address = ray.get_runtime_context().gcs_address
-    report: dict = {"machine": {"cores": cores, "gpus": gpus, "torch_threads": torch.get_num_threads()},
+    report: dict = {"machine": {**machine(), "gpus": gpus, "torch_threads": torch.get_num_threads()},
                     "texts": n}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
@@ -150,10 +151,7 @@ def main() -> None:
                                          "ratio": large["peak_rss_mb"] / small["peak_rss_mb"]}
     finally:
         ray.shutdown()
-    text = json.dumps(report, indent=2, default=str)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    print(write_report(args.out, report).read_text())
 
 
 def _total_memory() -> int:
