@@ -118,8 +118,6 @@ def test_ray_flags_and_sources_it_refuses(tmp_path, ray_address, text_sources):
 
     with pytest.raises(IndexerError, match="--address: only for another --engine than local"):
         ingest(tmp_path / "a.idx", text_sources, model="minilm", address="auto", progress=False)
-    with pytest.raises(IndexerError, match="not supported with --engine ray yet"):
-        ingest(tmp_path / "b.idx", text_sources, model="minilm", chunk_tokens=64, engine="ray", progress=False)
     with pytest.raises(IndexerError, match="stdin"):
         ingest(tmp_path / "c.idx", ["-"], model="minilm", engine="ray", progress=False)
     with pytest.raises(IndexerError, match="unknown engine 'spark'; known: local, ray"):
@@ -218,3 +216,29 @@ def test_a_killed_driver_resumes_exactly(tmp_path, ray_address):
     assert sorted(rows) == sorted(f"t{i}" for i in range(3000))
     summary = json.loads(done.stdout)
     assert (summary["skipped"], summary["added"]) == (partial, 3000 - partial)
+
+
+def test_chunked_documents_match_the_local_engine(tmp_path, ray_address):
+    """Documents cut into passages on the cluster: the same passages, offsets and vectors; a shorter new
+    version of a document leaves no stale passage behind, as locally."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        sections = [f"## Part {k}\n\n" + " ".join(rng.choice(WORDS, 60)) for k in range(3)]
+        (docs / f"doc{i}.md").write_text(f"# Doc {i}\n\n" + "\n\n".join(sections) + "\n")
+    (docs / "blank.md").write_text("   ")
+    local, remote = tmp_path / "local.idx", tmp_path / "ray.idx"
+    kw = {"model": "minilm", "progress": False, "chunk_tokens": 48, "chunk_overlap": 8}
+    s_local = ingest(local, [str(docs)], **kw)
+    s_ray = ingest(remote, [str(docs)], engine="ray", workers=1, **kw)
+    assert _counts(s_ray) == _counts(s_local) and s_local.rows > 4 * 3
+    assert_same_collection(local, remote)
+    assert Collection.open(remote).manifest.chunking == {"tokens": 48, "overlap": 8}
+
+    (docs / "doc0.md").write_text("# Doc 0\n\nNow only one short paragraph.\n")
+    s_local = ingest(local, [str(docs)], progress=False)
+    s_ray = ingest(remote, [str(docs)], engine="ray", workers=1, progress=False)
+    assert _counts(s_ray) == _counts(s_local) and s_ray.removed == s_local.removed > 0
+    assert_same_collection(local, remote)
+    assert [i for i in _table(remote) if i.startswith("doc0.md#")] == ["doc0.md#0"]

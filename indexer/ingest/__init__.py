@@ -186,8 +186,6 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         embedder = load_embedder(spec, runtime)
         factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
-    if chunker is not None and not local:
-        raise IndexerError(f"chunked documents (--chunk-tokens) are not supported with --engine {engine} yet")
     if coll is None:
         coll = Collection.create(path, embedder.spec, storage_options)
     else:

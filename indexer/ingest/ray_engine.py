@@ -2,7 +2,8 @@
 
     driver   lists the sources' units (a folder's files in groups, each table file)   sources.split_sources
     read     tasks: each unit's records, hashed                                        sources.iter_unit, prepare
-    claims   one actor, in input order: new / changed / unchanged / duplicate id       engine.Claims
+    claims   one actor, in input order: documents split into passages (chunked          chunking.Passages
+             collections), new / changed / unchanged / duplicate id                     engine.Claims
     decode   tasks (images): decode + the model's preprocessing                        loader.decode
     embed    actors: `factory(spec, runtime)` once each, one GPU each where there are GPUs
     write    tasks: Lance fragments written by the worker; only their metadata goes back
@@ -33,6 +34,7 @@ from ..spec import ModelSpec
 from ..store.arrow import conform, rows_to_table
 from ..store.collection import TABLE, _sql_str
 from . import _row
+from .chunking import Passages
 from .engine import Claims, Plan, Run
 from .loader import Prepared, Unchanged, decode, prepare
 
@@ -73,11 +75,14 @@ def _read(batch: dict[str, np.ndarray], opts):
 class _Claims:
     """The one stateful stage: the incremental rules need every item once, in input order."""
 
-    def __init__(self, known: list, dim: int):
+    def __init__(self, known: list, dim: int, passages: list | None = None):
         import ray
 
         self.known = ray.get(known[0])
         self.claims = Claims(self.known, dim)
+        # Chunked collections: documents become passages here, in input order, exactly as the local
+        # engine's Passages does (first occurrence of a document id, the stored passages it leaves behind).
+        self.passages = ray.get(passages[0]) if passages else None
         self.last: tuple[int, int] | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,9 +91,28 @@ class _Claims:
             if self.last is not None and order <= self.last:
                 raise RuntimeError(f"items reached the claims stage out of order ({order} after {self.last})")
             self.last = order
-            item = self.claims.classify(item)
-            out.append((item, isinstance(item, Prepared) and item.record.id in self.known))
+            for part in self._expand(item):
+                part = self.claims.classify(part)
+                out.append((part, isinstance(part, Prepared) and part.record.id in self.known))
+        if self.passages is not None and self.passages.orphans:
+            out.append((Orphans(frozenset(self.passages.orphans)), False))  # the driver deletes them at the end
+            self.passages.orphans = set()
         return _dumps(out)
+
+    def _expand(self, item):
+        if self.passages is None:
+            return [item]
+        parts = self.passages.expand(item.record if isinstance(item, Prepared) else item)
+        if isinstance(item, Prepared) and parts == [item.record]:
+            return [item]  # stored whole: already hashed by the read task
+        return [prepare(part, {}) for part in parts]
+
+
+@dataclass(frozen=True)
+class Orphans:
+    """Stored passages a new version of their document no longer has (passed along to the driver)."""
+
+    ids: frozenset
 
 
 def _decode(batch: dict[str, np.ndarray], transform, min_size: int | None) -> dict[str, np.ndarray]:
@@ -133,6 +157,7 @@ class Written:
     updates: list[str] = field(default_factory=list)  # ids whose old rows the commit deletes
     unchanged: int = 0
     errors: list[SkippedInput] = field(default_factory=list)
+    orphans: set[str] = field(default_factory=set)  # stored passages to delete once the run is done
     truncated: int = 0
     rows: tuple[list[dict], np.ndarray, list[bool]] | None = None  # a batch the table's schema cannot take yet
 
@@ -147,6 +172,8 @@ def _write(batch: dict[str, np.ndarray], uri: str, storage_options: dict | None)
             out.errors.append(item)
         elif isinstance(item, Unchanged):
             out.unchanged += 1
+        elif isinstance(item, Orphans):
+            out.orphans |= item.ids
         else:
             prepared.append(item)
             vectors.append(vector)
@@ -193,6 +220,7 @@ class RayEngine:
             raise IndexerError(f"--engine ray: the pipeline failed: {_root_cause(exc)}") from exc
         finally:
             committer.commit()  # what was written is kept, after Ctrl-C too
+            plan.passages.orphans |= committer.orphans  # ingest() deletes them after a complete run
             plan.collection.dataset()  # the collection's table handle moves to the last commit
 
     def _pipeline(self, ray, plan: Plan, run: Run, units, uri: str):
@@ -223,7 +251,9 @@ class RayEngine:
         ds = ds.map_batches(_Claims, batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                             # its state is the run's: a restart would forget the ids seen
                             max_restarts=0, allow_out_of_order_execution=False,
-                            fn_constructor_kwargs={"known": [ray.put(run.known)], "dim": embedder.dim})
+                            fn_constructor_kwargs={
+                                "known": [ray.put(run.known)], "dim": embedder.dim,
+                                "passages": [ray.put(plan.passages)] if plan.passages.chunker else None})
         if plan.opts.modality == "image":
             decode_cpus = {"num_cpus": 1} if spare >= 1 else light
             ds = ds.map_batches(_decode, batch_size=plan.batch_size, **decode_cpus,
@@ -252,10 +282,12 @@ def _ensure_table(plan: Plan) -> str | None:
     if coll.table is None:
         rows = []
         peek = SCHEMA_PEEK if plan.opts.modality != "image" else 16  # images: reading one is reading a file
+        split = Passages(plan.passages.chunker, {}, {})  # passages carry their own fields (doc_id, chunk, ...)
         for n, record in enumerate(iter_records(plan.sources, plan.opts)):
-            item = prepare(record, {})
-            if isinstance(item, Prepared):
-                rows.append(_row(item))
+            for part in split.expand(record):
+                item = prepare(part, {})
+                if isinstance(item, Prepared):
+                    rows.append(_row(item))
             if len(rows) >= peek or n >= 8 * peek:
                 break
         if not rows:
@@ -273,6 +305,7 @@ class _Committer:
         self.storage_options = plan.collection.location.storage_options or None
         self.commit_rows, self.seconds = plan.commit_rows, seconds
         self.pending: list[Written] = []
+        self.orphans: set[str] = set()
         self.last = time.monotonic()
 
     def add(self, written: Written) -> None:
@@ -280,6 +313,7 @@ class _Committer:
         for item in written.errors:
             run.skip(item)
         run.unchanged(written.unchanged)
+        self.orphans |= written.orphans
         run.summary.truncated += written.truncated
         run.flush_errors()
         if written.rows is not None:
