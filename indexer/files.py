@@ -53,9 +53,14 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> dict[str, Any]:
     return fingerprint(path)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` as the file at `path` (its folder made), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    replace_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def verify(path: Path, expected: dict[str, Any], rebuild_hint: str) -> None:

@@ -71,11 +71,8 @@ class FaissIndex:
             raise coll.empty()
         plan = choose_plan(n, d, kind, max_memory)
         rng = np.random.default_rng(seed)
-        # Held-out queries: taken from the collection, left out of the index while tuning, added after.
-        n_queries = min(1000, n // 10) if n >= 200 else 0
-        order = rng.permutation(n)
-        held, base = np.sort(order[:n_queries]), np.sort(order[n_queries:])
-        truth = ground_truth(x, base, held) if n_queries and plan.kind != "flat" else None
+        held, base = split_held_out(n, rng)
+        truth = ground_truth(x, base, held) if len(held) and plan.kind != "flat" else None
         while True:
             index, knobs, recall, sweep = _build_tuned(plan, x, base, held, truth, target_recall, rng)
             # auto never settles below the target while a kind that reaches it fits in memory.
@@ -88,21 +85,31 @@ class FaissIndex:
                 break
             log.info("recall %.3f is below %.2f: trying %s", recall, target_recall, plan.kind)
             truth = truth if plan.kind != "flat" else None
-        if recall < target_recall:
-            log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", target_recall, recall)
-        if n_queries:
-            index.add(x[held])
-        position_order = np.concatenate([base, held])
-        rows = pa.table({"id": ids.take(pa.array(position_order)), "record_hash": hashes.take(pa.array(position_order)),
+        sample = x[held] if len(held) else x[:1000]
+        return cls.finish(coll, index, plan, ids, hashes, base, held, sample,
+                          {"requested_kind": kind, "params": knobs, "target_recall": target_recall,
+                           "recall_at_10": recall, "sweep": sweep}, started)
+
+    @classmethod
+    def finish(cls, coll: Collection, index, plan: Plan, ids: pa.Array, hashes: pa.Array, base: np.ndarray,
+               held: np.ndarray, sample: np.ndarray, tuned: dict[str, Any], started: float) -> FaissIndex:
+        """A built and tuned index: the held-out queries (`sample` when there are any) added last, positions
+        mapped to rows, query speed measured, index.json recorded, files saved. Local and Ray builds end here."""
+        if tuned["recall_at_10"] < tuned["target_recall"]:
+            log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", tuned["target_recall"],
+                        tuned["recall_at_10"])
+        n = len(base) + len(held)
+        if len(held):
+            index.add(sample)
+        position_order = pa.array(np.concatenate([base, held]))
+        rows = pa.table({"id": ids.take(position_order), "record_hash": hashes.take(position_order),
                          "live": pa.array(np.ones(n, dtype=bool))})
-        sample = x[held] if n_queries else x[:1000]
-        qps_one, qps_many = single_query_qps(index, sample[:200], knobs), batch_qps(index, sample, knobs)
+        knobs = tuned["params"]
         meta = {
-            "engine": "faiss", "requested_kind": kind, "kind": plan.kind, "factory": plan.factory, "metric": "cosine",
-            "params": knobs, "target_recall": target_recall, "recall_at_10": recall, "recall_queries": n_queries,
-            "qps_single": qps_one, "qps_batch": qps_many,
-            "sweep": sweep, "build_seconds": round(time.perf_counter() - started, 3),
-            "trained_rows": n, "rows": n, "dim": d, "lance_version": coll.version(), "built": now_iso(),
+            "engine": "faiss", "kind": plan.kind, "factory": plan.factory, "metric": "cosine", **tuned,
+            "recall_queries": len(held), "qps_single": single_query_qps(index, sample[:200], knobs),
+            "qps_batch": batch_qps(index, sample, knobs), "build_seconds": round(time.perf_counter() - started, 3),
+            "trained_rows": n, "rows": n, "dim": index.d, "lance_version": coll.version(), "built": now_iso(),
         }
         built = cls(coll.location, index, rows, meta)
         built.save()
@@ -235,6 +242,19 @@ class FaissIndex:
         return {k: v for k, v in self.meta.items() if k not in ("sweep", "files")}
 
 
+def split_held_out(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, base) positions: queries taken from the collection, left out of the index while tuning
+    and added after (none below 200 rows)."""
+    n_queries = min(1000, n // 10) if n >= 200 else 0
+    order = rng.permutation(n)
+    return np.sort(order[:n_queries]), np.sort(order[n_queries:])
+
+
+def training_positions(base: np.ndarray, plan: Plan, rng: np.random.Generator) -> np.ndarray:
+    """The base rows the quantizer (and PQ codebooks) train on: ~64 per list, at least 50,000."""
+    return base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]]
+
+
 def _build_tuned(plan: Plan, x: np.ndarray, base: np.ndarray, held: np.ndarray, truth: np.ndarray | None,
                  target_recall: float, rng) -> tuple[Any, dict, float, list]:
     """Train and fill one index with the base rows and tune its knobs on the held-out queries."""
@@ -245,7 +265,7 @@ def _build_tuned(plan: Plan, x: np.ndarray, base: np.ndarray, held: np.ndarray, 
     if plan.kind == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = 80
     if not index.is_trained:
-        train = x[base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]]]
+        train = x[training_positions(base, plan, rng)]
         log.info("training on %d vectors", len(train))
         index.train(train)
     for start in range(0, len(base), 65536):  # chunks: x[base] at once would copy every vector

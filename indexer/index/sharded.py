@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ..errors import IndexerError
 from ..store import Collection
-from ..store.manifest import now_iso
 from .exact import TopK
-from .faiss_engine import FaissIndex, ensure_id_index
-from .tuning import RECALL_K, batch_qps, choose_plan, single_query_qps, tune
+from .faiss_engine import FaissIndex, ensure_id_index, split_held_out, training_positions
+from .tuning import RECALL_K, choose_plan, tune
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +52,13 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
     ray = connect(address)
 
     rng = np.random.default_rng(seed)
-    n_queries = min(1000, n // 10) if n >= 200 else 0
-    order = rng.permutation(n)
-    held, base = np.sort(order[:n_queries]), np.sort(order[n_queries:])
+    held, base = split_held_out(n, rng)
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        sample = np.sort(base[rng.permutation(len(base))[: max(64 * (plan.nlist or 1), 50_000)]])
+        sample = np.sort(training_positions(base, plan, rng))
         log.info("training %s on %d sampled vectors", plan.factory, len(sample))
         index.train(_read_vectors(ds, sample))
-    queries = _read_vectors(ds, held) if n_queries else np.zeros((0, d), np.float32)
+    queries = _read_vectors(ds, held) if len(held) else np.zeros((0, d), np.float32)
 
     shards = [base[i : i + shard_rows] for i in range(0, len(base), shard_rows)]
     log.info("encoding %d vectors in %d shards on Ray", len(base), len(shards))
@@ -71,7 +66,7 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
     encode = ray.remote(max_retries=3)(_encode_shard)
     refs = [encode.remote(ds.uri, ds.version, coll.location.storage_options, shard, trained, qref)
             for shard in shards]
-    truth = TopK(n_queries, RECALL_K)  # the held-out queries' exact neighbours, as index positions
+    truth = TopK(len(held), RECALL_K)  # the held-out queries' exact neighbours, as index positions
     added = 0
     for ref, shard in zip(refs, shards):  # in order: shard j's positions follow shard j-1's
         blob, scores, positions = ray.get(ref)
@@ -80,29 +75,14 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
         added += len(shard)
 
     knobs, recall, sweep = {}, 1.0, []
-    if n_queries and plan.kind != "flat":
+    if len(held) and plan.kind != "flat":
         knobs, recall, sweep = tune(index, plan.kind, queries, truth.result()[1], target_recall)
         log.info("tuned %s: recall@%d %.3f (target %.2f)", knobs, RECALL_K, recall, target_recall)
-        if recall < target_recall:
-            log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", target_recall, recall)
-    if n_queries:
-        index.add(queries)
-    position_order = pa.array(np.concatenate([base, held]))
-    rows = pa.table({"id": keys.column("id").take(position_order),
-                     "record_hash": keys.column("record_hash").take(position_order),
-                     "live": pa.array(np.ones(n, dtype=bool))})
-    sample_q = queries if n_queries else _read_vectors(ds, np.arange(min(n, 1000)))
-    meta: dict[str, Any] = {
-        "engine": "faiss", "built_on": "ray", "shards": len(shards), "requested_kind": kind, "kind": plan.kind,
-        "factory": plan.factory, "metric": "cosine", "params": knobs, "target_recall": target_recall,
-        "recall_at_10": recall, "recall_queries": n_queries,
-        "qps_single": single_query_qps(index, sample_q[:200], knobs), "qps_batch": batch_qps(index, sample_q, knobs),
-        "sweep": sweep, "build_seconds": round(time.perf_counter() - started, 3),
-        "trained_rows": n, "rows": n, "dim": d, "lance_version": coll.version(), "built": now_iso(),
-    }
-    built = FaissIndex(coll.location, index, rows, meta)
-    built.save()
-    return built
+    sample = queries if len(held) else _read_vectors(ds, np.arange(min(n, 1000)))
+    return FaissIndex.finish(coll, index, plan, keys.column("id").combine_chunks(),
+                             keys.column("record_hash").combine_chunks(), base, held, sample,
+                             {"requested_kind": kind, "built_on": "ray", "shards": len(shards), "params": knobs,
+                              "target_recall": target_recall, "recall_at_10": recall, "sweep": sweep}, started)
 
 
 def _read_vectors(ds, positions: np.ndarray) -> np.ndarray:

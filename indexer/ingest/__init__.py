@@ -29,7 +29,6 @@ from ..store import Collection
 from ..wording import counted
 from .chunking import Passages, make_chunker, stored_chunks
 from .engine import Engine, IngestSummary, Plan, Run
-from .loader import Prepared
 
 __all__ = ["Engine", "IngestInterrupted", "IngestSummary", "Plan", "StrictError", "ingest", "make_engine"]
 
@@ -53,22 +52,6 @@ class IngestInterrupted(StrictError):
     """Ctrl-C: what was embedded is committed; the same command resumes."""
 
     exit_code = 130
-
-
-def _row(item: Prepared) -> dict:
-    r = item.record
-    row = {"id": r.id, "content_hash": item.content_hash, "record_hash": item.record_hash, "source": r.source}
-    if r.text is not None:
-        row["text"] = r.text
-    if r.path is not None:
-        row["path"] = r.path
-    row["label"] = r.label
-    row.update(r.fields)
-    return row
-
-
-def _open_existing(path: str, storage_options: dict[str, str] | None) -> Collection | None:
-    return Collection.open(path, storage_options) if Collection.exists(path, storage_options) else None
 
 
 def _label_field(coll: Collection | None, given: str | None) -> str | None:
@@ -161,7 +144,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
 
     path = str(collection)
     sources = expand_file_lists(sources)
-    coll = _open_existing(path, storage_options)
+    coll = Collection.find(path, storage_options)
     label_field = _label_field(coll, label_field)
     started = time.perf_counter()
     runner = make_engine(engine, workers=workers, address=address, gpus_per_worker=gpus_per_worker,

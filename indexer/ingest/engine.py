@@ -132,6 +132,19 @@ class Run:
         self.pending_errors = []
 
 
+def stored_row(item: Prepared) -> dict:
+    """The table row of an embedded item (its vector aside), as every engine writes it."""
+    r = item.record
+    row = {"id": r.id, "content_hash": item.content_hash, "record_hash": item.record_hash, "source": r.source}
+    if r.text is not None:
+        row["text"] = r.text
+    if r.path is not None:
+        row["path"] = r.path
+    row["label"] = r.label
+    row.update(r.fields)
+    return row
+
+
 @dataclass
 class Plan:
     """What an engine is given: the inputs, how to read them, the model, and how to build it again."""

@@ -10,8 +10,7 @@ import torch
 
 from ..models import Embedder
 from ..sources import iter_records
-from . import _row
-from .engine import Plan, Run
+from .engine import Plan, Run, stored_row
 from .loader import ImageInputs, Prepared, image_batches, prepare
 from .writer import BatchWriter
 
@@ -45,7 +44,7 @@ class _Output:
         for upsert in (False, True):
             idx = [i for i, p in enumerate(items) if (p.record.id in self.run.known) == upsert]
             if idx:
-                self.writer.put([_row(items[i]) for i in idx], vectors[idx], upsert=upsert)
+                self.writer.put([stored_row(items[i]) for i in idx], vectors[idx], upsert=upsert)
             counts[upsert] = len(idx)
         self.run.written(added=counts[False], updated=counts[True])
         self.run.flush_errors()

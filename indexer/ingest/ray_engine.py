@@ -33,9 +33,8 @@ from ..sources import SkippedInput, iter_records, iter_unit, split_sources
 from ..spec import ModelSpec
 from ..store.arrow import conform, rows_to_table
 from ..store.collection import TABLE, _sql_str
-from . import _row
 from .chunking import Passages
-from .engine import Claims, Plan, Run
+from .engine import Claims, Plan, Run, stored_row
 from .loader import Prepared, Unchanged, decode, prepare
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ def _write(batch: dict[str, np.ndarray], uri: str, storage_options: dict | None)
             vectors.append(vector)
             updates.append(update)
     if prepared:
-        rows = [_row(p) for p in prepared]
+        rows = [stored_row(p) for p in prepared]
         table = rows_to_table(rows, np.stack(vectors))
         schema = lance.dataset(uri, storage_options=storage_options).schema
         data, new_fields = conform(table, schema)
@@ -209,7 +208,7 @@ class RayEngine:
         uri = _ensure_table(plan)
         if uri is None:  # nothing readable at all: every input is an error line
             for item in iter_records(plan.sources, plan.opts):
-                run.accept(prepare(item, {}) if not isinstance(item, SkippedInput) else item)
+                run.accept(prepare(item, {}))
             return
         committer = _Committer(plan, run, uri)
         try:
@@ -287,7 +286,7 @@ def _ensure_table(plan: Plan) -> str | None:
             for part in split.expand(record):
                 item = prepare(part, {})
                 if isinstance(item, Prepared):
-                    rows.append(_row(item))
+                    rows.append(stored_row(item))
             if len(rows) >= peek or n >= 8 * peek:
                 break
         if not rows:

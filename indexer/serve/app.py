@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from ..errors import IndexerError
 from ..tasks.search import Query
 from ..version import __version__
-from . import errors
+from .errors import install as install_error_handlers
 from .guard import Guard, Measure, allowed_hosts
 from .images import MAX_PIXELS, check_upload, recorded_image, thumbnail
 from .metrics import Metrics
@@ -72,7 +72,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
     app.state.service = service
     app.add_middleware(Guard, token=token, max_body=max_body, allowed_hosts=allowed_hosts(host))
     app.add_middleware(Measure, metrics=metrics, routes=lambda: app.router.routes)
-    errors.install(app, service, FIELDS)
+    install_error_handlers(app, service, FIELDS)
     _docs(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -78,12 +78,21 @@ class Collection:
 
     @classmethod
     def open(cls, path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> Collection:
+        coll = cls.find(path, storage_options)
+        if coll is not None:
+            return coll
+        loc = Location(path, storage_options)
+        if loc.exists():
+            raise IndexerError(f"{loc} is not an indexer collection (no {MANIFEST})")
+        raise IndexerError(f"collection not found: {loc} (create it with `indexer ingest {loc} SOURCE`)")
+
+    @classmethod
+    def find(cls, path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> Collection | None:
+        """The collection at `path`, or None where there is none (one read of its manifest)."""
         loc = Location(path, storage_options)
         data = loc.read_bytes(MANIFEST)
         if data is None:
-            if loc.exists():
-                raise IndexerError(f"{loc} is not an indexer collection (no {MANIFEST})")
-            raise IndexerError(f"collection not found: {loc} (create it with `indexer ingest {loc} SOURCE`)")
+            return None
         try:
             return cls(loc, Manifest.from_json(data))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexerError
-from ..files import replace_atomic
+from ..files import write_bytes_atomic
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 LEASE_SECONDS = 120.0  # an object-store writer lease; renewed every 30 s while held
@@ -124,7 +124,7 @@ class Location:
         """Atomic: a reader sees the old file or the new one. Local: temp file + fsync + rename; object
         stores make a single PUT visible whole."""
         if not self.remote:
-            write_file_atomic(self._root / name, data)
+            write_bytes_atomic(self._root / name, data)
             return
         with self._fs.open_output_stream(self._key(name)) as fh:
             fh.write(data)
@@ -149,13 +149,6 @@ class Location:
             self._fs.delete_file(self._key(name))
         except FileNotFoundError:
             pass
-
-    def list(self, prefix: str) -> list[str]:
-        """Names of the files under `prefix` (recursive), relative to the root."""
-        if not self.remote:
-            base = self._root / prefix
-            return sorted(str(p.relative_to(self._root)) for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
-        return sorted(n for n, _ in self._remote_files(prefix))
 
     def size(self) -> int:
         if not self.remote:
@@ -204,7 +197,7 @@ class Location:
             data = self.read_bytes(f"{name}/{rel}")
             if data is None:
                 continue  # the checksum check reports it missing, with the command that rebuilds it
-            write_file_atomic(local, data)
+            write_bytes_atomic(local, data)
             os.utime(local, ns=(expected["mtime_ns"], expected["mtime_ns"]))
         return directory
 
@@ -267,11 +260,6 @@ class Location:
     def _renew_lease(self, name: str, owner: str, stop: threading.Event) -> None:
         while not stop.wait(LEASE_SECONDS / 4):
             self._write_lease(name, owner)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # Lance's storage option names -> pyarrow S3FileSystem arguments (the rest are Lance's alone).

@@ -5,7 +5,7 @@ regularisation strength C is chosen on a stratified validation split by walking 
 regularisation path (extended past its ends while the best C sits there), then the head is refit on all
 training rows. The solver is our own L-BFGS on scikit-learn's objective, on one BLAS thread for small
 problems: 6,000 x 384 rows, 12 classes, path included, fit in less time than one scikit-learn
-`LogisticRegression().fit` (scripts/bench_probe.py). A saved head carries the model spec, so it
+`LogisticRegression().fit` with its default threads (scripts/bench_probe.py). A saved head carries the model spec, so it
 classifies raw text or images end to end.
 """
 
@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexerError
+from ..index.exact import normalized
 from ..store import Collection
 from .features import (
     check_classes,
     embed_new_inputs,
     load_eval_data,
     load_labelled,
-    normalized,
     scores,
     stratified_folds,
     stratified_holdout,
