@@ -121,7 +121,7 @@ def test_where_filters_with_the_index(tmp_path, data):
     assert all(h["label"] == "even" for r in broad for h in r)
     overlap = np.mean([len({h["id"] for h in a} & {h["id"] for h in e}) / 10 for a, e in zip(broad, exact)])
     assert overlap >= 0.94
-    narrow = search(coll, vector=q[0], k=10, where="n < 300 AND label = 'odd'", engine="faiss")
+    narrow = search(coll, vector=q[0], k=10, where="n < 300 AND label = 'odd'", engine="faiss", fields="label,n")
     assert len(narrow) == 10 and all(h["n"] < 300 and h["label"] == "odd" for h in narrow)
     assert [h["id"] for h in narrow] == [h["id"] for h in search(coll, vector=q[0], k=10,
                                                                 where="n < 300 AND label = 'odd'", engine="exact")]
@@ -232,3 +232,70 @@ def test_auto_falls_back_to_a_kind_that_reaches_the_target(tmp_path, monkeypatch
     info = build_index(coll, kind="auto", target_recall=0.95)
     assert info["kind"] == "ivf-flat" and info["recall_at_10"] >= 0.95
     assert build_index(coll, kind="hnsw", target_recall=0.95)["kind"] == "hnsw"  # an explicit kind is kept
+
+
+def test_hits_read_by_row_address_stay_right_after_writes_and_compaction(tmp_path, data, caplog):
+    """Hits' fields come from one read by Lance row address; updates, deletes (dedup --apply), restores and
+    compaction move rows, and every catch-up refreshes the addresses: each hit carries its own row's data."""
+    from indexer.tasks.dedup.apply import delete, restore
+
+    x, q = data
+    coll = vector_collection(tmp_path / "addr.idx", x[:3000])
+    for start in range(3000, 4000, 250):  # several fragments, for compaction to merge
+        add_rows(coll, x[start : start + 250], start)
+    build_index(coll, kind="flat")
+    assert current_index(coll).row_ids is not None
+
+    def check(expected_rows: int) -> None:
+        hits = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="faiss", fields="all")
+        exact = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="exact", fields="all")
+        # The same rows and fields as the exact path, which finds rows by scanning the table.
+        drop_score = lambda r: [{k: v for k, v in h.items() if k != "score"} for h in r]  # noqa: E731
+        assert [drop_score(r) for r in hits] == [drop_score(r) for r in exact]
+        for h in (h for r in hits for h in r):
+            assert h["n"] == int(h["id"][1:]) and h["label"] == ["even", "odd"][h["n"] % 2]
+            assert h["content_hash"] == ("v2" if 100 <= h["n"] < 200 else "v1")
+        assert int(current_index(coll).live.sum()) == coll.count() == expected_rows
+        assert "moved rows" not in caplog.text  # the addresses were current: no lookup by id was needed
+
+    add_rows(coll, x[100:200] * -1, start=100, upsert=True, tag="v2")  # updated rows move to a new fragment
+    check(4000)
+    before = coll.version()
+    near = {h["id"] for r in search_batch(coll, [Query(vector=v) for v in q[:40]], k=3, engine="exact") for h in r}
+    delete(coll, sorted(near))  # what dedup --apply does
+    check(4000 - len(near))
+    coll.table.to_lance().optimize.compact_files(target_rows_per_fragment=100_000)  # rewrites every address
+    check(4000 - len(near))
+    restore(coll, before)
+    check(4000)
+
+
+def test_a_stale_row_address_is_never_returned_as_another_row(tmp_path, data):
+    coll = vector_collection(tmp_path / "stale.idx", data[0][:500])
+    build_index(coll, kind="flat")
+    index = current_index(coll)
+    index.row_ids[[3, 7]] = index.row_ids[[7, 3]]  # two addresses that name each other's rows
+    rows = index.rows_at(coll, np.arange(10), ["id", "n"])
+    assert sorted(rows) == sorted(index.ids_at(np.arange(10)))
+    assert all(r["n"] == int(i[1:]) for i, r in rows.items())
+
+
+def test_an_index_saved_before_row_addresses_still_serves_fields(tmp_path, data):
+    import pyarrow.parquet as pq
+
+    from indexer.files import fingerprint
+
+    coll = vector_collection(tmp_path / "old.idx", data[0][:500])
+    build_index(coll, kind="flat")
+    rows_file = coll.path / "index" / "rows.parquet"
+    pq.write_table(pq.read_table(rows_file).drop_columns(["row_id"]), rows_file)  # as an older release wrote it
+    meta = json.loads((coll.path / "index" / "index.json").read_text())
+    meta["files"]["rows.parquet"] = fingerprint(rows_file)
+    (coll.path / "index" / "index.json").write_text(json.dumps(meta))
+    index = FaissIndex.open(coll)
+    assert index.row_ids is None
+    hits = search(coll, vector=data[1][0], k=5, engine="faiss", fields="n")
+    assert len(hits) == 5 and all(h["n"] == int(h["id"][1:]) for h in hits)
+    add_rows(coll, data[0][500:510], 500)  # the next catch-up records the addresses
+    search(coll, vector=data[1][0], k=5, engine="faiss")
+    assert current_index(coll).row_ids is not None

@@ -52,7 +52,7 @@ def test_blocks_smaller_than_k_merge_correctly(text_coll, monkeypatch):
 
 
 def test_where_prefilters_before_ranking(text_coll):
-    hits = search(text_coll, "the cat", k=50, where="label = 'b' AND n < 60")
+    hits = search(text_coll, "the cat", k=50, where="label = 'b' AND n < 60", fields="id,label,n")
     assert len(hits) == 20 and {h["label"] for h in hits} == {"b"} and max(h["n"] for h in hits) < 60
     with pytest.raises(IndexerError, match="invalid --where"):
         search(text_coll, "the cat", where="label ===")
@@ -85,10 +85,17 @@ def test_wrong_modality_and_bad_vectors(text_coll, sample_corpus):
         search(text_coll, "a", id="r1")
 
 
-def test_results_carry_stored_fields(text_coll):
+def test_results_carry_the_fields_asked_for(text_coll):
     hit = search(text_coll, "red car", k=1)[0]
-    assert {"id", "score", "text", "label", "n", "content_hash", "source"} <= hit.keys()
-    assert "vector" not in hit and "record_hash" not in hit
+    assert hit.keys() == {"id", "score", "text", "label"}  # the default: what the item is, and its label
+    everything = search(text_coll, "red car", k=1, fields="all")[0]
+    assert {"id", "score", "text", "label", "n", "content_hash", "source"} <= everything.keys()
+    assert "vector" not in everything and "record_hash" not in everything
+    lean = search(text_coll, "red car", k=3, fields=["n"])
+    assert all(h.keys() == {"id", "score", "n"} for h in lean)
+    assert [h["id"] for h in lean] == [h["id"] for h in search(text_coll, "red car", k=3)]
+    with pytest.raises(IndexerError, match=r"unknown field 'year'.*\(or all\)"):
+        search(text_coll, "red car", fields="id,year")
 
 
 def test_image_collection_search(tmp_path, sample_corpus):

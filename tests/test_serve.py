@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -128,6 +130,37 @@ def test_search_by_id_and_by_vector(open_server):
     assert (vec["model"], vec["dim"], len(vec["embeddings"])) == ("minilm", 384, 1)
     top = _search(open_server, collection="texts", vector=vec["embeddings"][0], k=1).json()["results"][0]
     assert top["id"] == "astronomy-5" and top["score"] > 0.999
+
+
+def test_search_returns_the_fields_asked_for(open_server, sample_corpus):
+    default = _search(open_server, collection="texts", query="stars", k=3).json()["results"]
+    assert all(h.keys() == {"id", "score", "text", "label"} for h in default)
+    lean = _search(open_server, collection="texts", query="stars", k=3, fields=["label"]).json()["results"]
+    assert [h["id"] for h in lean] == [h["id"] for h in default] and all(h.keys() == {"id", "score", "label"} for h in lean)
+    every = _search(open_server, collection="texts", query="stars", k=1, fields="all").json()["results"][0]
+    assert {"source", "content_hash"} <= every.keys()
+    img = _upload(open_server, "/search", _jpeg(sample_corpus["images"] / "flower.jpg"), collection="images", k=2,
+                  fields="path,label")
+    assert img.status_code == 200 and all({"id", "score", "path", "image_url"} <= h.keys() for h in img.json()["results"])
+    bad = _search(open_server, collection="texts", query="stars", fields=["year"])
+    assert bad.status_code == 400 and "unknown field 'year'" in bad.json()["error"]
+
+
+def test_locustfile_load_test_runs_against_a_real_server(served_collections, tmp_path):
+    """The load test the README gives users: locust, headless, against a real server; no failures."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("locust") is None:  # never imported here: gevent patches the whole process
+        pytest.skip("locust is not installed")
+    root = Path(__file__).resolve().parents[1]
+    with running_server([served_collections["texts"]]) as url:
+        run = subprocess.run([sys.executable, "-m", "locust", "-f", str(root / "scripts" / "locustfile.py"), "--headless",
+                              "-u", "4", "-r", "4", "-t", "4s", "--host", url, "--json", "--only-summary"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    stats = {s["name"]: s for s in json.loads(run.stdout)}
+    assert stats["/search"]["num_requests"] > 10 and stats["/search"]["num_failures"] == 0
 
 
 def test_embed_matches_the_library(open_server, minilm, sample_corpus):

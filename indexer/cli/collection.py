@@ -90,11 +90,13 @@ def ingest(collection, sources, layer, as_json, quiet, **options):
 @click.option("--mode", type=click.Choice(["vector", "text", "hybrid"]), default="vector", show_default=True,
               help="vector: embedding similarity; text: BM25 full-text; hybrid: both, fused by reciprocal rank.")
 @click.option("--group-by-doc", is_flag=True, help="One result per document: its best passage (+ other_chunks).")
+@click.option("--fields", help="Stored fields per hit, e.g. id,label (default: id, text or path, label and a "
+              "passage's place; all: every field). Only these are read.")
 @device_option
 @storage_options
 @output_options
-def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, device,
-           as_json, quiet):
+def search(collection, query, image, item_id, queries, k, where, engine, nprobe, ef, mode, group_by_doc, fields,
+           device, as_json, quiet):
     """Nearest items to a text, image, stored item or vector.
 
     Searches COLLECTION for QUERY (text), --image, --id, or each line of --queries."""
@@ -111,11 +113,12 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
                 except json.JSONDecodeError as exc:
                     raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
         for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
-                                            nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc)):
+                                            nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc,
+                                            fields=fields)):
             print_json({**q.echo(), "results": hits})
         return
     hits = run_search(collection, query, image=image, id=item_id, k=k, where=where, engine=engine, device=device,
-                      nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc)
+                      nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc, fields=fields)
     if as_json:
         print_json(hits)
         return

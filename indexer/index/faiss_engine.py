@@ -1,7 +1,9 @@
 """A FAISS index over a collection's vectors, tuned to a measured recall target.
 
 Vectors are added in order, so a vector's FAISS id is its position; `rows.parquet` maps positions to
-collection ids and record hashes. Updated and deleted rows become tombstones (a `live` flag) that
+collection ids, record hashes and Lance row addresses (`row_id`, as of the Lance version the index
+reflects: every catch-up refreshes them, since compaction and updates move rows), so a hit's fields are
+one direct read by address. Updated and deleted rows become tombstones (a `live` flag) that
 search skips through an IDSelector; the index is compacted by a rebuild once tombstones pile up.
 """
 
@@ -22,6 +24,7 @@ from ..files import verify, write_atomic, write_json_atomic
 from ..store import Collection
 from ..store.location import Location
 from ..store.manifest import now_iso
+from ..threads import few_threads
 from .exact import normalized
 from .tuning import (
     FALLBACK,
@@ -38,6 +41,7 @@ from .tuning import (
 log = logging.getLogger(__name__)
 
 INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "index", "index.json", "faiss.index", "rows.parquet"
+ROW_ID = "row_id"
 RETRAIN_GROWTH = 4.0  # retrain IVF/PQ once the collection is this many times the trained size
 MAX_TOMBSTONES = 0.2
 
@@ -54,6 +58,9 @@ class FaissIndex:
         self.ids = _chunk(rows.column("id"))
         self.hashes = _chunk(rows.column("record_hash"))
         self.live = np.asarray(rows.column("live").to_numpy(zero_copy_only=False), dtype=bool)
+        # None for an index saved before addresses were kept: hits are then looked up by id until a catch-up.
+        self.row_ids = (np.array(rows.column(ROW_ID).to_numpy(), dtype=np.uint64)  # a copy: catch-up writes it
+                        if ROW_ID in rows.column_names else None)
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -65,7 +72,7 @@ class FaissIndex:
             raise IndexerError("--target-recall must be in (0, 1]")
         started = time.perf_counter()
         ensure_id_index(coll)  # first: it makes a Lance version, and the index must reflect the last one
-        ids, hashes, x = _load_vectors(coll)
+        keys, x = _load_vectors(coll)
         n, d = x.shape
         if n == 0:
             raise coll.empty()
@@ -86,15 +93,16 @@ class FaissIndex:
             log.info("recall %.3f is below %.2f: trying %s", recall, target_recall, plan.kind)
             truth = truth if plan.kind != "flat" else None
         sample = x[held] if len(held) else x[:1000]
-        return cls.finish(coll, index, plan, ids, hashes, base, held, sample,
+        return cls.finish(coll, index, plan, keys, base, held, sample,
                           {"requested_kind": kind, "params": knobs, "target_recall": target_recall,
                            "recall_at_10": recall, "sweep": sweep}, started)
 
     @classmethod
-    def finish(cls, coll: Collection, index, plan: Plan, ids: pa.Array, hashes: pa.Array, base: np.ndarray,
-               held: np.ndarray, sample: np.ndarray, tuned: dict[str, Any], started: float) -> FaissIndex:
+    def finish(cls, coll: Collection, index, plan: Plan, keys: pa.Table, base: np.ndarray, held: np.ndarray,
+               sample: np.ndarray, tuned: dict[str, Any], started: float) -> FaissIndex:
         """A built and tuned index: the held-out queries (`sample` when there are any) added last, positions
-        mapped to rows, query speed measured, index.json recorded, files saved. Local and Ray builds end here."""
+        mapped to rows (`keys`: id, record_hash, row_id in scan order), query speed measured, index.json
+        recorded, files saved. Local and Ray builds end here."""
         if tuned["recall_at_10"] < tuned["target_recall"]:
             log.warning("no setting reached recall %.2f; using the most accurate (%.3f)", tuned["target_recall"],
                         tuned["recall_at_10"])
@@ -102,8 +110,8 @@ class FaissIndex:
         if len(held):
             index.add(sample)
         position_order = pa.array(np.concatenate([base, held]))
-        rows = pa.table({"id": ids.take(position_order), "record_hash": hashes.take(position_order),
-                         "live": pa.array(np.ones(n, dtype=bool))})
+        rows = keys.select(["id", "record_hash", ROW_ID]).take(position_order).append_column(
+            "live", pa.array(np.ones(n, dtype=bool)))
         knobs = tuned["params"]
         meta = {
             "engine": "faiss", "kind": plan.kind, "factory": plan.factory, "metric": "cosine", **tuned,
@@ -121,7 +129,8 @@ class FaissIndex:
         import faiss
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        rows = pa.table({"id": self.ids, "record_hash": self.hashes, "live": pa.array(self.live)})
+        rows = pa.table({"id": self.ids, "record_hash": self.hashes, "live": pa.array(self.live),
+                         **({ROW_ID: pa.array(self.row_ids)} if self.row_ids is not None else {})})
         self.meta["files"] = {
             INDEX_FILE: write_atomic(self.directory / INDEX_FILE, lambda p: faiss.write_index(self.index, p)),
             ROWS_FILE: write_atomic(self.directory / ROWS_FILE, lambda p: pq.write_table(rows, p)),
@@ -164,29 +173,37 @@ class FaissIndex:
         return self.meta.get("lance_version") == coll.version()
 
     def catch_up(self, coll: Collection) -> dict[str, int]:
-        """Add new rows, tombstone updated and deleted ones; rebuild when that is no longer sound."""
-        current = coll.record_hashes()
+        """Add new rows, tombstone updated and deleted ones, refresh every live row's address; rebuild when
+        that is no longer sound."""
+        keys, version = coll.keys()
         position = {i: p for p, (i, alive) in enumerate(zip(self.ids.to_pylist(), self.live)) if alive}
         hashes = self.hashes.to_pylist()
-        new_ids = []
-        for rid, h in current.items():
+        row_ids = self.row_ids if self.row_ids is not None else np.zeros(len(self.live), dtype=np.uint64)
+        new = []  # positions in `keys` of rows to add
+        for k, (rid, h, address) in enumerate(zip(keys.column("id").to_pylist(), keys.column("record_hash").to_pylist(),
+                                                  keys.column(ROW_ID).to_numpy())):
             p = position.pop(rid, None)
             if p is not None and hashes[p] == h:
+                row_ids[p] = address
                 continue
             if p is not None:
                 self.live[p] = False
-            new_ids.append(rid)
+            new.append(k)
         for p in position.values():
             self.live[p] = False
-        stats = {"added": len(new_ids), "removed": len(position), "version": coll.version()}
-        if new_ids:
-            vecs = coll.rows_by_id(new_ids, columns=["id", "record_hash", "vector"])
-            x = normalized(np.stack([np.asarray(vecs[i]["vector"], dtype=np.float32) for i in new_ids]))
+        stats = {"added": len(new), "removed": len(position), "version": version}
+        if new:
+            added = keys.take(pa.array(new, pa.int64()))
+            stored = coll.take_rows(added.column(ROW_ID).to_numpy(), ["vector"], version)
+            x = normalized(stored.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                           .reshape(len(new), -1))
             self.index.add(x)
-            self.ids = pa.concat_arrays([_chunk(self.ids), pa.array(new_ids, type=pa.string())])
-            self.hashes = pa.concat_arrays([_chunk(self.hashes), pa.array([vecs[i]["record_hash"] for i in new_ids])])
-            self.live = np.concatenate([self.live, np.ones(len(new_ids), dtype=bool)])
-        self.meta["lance_version"] = coll.version()
+            self.ids = pa.concat_arrays([_chunk(self.ids), _chunk(added.column("id"))])
+            self.hashes = pa.concat_arrays([_chunk(self.hashes), _chunk(added.column("record_hash"))])
+            self.live = np.concatenate([self.live, np.ones(len(new), dtype=bool)])
+            row_ids = np.concatenate([row_ids, added.column(ROW_ID).to_numpy()])
+        self.row_ids = row_ids
+        self.meta["lance_version"] = version
         self.meta["updated"] = now_iso()
         self.save()
         return stats
@@ -218,20 +235,30 @@ class FaissIndex:
             knobs = {key: int(math.ceil(v * widen)) if key in ("nprobe", "ef") else v for key, v in knobs.items()}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         params = search_params(self.index, knobs, selector)
-        if len(queries) > 4:
+        with few_threads(len(queries)):
             scores, positions = self.index.search(queries, k, params=params)
-            return positions, scores
-        # OpenMP threads only add synchronisation to a query or two (and stall on a busy machine).
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            scores, positions = self.index.search(queries, k, params=params)
-        finally:
-            faiss.omp_set_num_threads(threads)
         return positions, scores
 
     def ids_at(self, positions: np.ndarray) -> list[str]:
         return self.ids.take(pa.array(positions.ravel())).to_pylist()
+
+    def rows_at(self, coll: Collection, positions: np.ndarray, columns: list[str]) -> dict[str, dict[str, Any]]:
+        """id -> the stored `columns` of the rows at these positions: one read by row address, at the Lance
+        version the index reflects. A row read back under another id than the index's (an address gone
+        stale) is never returned as that id: it is looked up by id instead, as is every row of an index
+        saved before addresses were kept."""
+        positions = np.unique(positions)
+        ids = self.ids_at(positions)
+        if self.row_ids is None:
+            return coll.rows_by_id(ids, columns)
+        columns = ["id", *(c for c in columns if c != "id")]
+        rows = coll.take_rows(self.row_ids[positions], columns, self.meta["lance_version"]).to_pylist()
+        found = {r["id"]: r for r, expected in zip(rows, ids) if r["id"] == expected}
+        stale = [i for i in ids if i not in found]
+        if stale:
+            log.warning("%d index entries point at moved rows: reading them by id", len(stale))
+            found.update(coll.rows_by_id(stale, columns))
+        return found
 
     def mask_for_ids(self, ids: pa.Array) -> np.ndarray:
         import pyarrow.compute as pc
@@ -281,17 +308,18 @@ def _chunk(arr) -> pa.Array:
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
-def _load_vectors(coll: Collection) -> tuple[pa.Array, pa.Array, np.ndarray]:
-    ids, hashes, blocks = [], [], []
-    for batch in coll.scan(["id", "record_hash", "vector"], batch_size=65536):
-        ids.append(batch.column("id"))
-        hashes.append(batch.column("record_hash"))
+def _load_vectors(coll: Collection) -> tuple[pa.Table, np.ndarray]:
+    """(keys: id, record_hash, row_id in scan order; their unit vectors)."""
+    keys, blocks = [], []
+    for batch in coll.scan(["id", "record_hash", "vector"], batch_size=65536, with_row_id=True):
+        keys.append(pa.table({"id": batch.column("id"), "record_hash": batch.column("record_hash"),
+                              ROW_ID: batch.column("_rowid")}))
         blocks.append(batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1))
     if not blocks:
-        return pa.array([], pa.string()), pa.array([], pa.string()), np.zeros((0, coll.spec.dim), np.float32)
+        return coll.keys()[0], np.zeros((0, coll.spec.dim), np.float32)
     x = np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # in place: x can be GBs
-    return pa.concat_arrays(ids), pa.concat_arrays(hashes), x
+    return pa.concat_tables(keys), x
 
 
 def ensure_id_index(coll: Collection) -> None:

@@ -44,7 +44,7 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
     ds = coll.dataset()
     if ds is None or ds.count_rows() == 0:
         raise coll.empty()
-    keys = ds.to_table(columns=["id", "record_hash"])
+    keys = ds.to_table(columns=["id", "record_hash"], with_row_id=True).rename_columns(["id", "record_hash", "row_id"])
     n, d = keys.num_rows, coll.spec.dim
     plan = choose_plan(n, d, kind, max_memory)
     if plan.kind == "hnsw":  # auto's choice for mid-size collections: the shardable equivalent
@@ -79,8 +79,7 @@ def build_on_ray(coll: Collection, kind: str = "auto", target_recall: float = 0.
         knobs, recall, sweep = tune(index, plan.kind, queries, truth.result()[1], target_recall)
         log.info("tuned %s: recall@%d %.3f (target %.2f)", knobs, RECALL_K, recall, target_recall)
     sample = queries if len(held) else _read_vectors(ds, np.arange(min(n, 1000)))
-    return FaissIndex.finish(coll, index, plan, keys.column("id").combine_chunks(),
-                             keys.column("record_hash").combine_chunks(), base, held, sample,
+    return FaissIndex.finish(coll, index, plan, keys, base, held, sample,
                              {"requested_kind": kind, "built_on": "ray", "shards": len(shards), "params": knobs,
                               "target_recall": target_recall, "recall_at_10": recall, "sweep": sweep}, started)
 

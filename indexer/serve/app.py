@@ -91,12 +91,14 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         return JSON({"collections": await asyncio.to_thread(lambda: [s.describe() for s in service.collections.values()])})
 
     @app.post("/search", summary="Nearest items to a text, image upload, id or vector",
-              openapi_extra=body_doc(SearchRequest, "collection", "k", "where", "engine", "mode"))
+              openapi_extra=body_doc(SearchRequest, "collection", "k", "where", "engine", "mode", "fields"))
     async def search(request: Request) -> JSON:
         start = time.perf_counter()
         req, image = await parse(request, SearchRequest)
         served = service.collection(req.collection)
-        params = SearchParams(k=req.k, where=req.where, engine=req.engine, mode=req.mode, group_by_doc=req.group_by_doc)
+        fields = tuple(req.fields.split(",")) if isinstance(req.fields, str) else req.fields and tuple(req.fields)
+        params = SearchParams(k=req.k, where=req.where, engine=req.engine, mode=req.mode, group_by_doc=req.group_by_doc,
+                              fields=fields)
         Query.pick({"query": req.query, "id": req.id, "vector": req.vector, "an image upload": image}, ServeError)
         if image is None:
             query = Query(text=req.query, id=req.id, vector=req.vector)

@@ -30,6 +30,9 @@ class SearchRequest(BaseModel):
     mode: Mode = Field(
         "vector", description="vector: by embedding; text: BM25 over stored text; hybrid: both, fused (RRF).")
     group_by_doc: bool = Field(False, description="Chunked collections: the k best documents, each as its best passage.")
+    fields: list[str] | str | None = Field(
+        None, description="Stored fields each hit carries: a list or \"a,b\"; default id, text or path, label "
+                          "(and a passage's place in its document); \"all\" for every field. Only these are read.")
 
 
 class EmbedRequest(BaseModel):

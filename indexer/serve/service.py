@@ -66,6 +66,7 @@ class SearchParams:
     engine: str = "auto"
     mode: str = "vector"
     group_by_doc: bool = False
+    fields: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -279,7 +280,8 @@ class Service:
     def _search(self, name: str, params: SearchParams, queries: list[Query]) -> list[list[dict[str, Any]]]:
         served = self.collections[name]
         return search_batch(served.coll, queries, k=params.k, where=params.where, engine=params.engine,
-                            device=self.device, mode=params.mode, group_by_doc=params.group_by_doc)
+                            device=self.device, mode=params.mode, group_by_doc=params.group_by_doc,
+                            fields=params.fields)
 
     # ---- embeddings -----------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from ..errors import IndexerError
 from ..index.exact import exact_search
 from ..models import Embedder, load_embedder, resolve_runtime, respec
 from ..store import Collection
+from ..threads import few_threads
 from .hybrid import HYBRID_DEPTH, group_by_document, reciprocal_rank_fusion
 
 Engine = Literal["auto", "exact", "faiss", "lance"]
@@ -71,9 +72,12 @@ class Query:
 def search(collection: Collection | str, query: str | None = None, *, image: str | None = None,
            id: str | None = None, vector: Sequence[float] | None = None, k: int = 10, where: str | None = None,
            engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
-           ef: int | None = None, mode: Mode = "vector", group_by_doc: bool = False) -> list[dict[str, Any]]:
+           ef: int | None = None, mode: Mode = "vector", group_by_doc: bool = False,
+           fields: Sequence[str] | str | None = None) -> list[dict[str, Any]]:
     """Nearest items to one query, best first: [{"id", "score", ...stored fields}] (score: cosine for
-    mode vector, BM25 for text, fused reciprocal-rank score for hybrid).
+    mode vector, BM25 for text, fused reciprocal-rank score for hybrid). fields: the stored fields each
+    hit carries (default: id, text or path, label, and a passage's place in its document; "all": every
+    field); only those are read.
 
     >>> search("notes.idx", "how do plants make energy", k=3)      # doctest: +SKIP
     [{'id': 'bio/photosynthesis.md', 'score': 0.71, 'text': ...}, ...]
@@ -81,13 +85,13 @@ def search(collection: Collection | str, query: str | None = None, *, image: str
     Query.pick({"a text query": query, "--image PATH": image, "--id ID": id, "a vector": vector})
     q = Query(text=query, image=image, id=id, vector=vector)
     return search_batch(collection, [q], k=k, where=where, engine=engine, device=device, nprobe=nprobe, ef=ef,
-                        mode=mode, group_by_doc=group_by_doc)[0]
+                        mode=mode, group_by_doc=group_by_doc, fields=fields)[0]
 
 
 def search_batch(collection: Collection | str, queries: list[Query], *, k: int = 10, where: str | None = None,
                  engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
-                 ef: int | None = None, mode: Mode = "vector",
-                 group_by_doc: bool = False) -> list[list[dict[str, Any]]]:
+                 ef: int | None = None, mode: Mode = "vector", group_by_doc: bool = False,
+                 fields: Sequence[str] | str | None = None) -> list[list[dict[str, Any]]]:
     """Results for many queries in input order; text and image queries are embedded in batches.
 
     engine: `exact` scans every vector; `faiss` uses the collection's ANN index (caught up with the
@@ -97,7 +101,7 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     and `text_score` say what each contributed). group_by_doc: the k best documents, each as its best
     passage with `other_chunks`.
     """
-    coll = collection if isinstance(collection, Collection) else Collection.open(collection)
+    coll = collection if isinstance(collection, Collection) else Collection.open_for_reading(collection)
     if k < 1:
         raise IndexerError("-k must be at least 1")
     if engine not in ENGINES:
@@ -106,6 +110,9 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
         raise IndexerError(f"--mode {mode}: choose one of {', '.join(MODES)}")
     if not queries:
         return []
+    columns = coll.hit_columns(fields)
+    if group_by_doc:  # grouping needs to know each passage's document
+        columns += [c for c in ("doc_id", "chunk") if c in coll.result_columns() and c not in columns]
     if coll.count() == 0:  # one answer for every mode and engine (the text modes would miss the text column)
         raise coll.empty()
     if mode != "vector":
@@ -115,7 +122,7 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     vectors = _query_vectors(coll, queries, device) if mode != "text" else None
 
     def ranked(depth: int) -> list[list[dict[str, Any]]]:
-        return _ranked(coll, queries, vectors, depth, mode, where, engine, nprobe, ef)
+        return _ranked(coll, queries, vectors, depth, mode, where, engine, nprobe, ef, columns)
 
     if not group_by_doc:
         return [hits[:k] for hits in ranked(k)]
@@ -139,32 +146,33 @@ def _check_text_mode(coll: Collection, queries: list[Query], mode: str) -> None:
 
 
 def _ranked(coll: Collection, queries: list[Query], vectors: np.ndarray | None, depth: int, mode: str,
-            where: str | None, engine: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
+            where: str | None, engine: str, nprobe: int | None, ef: int | None,
+            columns: list[str]) -> list[list[dict[str, Any]]]:
     """Up to `depth` hits per query, best first, ranked the way `mode` says."""
     from ..index.fulltext import fts_search
 
     if mode == "text":
-        return [fts_search(coll, q.text, depth, where) for q in queries]
+        return [fts_search(coll, q.text, depth, where, columns) for q in queries]
     each = depth if mode == "vector" else max(depth, HYBRID_DEPTH)
-    by_vector = _vector_hits(coll, queries, vectors, each, where, engine, nprobe, ef)
+    by_vector = _vector_hits(coll, queries, vectors, each, where, engine, nprobe, ef, columns)
     if mode == "vector":
         return by_vector
-    return [reciprocal_rank_fusion(v, fts_search(coll, q.text, each, where))[:depth]
+    return [reciprocal_rank_fusion(v, fts_search(coll, q.text, each, where, columns))[:depth]
             for q, v in zip(queries, by_vector)]
 
 
 def _vector_hits(coll: Collection, queries: list[Query], vectors: np.ndarray, k: int, where: str | None,
-                 engine: str, nprobe: int | None, ef: int | None) -> list[list[dict[str, Any]]]:
+                 engine: str, nprobe: int | None, ef: int | None, columns: list[str]) -> list[list[dict[str, Any]]]:
     # An --id query finds its own row first; ask for one more and drop it.
     extra = 1 if any(q.id is not None for q in queries) else 0
     if engine == "lance":
-        return _lance(coll, queries, vectors, k, extra, where, nprobe)
+        return _lance(coll, queries, vectors, k, extra, where, nprobe, columns)
     index = index_for(coll, engine)
     if index is None:
-        ranked, rows = _exact(coll, vectors, k + extra, where)
+        ranked, rows = _exact(coll, vectors, k + extra, where, columns)
     else:
         knobs = {key: v for key, v in (("nprobe", nprobe), ("ef", ef)) if v is not None}
-        ranked, rows = _ann(coll, index, vectors, k + extra, where, knobs)
+        ranked, rows = _ann(coll, index, vectors, k + extra, where, knobs, columns)
     results = []
     for q, (ids, scores) in zip(queries, ranked):
         hits = [{"id": i, "score": float(s), **{c: v for c, v in rows[i].items() if c != "id"}}
@@ -174,14 +182,13 @@ def _vector_hits(coll: Collection, queries: list[Query], vectors: np.ndarray, k:
 
 
 def _lance(coll: Collection, queries: list[Query], vectors: np.ndarray, k: int, extra: int, where: str | None,
-           nprobe: int | None) -> list[list[dict[str, Any]]]:
+           nprobe: int | None, columns: list[str]) -> list[list[dict[str, Any]]]:
     from ..index import lance_meta, lance_search
 
     meta = lance_meta(coll)
     if meta is None:
         raise IndexerError(f"{coll.path} has no Lance index: build one with `indexer index {coll.path} --engine lance`")
     knobs = {**meta["params"], **({"nprobes": nprobe} if nprobe else {})}
-    columns = coll.result_columns()
     return [[h for h in lance_search(coll, v, k + extra, knobs, where, columns) if h["id"] != q.id][:k]
             for q, v in zip(queries, vectors)]
 
@@ -207,15 +214,16 @@ def index_for(coll: Collection, engine: str):
 Ranked = list[tuple[list[str], list[float]]]  # per query: ids and scores, best first
 
 
-def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None) -> tuple[Ranked, dict[str, dict]]:
+def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None,
+           columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
     row_ids, scores = exact_search(coll, vectors, k, where)
-    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}))
+    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns)
     ranked = [([by_row[r]["id"] for r in ids], sc) for ids, sc in zip(row_ids, scores)]
     return ranked, {row["id"]: row for row in by_row.values()}
 
 
 def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None,
-         knobs: dict[str, int]) -> tuple[Ranked, dict[str, dict]]:
+         knobs: dict[str, int], columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
     allowed = None
     if where:
         import pyarrow as pa
@@ -224,14 +232,14 @@ def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None
         ids = pa.concat_arrays(matching) if matching else pa.array([], pa.string())
         # Few matches: exact search among them is both exact and faster than a filtered graph walk.
         if len(ids) <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
-            return _exact(coll, vectors, k, where)
+            return _exact(coll, vectors, k, where, columns)
         allowed = index.mask_for_ids(ids)
     positions, scores = index.search(vectors, k, allowed=allowed, knobs=knobs)
     ranked = []
     for pos, sc in zip(positions, scores):
         valid = pos >= 0
         ranked.append((index.ids_at(pos[valid]), [float(s) for s in sc[valid]]))
-    return ranked, coll.rows_by_id({i for ids, _ in ranked for i in ids})
+    return ranked, index.rows_at(coll, positions[positions >= 0], columns)
 
 
 def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.ndarray:
@@ -249,7 +257,8 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
         embedder = query_embedder(coll, device)
         items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image)
                  for i in embed_idx]
-        out[embed_idx] = embedder.embed(items)
+        with few_threads(len(items)):
+            out[embed_idx] = embedder.embed(items)
     id_queries = {q.id for q in queries if q.id is not None}
     if id_queries:
         stored = coll.rows_by_id(id_queries, columns=["id", "vector"])
