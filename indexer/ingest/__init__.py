@@ -74,11 +74,13 @@ def _resolve(coll: Collection | None, sources: list[str], model: str | None, wei
         if model is None and weights is None and layer is None and pooling is None:
             return respec(coll.spec)
         return resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
-                            normalize=normalize)
+                            normalize=normalize, modality=coll.spec.modality)
+    modality = guess_modality(sources)  # a joint text-image model embeds the sources' kind with its tower
     if model is None:
-        model = DEFAULT_MODELS[guess_modality(sources)]
+        model = DEFAULT_MODELS[modality]
         log.info("no --model given: using %s", model)
-    return resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
+    return resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
+                        modality=modality)
 
 
 def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOptions, model: str | None, weights,

@@ -1,0 +1,157 @@
+"""Joint text-image models (clip:): tiny random CLIP and SigLIP checked against their own towers, words
+searching pictures and pictures searching words, and the manifest refusing another model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from indexer import Collection, ingest, search
+from indexer.cli import cli
+from indexer.errors import IndexerError
+from indexer.models import load_embedder
+
+WORDS = ["a red bicycle", "a cat asleep on a sofa", "the moon at night", "coins on a table"]
+
+
+class Towers:
+    """The model's own features, computed the way its processor and model card say: the reference."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModel, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).eval()
+        self.siglip = self.model.config.model_type == "siglip"
+
+    @torch.inference_mode()
+    def text(self, texts: list[str]) -> np.ndarray:
+        enc = self.processor.tokenizer(texts, padding="max_length" if self.siglip else True,
+                                          truncation=True, return_tensors="pt")
+        return F.normalize(self.model.get_text_features(**enc).pooler_output, dim=-1).numpy()
+
+    @torch.inference_mode()
+    def image(self, paths: list[Path]) -> np.ndarray:
+        images = [Image.open(p).convert("RGB") for p in paths]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1).numpy()
+
+    @torch.inference_mode()
+    def logits(self, images: list[Path], texts: list[str]) -> np.ndarray:
+        """(images, texts) logits of the model's own forward pass."""
+        enc = self.processor.tokenizer(texts, padding="max_length" if self.siglip else True,
+                                          truncation=True, return_tensors="pt")
+        pixels = self.processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
+        return self.model(**enc, pixel_values=pixels["pixel_values"]).logits_per_image.numpy()
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def family(request, tiny_clip_dirs):
+    return request.param, tiny_clip_dirs[request.param]
+
+
+@pytest.fixture(scope="module")
+def photos(sample_corpus) -> list[Path]:
+    return sorted(sample_corpus["images"].glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def image_coll(tmp_path_factory, family, sample_corpus) -> Path:
+    """The sample photos embedded with the family's image tower."""
+    name, model_dir = family
+    path = tmp_path_factory.mktemp(f"{name}-images") / "photos.idx"
+    ingest(path, [str(sample_corpus["images"])], model=f"clip:{model_dir}", progress=False)
+    return path
+
+
+def test_vectors_equal_the_models_own_features(family, photos):
+    _, model_dir = family
+    emb = load_embedder(f"clip:{model_dir}")
+    ref = Towers(model_dir)
+    np.testing.assert_allclose(emb.embed(WORDS), ref.text(WORDS), atol=1e-5)
+    np.testing.assert_allclose(emb.embed([Image.open(p).convert("RGB") for p in photos[:5]]),
+                               ref.image(photos[:5]), atol=1e-5)
+    # A mixed batch goes through both towers and keeps its order.
+    mixed = emb.embed([WORDS[0], Image.open(photos[0]).convert("RGB"), WORDS[1]])
+    np.testing.assert_allclose(mixed, np.stack([ref.text(WORDS[:1])[0], ref.image(photos[:1])[0],
+                                                ref.text(WORDS[1:2])[0]]), atol=1e-5)
+    assert emb.spec.joint and set(emb.spec.towers) == {"text", "image"}
+    assert emb.spec.dim == emb.embed(WORDS[:1]).shape[1]
+
+
+def test_the_manifest_records_both_towers(image_coll, family):
+    manifest = json.loads((image_coll / "manifest.json").read_text())["model"]
+    assert manifest["name"] == f"clip:{family[1]}" and manifest["modality"] == "image"
+    assert manifest["layer"] == "projection"
+    assert manifest["towers"]["text"]["max_length"] == 64
+    assert manifest["towers"]["image"]["size"] in ({"height": 32, "width": 32}, {"shortest_edge": 32})
+
+
+def test_words_find_the_picture_whose_tower_output_is_nearest(image_coll, family, photos):
+    ref = Towers(family[1])
+    images = ref.image(photos)
+    for words in WORDS:
+        expected = images @ ref.text([words])[0]
+        hits = search(image_coll, words, k=3)
+        assert [h["id"] for h in hits] == [photos[i].name for i in np.argsort(-expected)[:3]]
+        assert hits[0]["score"] == pytest.approx(expected.max(), abs=1e-5)
+
+
+def test_pictures_find_words_in_a_text_collection(tmp_path, family, sample_corpus, photos):
+    _, model_dir = family
+    path = tmp_path / "notes.idx"
+    ingest(path, [str(sample_corpus["texts"])], model=f"clip:{model_dir}", progress=False)
+    assert Collection.open(path).spec.modality == "text"
+    rows = [json.loads(line) for line in sample_corpus["texts"].read_text().splitlines()]
+    ref = Towers(model_dir)
+    expected = ref.text([r["text"] for r in rows]) @ ref.image(photos[:1])[0]
+    hits = search(path, image=str(photos[0]), k=1)
+    assert hits[0]["id"] == str(rows[int(np.argmax(expected))]["id"])
+    assert hits[0]["score"] == pytest.approx(expected.max(), abs=1e-5)
+
+
+def test_cli_searches_pictures_with_words(image_coll, family, photos):
+    res = CliRunner().invoke(cli, ["search", str(image_coll), WORDS[0], "-k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    ref = Towers(family[1])
+    best = int(np.argmax(ref.image(photos) @ ref.text(WORDS[:1])[0]))
+    assert json.loads(res.output)[0]["id"] == photos[best].name
+
+
+def test_another_model_is_refused(image_coll, family, tiny_clip_dirs, sample_corpus):
+    other = tiny_clip_dirs["siglip" if family[0] == "clip" else "clip"]
+    with pytest.raises(IndexerError, match="refusing"):
+        ingest(image_coll, [str(sample_corpus["images"])], model=f"clip:{other}", progress=False)
+
+
+def test_a_hidden_layer_is_its_towers_own(tmp_path, tiny_clip_dirs, photos):
+    emb = load_embedder(f"clip:{tiny_clip_dirs['clip']}", layer="1", pooling="cls")
+    assert (emb.spec.layer, emb.spec.pooling, emb.spec.dim, emb.spec.joint) == (1, "cls", 32, False)
+    assert not emb.spec.accepts("text")
+    ref = Towers(tiny_clip_dirs["clip"])
+    pixels = ref.processor(images=[Image.open(photos[0]).convert("RGB")], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        hidden = ref.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1][:, 0]
+    np.testing.assert_allclose(emb.embed([Image.open(photos[0]).convert("RGB")]),
+                               F.normalize(hidden, dim=-1).numpy(), atol=1e-5)
+    with pytest.raises(IndexerError, match="image tower"):
+        emb.embed(["words"])
+
+
+def test_single_tower_models_still_refuse_the_other_modality(tmp_path, tiny_vit_dir, sample_corpus):
+    path = tmp_path / "vit.idx"
+    ingest(path, [str(sample_corpus["images"])], model=f"hf:{tiny_vit_dir}", progress=False)
+    with pytest.raises(IndexerError, match="search it with --image"):
+        search(path, "a red bicycle")
+
+
+def test_a_model_without_two_towers_is_refused(tiny_vit_dir):
+    with pytest.raises(IndexerError, match="processor|not a joint"):
+        load_embedder(f"clip:{tiny_vit_dir}")
