@@ -155,3 +155,69 @@ def test_single_tower_models_still_refuse_the_other_modality(tmp_path, tiny_vit_
 def test_a_model_without_two_towers_is_refused(tiny_vit_dir):
     with pytest.raises(IndexerError, match="processor|not a joint"):
         load_embedder(f"clip:{tiny_vit_dir}")
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory) -> tuple[str, Path]:
+    """A tiny open_clip architecture registered in this process, and a random checkpoint of it."""
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is in the clip extra")
+    d = tmp_path_factory.mktemp("open-clip")
+    (d / "tiny-open-clip.json").write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
+    open_clip.add_model_config(d / "tiny-open-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-open-clip")
+    torch.save(model.state_dict(), d / "weights.pt")
+    return "tiny-open-clip", d / "weights.pt"
+
+
+def test_open_clip_vectors_and_words_searching_pictures(tiny_open_clip, tmp_path, sample_corpus, photos):
+    import open_clip
+
+    arch, weights = tiny_open_clip
+    model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    with torch.inference_mode():
+        text = F.normalize(model.eval().encode_text(open_clip.get_tokenizer(arch)(WORDS)), dim=-1).numpy()
+        images = F.normalize(model.encode_image(torch.stack([transform(Image.open(p)) for p in photos])),
+                             dim=-1).numpy()
+    emb = load_embedder(f"open_clip:{arch}", weights=str(weights))
+    np.testing.assert_allclose(emb.embed(WORDS), text, atol=1e-5)
+    path = tmp_path / "photos.idx"
+    ingest(path, [str(sample_corpus["images"])], model=f"open_clip:{arch}", weights=str(weights), progress=False)
+    stored = Collection.open(path).rows_by_id([photos[3].name], columns=["id", "vector"])[photos[3].name]["vector"]
+    np.testing.assert_allclose(stored, images[3], atol=1e-5)
+    hits = search(path, WORDS[2], k=1)
+    assert hits[0]["id"] == photos[int(np.argmax(images @ text[2]))].name
+
+
+def test_open_clip_names_its_weights(tiny_open_clip):
+    pytest.importorskip("open_clip")
+    with pytest.raises(IndexerError, match="--weights FILE"):
+        load_embedder(f"open_clip:{tiny_open_clip[0]}")
+    with pytest.raises(IndexerError, match="unknown open_clip architecture"):
+        load_embedder("open_clip:no-such-arch/laion")
+
+
+def test_serve_answers_words_on_pictures_and_pictures_on_words(image_coll, family, photos, tmp_path, sample_corpus):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from indexer.serve.app import create_app
+
+    notes = tmp_path / "notes.idx"
+    ingest(notes, [str(sample_corpus["texts"])], model=f"clip:{family[1]}", progress=False)
+    ref = Towers(family[1])
+    with TestClient(create_app([image_coll, notes]), base_url="http://127.0.0.1") as client:
+        colls = {c["name"]: c for c in client.get("/collections").json()["collections"]}
+        assert colls["photos"]["queries"] == colls["notes"]["queries"] == ["text", "image"]
+        r = client.post("/search", json={"collection": "photos", "query": WORDS[0], "k": 3})
+        assert r.status_code == 200, r.text
+        best = int(np.argmax(ref.image(photos) @ ref.text(WORDS[:1])[0]))
+        top = r.json()["results"][0]
+        assert top["id"] == photos[best].name and top["image_url"]  # the page shows it as a thumbnail
+        r = client.post("/search", files={"image": ("q.jpg", photos[0].read_bytes(), "image/jpeg")},
+                        data={"collection": "notes", "k": "1"})
+        assert r.status_code == 200, r.text
+        r = client.post("/embed", json={"collection": "photos", "input": WORDS[:2]})
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), ref.text(WORDS[:2]), atol=1e-5)
