@@ -221,3 +221,59 @@ def test_serve_answers_words_on_pictures_and_pictures_on_words(image_coll, famil
         assert r.status_code == 200, r.text
         r = client.post("/embed", json={"collection": "photos", "input": WORDS[:2]})
         np.testing.assert_allclose(np.array(r.json()["embeddings"]), ref.text(WORDS[:2]), atol=1e-5)
+
+
+CLASSES = ["cat", "moon", "coins", "flower"]
+
+
+def test_zero_shot_labels_are_the_argmax_of_the_models_own_logits(image_coll, family, photos):
+    from indexer import zero_shot_predict
+
+    ref = Towers(family[1])
+    logits = ref.logits(photos, [f"a photo of a {c}" for c in CLASSES])
+    preds = {p["id"]: p for p in zero_shot_predict(image_coll, ",".join(CLASSES))}
+    assert len(preds) == len(photos)
+    for path, row in zip(photos, logits):
+        assert preds[path.name]["label"] == CLASSES[int(np.argmax(row))]
+        # The model's own head: softmax over the prompts for CLIP, a sigmoid per prompt for SigLIP.
+        expected = 1 / (1 + np.exp(-row)) if family[0] == "siglip" else np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        got = np.array([preds[path.name]["probabilities"][c] for c in CLASSES])
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_zero_shot_eval_scores_against_stored_labels(tmp_path, family, photos):
+    """Labelled photos in a table; --eval --json has the k-NN report's keys and counts the model's own argmax."""
+    names = CLASSES + ["cells"]
+    rows = [{"id": p.stem, "image": str(p), "kind": p.stem} for p in photos if p.stem in names]
+    table = tmp_path / "photos.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    coll = tmp_path / "labelled.idx"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["ingest", str(coll), str(table), "--model", f"clip:{family[1]}", "--label-field", "kind",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "classes.txt").write_text("# the photos' subjects\n" + "\n".join(names) + "\n")
+    res = runner.invoke(cli, ["knn", str(coll), "--eval", "--zero-shot", str(tmp_path / "classes.txt"),
+                              "--label-field", "kind", "--template", "a photo of a {}", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    knn_keys = {"accuracy", "macro_f1", "per_class", "classes", "confusion", "k", "temperature", "vote", "n_train",
+                "n_test", "unlabelled", "engine", "label_field"}
+    assert knn_keys <= report.keys()
+    ref = Towers(family[1])
+    picked = [p for p in photos if p.stem in names]
+    logits = ref.logits(picked, [f"a photo of a {c}" for c in names])
+    expected = np.mean([names[int(np.argmax(row))] == p.stem for p, row in zip(picked, logits)])
+    assert report["n_test"] == len(names) and report["accuracy"] == pytest.approx(expected)
+
+
+def test_zero_shot_needs_a_joint_model_and_a_template_slot(tmp_path, tiny_vit_dir, sample_corpus, image_coll):
+    path = tmp_path / "vit.idx"
+    ingest(path, [str(sample_corpus["images"])], model=f"hf:{tiny_vit_dir}", progress=False)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["knn", str(path), "--zero-shot", "cat,dog"])
+    assert res.exit_code == 1 and "joint text-image model" in res.output
+    res = runner.invoke(cli, ["knn", str(image_coll), "--zero-shot", "cat,dog", "--template", "a photo"])
+    assert res.exit_code == 1 and "has no {}" in res.output
+    res = runner.invoke(cli, ["knn", str(image_coll), "--zero-shot", "cat"])
+    assert res.exit_code == 1 and "at least two" in res.output

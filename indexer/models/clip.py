@@ -54,6 +54,15 @@ class JointEmbedder(Embedder):
         # Texts by length (less padding), images after them.
         return sorted(range(len(items)), key=lambda i: (0, len(items[i])) if isinstance(items[i], str) else (1, 0))
 
+    def logit_head(self) -> tuple[float, float | None]:
+        """(scale, bias) that turn cosine similarities into the model's logits; a bias means a sigmoid
+        head (SigLIP), none a softmax over the texts (CLIP)."""
+        scale = getattr(self.model, "logit_scale", None)
+        bias = getattr(self.model, "logit_bias", None)
+        if scale is None:
+            raise IndexerError(f"{self.spec.name} has no logit_scale: zero-shot needs a contrastively trained head")
+        return float(scale.detach().float().exp()), None if bias is None else float(bias.detach().float())
+
 
 def _features(out: Any) -> torch.Tensor:
     """get_*_features returns the projected tensor (transformers 4) or an output whose pooler_output it is (5)."""
