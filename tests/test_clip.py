@@ -277,3 +277,63 @@ def test_zero_shot_needs_a_joint_model_and_a_template_slot(tmp_path, tiny_vit_di
     assert res.exit_code == 1 and "has no {}" in res.output
     res = runner.invoke(cli, ["knn", str(image_coll), "--zero-shot", "cat"])
     assert res.exit_code == 1 and "at least two" in res.output
+
+
+@pytest.fixture(scope="module")
+def labelled_photos(tmp_path_factory, tiny_clip_dirs, photos) -> tuple[Path, Path]:
+    """The photos in a table labelled by an arbitrary half split (8 + 8), and their CLIP collection."""
+    root = tmp_path_factory.mktemp("labelled")
+    table = root / "photos.jsonl"
+    table.write_text("".join(json.dumps({"id": p.stem, "image": str(p), "label": "ab"[i % 2]}) + "\n"
+                             for i, p in enumerate(photos)))
+    coll = root / "photos.idx"
+    ingest(coll, [str(table)], model=f"clip:{tiny_clip_dirs['clip']}", progress=False)
+    return table, coll
+
+
+def test_layer_sweep_reads_the_image_tower_and_its_projection(labelled_photos, tiny_clip_dirs, photos):
+    from indexer import sweep_layers
+    from indexer.models.layers import embed_layers, parse_layers
+
+    table, coll = labelled_photos
+    emb = load_embedder(f"clip:{tiny_clip_dirs['clip']}")
+    keys = parse_layers("1,projection", emb)
+    assert keys == [(1, "cls"), (1, "mean"), ("projection", "projection")]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    feats = embed_layers(emb, images, keys)
+    np.testing.assert_allclose(feats[("projection", "projection")], Towers(tiny_clip_dirs["clip"]).image(photos), atol=1e-5)
+    ref = Towers(tiny_clip_dirs["clip"])
+    pixels = ref.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        hidden = ref.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+    np.testing.assert_allclose(feats[(1, "cls")], F.normalize(hidden[:, 0], dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats[(1, "mean")], F.normalize(hidden.mean(1), dim=-1).numpy(), atol=1e-5)
+
+    result = sweep_layers([str(table)], "label", model=f"clip:{tiny_clip_dirs['clip']}", folds=2, k=3)
+    assert result["modality"] == "image"
+    assert [(r["layer"], r["pooling"]) for r in result["rows"]] == [
+        *((i, p) for i in range(3) for p in ("cls", "mean")), ("projection", "projection")]
+    assert result["best"]["flags"].startswith(f"--model clip:{tiny_clip_dirs['clip']}")
+
+
+def test_knn_predict_probe_and_dedup_against_on_a_clip_collection(labelled_photos, tiny_clip_dirs, photos, tmp_path):
+    from indexer import dedup, knn_predict, probe_eval, probe_predict
+
+    _, coll = labelled_photos
+    # Pictures are their own nearest neighbours; words are classified by the pictures nearest them.
+    preds = knn_predict(coll, [str(photos[0]), str(photos[1])], k=3)
+    assert [p["neighbours"][0]["id"] for p in preds] == [photos[0].stem, photos[1].stem]
+    assert preds[0]["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
+    words = knn_predict(coll, items=[WORDS[0]], k=3)[0]
+    assert [n["id"] for n in words["neighbours"]] == [h["id"] for h in search(coll, WORDS[0], k=3)]
+    assert probe_eval(coll, "label", folds=2)["n_test"] == len(photos)
+    assert probe_predict(coll, items=[WORDS[0], Image.open(photos[0]).convert("RGB")])[1]["label"] in ("a", "b")
+    # A few of the photos again, alone: every one is a duplicate of its copy in the full collection.
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in photos[:3]:
+        (few / p.name).write_bytes(p.read_bytes())
+    ingest(tmp_path / "few.idx", [str(few)], model=f"clip:{tiny_clip_dirs['clip']}", progress=False)
+    report = dedup(tmp_path / "few.idx", against=coll, threshold=0.99)
+    copies = [(p["a"], p["b"]) for p in report.pairs if p["score"] > 1 - 1e-5]
+    assert sorted(copies) == sorted((p.name, p.stem) for p in photos[:3])

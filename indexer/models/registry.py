@@ -277,6 +277,11 @@ def _backbone_for(name: str) -> Backbone:
 _JOINT = ("clip", "open_clip")
 
 
+def is_joint(name: str) -> bool:
+    """Whether `name` is a joint text-image model (two towers, one space)."""
+    return _backbone_for(name).name in _JOINT
+
+
 def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | None = None,
                  pooling: str | None = None, normalize: bool = True, modality: Modality | None = None) -> ModelSpec:
     """Find a model's files and hash its weights. `dim` and defaults are filled in when it is built.
