@@ -337,3 +337,19 @@ def test_knn_predict_probe_and_dedup_against_on_a_clip_collection(labelled_photo
     report = dedup(tmp_path / "few.idx", against=coll, threshold=0.99)
     copies = [(p["a"], p["b"]) for p in report.pairs if p["score"] > 1 - 1e-5]
     assert sorted(copies) == sorted((p.name, p.stem) for p in photos[:3])
+
+
+def test_a_queries_file_mixes_words_and_pictures(image_coll, photos, tmp_path):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query": WORDS[1]}) + "\n" + json.dumps({"image": str(photos[2])}) + "\n"
+                       + json.dumps({"query": WORDS[3]}) + "\n")
+    res = CliRunner().invoke(cli, ["search", str(image_coll), "--queries", str(queries), "-k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.output.splitlines()]
+    alone = [search(image_coll, WORDS[1], k=2), search(image_coll, image=str(photos[2]), k=2),
+             search(image_coll, WORDS[3], k=2)]
+    for line, hits in zip(lines, alone):  # batched with the other kind, each as it is alone
+        assert [h["id"] for h in line["results"]] == [h["id"] for h in hits]
+        np.testing.assert_allclose([h["score"] for h in line["results"]], [h["score"] for h in hits], atol=1e-5)
+    info = CliRunner().invoke(cli, ["info", str(image_coll)])
+    assert info.exit_code == 0 and "clip:" in info.output
