@@ -353,3 +353,11 @@ def test_a_queries_file_mixes_words_and_pictures(image_coll, photos, tmp_path):
         np.testing.assert_allclose([h["score"] for h in line["results"]], [h["score"] for h in hits], atol=1e-5)
     info = CliRunner().invoke(cli, ["info", str(image_coll)])
     assert info.exit_code == 0 and "clip:" in info.output
+
+
+def test_open_clip_missing_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an install without the extra sees
+    with pytest.raises(IndexerError, match=r"\[clip\]"):
+        load_embedder("open_clip:ViT-B-32/laion2b_s34b_b79k")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import IndexerError
+from ..errors import IndexerError, attempt_import
 from ..spec import Modality, ModelSpec
 from .base import Embedder
 from .device import Runtime
@@ -223,11 +223,12 @@ class OpenClipEmbedder(JointEmbedder):
         model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=spec.path)
         self.model = runtime.prepare_model(model.eval())
         self.runtime = runtime
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        # Not `tokenizer`: that name promises a transformers tokenizer (passage chunking, token counts).
+        self.text_tokenizer = open_clip.get_tokenizer(arch)
         self.transform = OpenClipTransform(transform)
         self.truncated = 0
-        context = int(getattr(self.tokenizer, "context_length", 77))
-        towers = {"text": {"tokenizer": type(self.tokenizer).__name__, "max_length": context},
+        context = int(getattr(self.text_tokenizer, "context_length", 77))
+        towers = {"text": {"tokenizer": type(self.text_tokenizer).__name__, "max_length": context},
                   "image": {"transform": repr(transform)}}
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": PROJECTION, "pooling": None, "towers": towers,
                                  "max_length": context, "preprocessing": towers[spec.modality]})
@@ -240,7 +241,7 @@ class OpenClipEmbedder(JointEmbedder):
 
     def _prepare(self, items: Sequence[Any]) -> tuple[Modality, torch.Tensor]:
         if item_kind(items) == "text":
-            return "text", self.runtime.to_device(self.tokenizer(list(items)))
+            return "text", self.runtime.to_device(self.text_tokenizer(list(items)))
         if isinstance(items, torch.Tensor):
             pixels = items
         else:
@@ -253,8 +254,4 @@ class OpenClipEmbedder(JointEmbedder):
 
 
 def import_open_clip():
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise IndexerError("open_clip: models need the clip extra: pip install 'indexer[clip]'") from exc
-    return open_clip
+    return attempt_import("open_clip", "clip")

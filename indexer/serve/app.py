@@ -173,7 +173,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
 
 def _by_model(service: Service, model: str) -> Served:
     """OpenAI clients name a model: accept a served collection's name or its model's name."""
-    text = [s for s in service.collections.values() if s.coll.spec.accepts("text")]
+    text = [s for s in service.collections.values() if s.modality == "text"]
     for s in text:
         if model in (s.name, s.coll.spec.name):
             return s
