@@ -28,6 +28,7 @@ _API = {
     "knn_eval": "tasks.knn", "knn_predict": "tasks.knn",
     "ProbeHead": "tasks.probe", "probe_eval": "tasks.probe", "probe_predict": "tasks.probe",
     "sweep_layers": "tasks.layers",
+    "zero_shot_eval": "tasks.zeroshot", "zero_shot_predict": "tasks.zeroshot",
     "dedup": "tasks.dedup",
     "FinetuneReport": "tasks.finetune", "finetune": "tasks.finetune",
 }
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .tasks.layers import sweep_layers
     from .tasks.probe import ProbeHead, probe_eval, probe_predict
     from .tasks.search import Query, search, search_batch
+    from .tasks.zeroshot import zero_shot_eval, zero_shot_predict
 
 
 def info(collection: str | os.PathLike) -> dict[str, Any]:
@@ -79,4 +81,4 @@ sys.modules[__name__].__class__ = _Package
 __all__ = ["Collection", "Embedder", "FinetuneReport", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query",
            "__version__", "dedup", "finetune", "info",
            "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
-           "search", "search_batch", "sweep_layers"]
+           "search", "search_batch", "sweep_layers", "zero_shot_eval", "zero_shot_predict"]

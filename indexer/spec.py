@@ -29,9 +29,20 @@ class ModelSpec:
     max_length: int | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # what the loader needs: weights file, base name
+    # A joint text-image model (CLIP, SigLIP): each tower's preprocessing, by modality. `modality` is
+    # then the kind of item the collection stores; queries of either kind go through their own tower.
+    towers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def joint(self) -> bool:
+        return len(self.towers) > 1
+
+    def accepts(self, kind: str) -> bool:
+        """Whether a query of this kind ("text" or "image") can be embedded into these vectors."""
+        return kind == self.modality or (self.joint and kind in self.towers)
 
     def identity(self) -> dict[str, Any]:
-        return {
+        ident = {
             "model": self.weights_sha256 or self.name,
             "modality": self.modality,
             "dim": self.dim,
@@ -39,9 +50,13 @@ class ModelSpec:
             "pooling": self.pooling,
             "normalize": self.normalize,
         }
+        if self.joint:  # one space for both towers: a text and an image collection are comparable
+            ident["modality"] = "+".join(sorted(self.towers))
+        return ident
 
     def describe(self) -> str:
-        parts = [self.name, self.modality, f"dim={self.dim}"]
+        parts = [self.name, "+".join(sorted(self.towers)) + f" ({self.modality} items)" if self.joint
+                 else self.modality, f"dim={self.dim}"]
         if self.layer is not None:
             parts.append(f"layer={self.layer}")
         if self.pooling:

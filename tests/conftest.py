@@ -78,6 +78,50 @@ def tiny_vit_dir(tmp_path_factory) -> Path:
     return d
 
 
+def _byte_level_clip_tokenizer(max_length: int):
+    """A CLIP BPE tokenizer whose vocabulary is the 256 byte symbols (alone and word-final) and no merges:
+    real tokenisation, 514 tokens, built offline."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length), vocab
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A random 2-layer CLIPModel and SiglipModel (32x32 images, 8x8 patches) with their processors, saved as
+    model directories: {"clip": dir, "siglip": dir}."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+    )
+
+    tok, vocab = _byte_level_clip_tokenizer(64)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(tower, vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(tower, image_size=32, patch_size=8)
+    out = {}
+    torch.manual_seed(0)
+    d = out["clip"] = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval().save_pretrained(d)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(d)
+    d = out["siglip"] = tmp_path_factory.mktemp("tiny-siglip")
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval().save_pretrained(d)
+    SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+                    tokenizer=tok).save_pretrained(d)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

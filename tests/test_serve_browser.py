@@ -132,3 +132,22 @@ def test_errors_show_on_the_page_and_the_token_login(browser, served_collections
         page.wait_for_selector("#error:not([hidden])")
         assert "k" in page.text_content("#error")
         assert [p for p in problems if "422" not in p] == []
+
+
+def test_words_on_a_clip_image_collection_show_a_thumbnail_grid(browser, tiny_clip_dirs, sample_corpus, tmp_path):
+    from indexer import ingest
+
+    coll = tmp_path / "photos.idx"
+    ingest(coll, [str(sample_corpus["images"])], model=f"clip:{tiny_clip_dirs['clip']}", progress=False)
+    with running_server([coll]) as url:
+        page, problems = _page(browser, url)
+        page.goto(f"{url}/")
+        page.wait_for_selector("#collection option[value=photos]", state="attached")
+        assert page.is_enabled("#q") and page.is_visible("#drop")  # words and pictures both
+        page.fill("#k", "6")
+        page.fill("#q", "a red bicycle")
+        page.click("#go")
+        _status(page, "6 results for a red bicycle")
+        page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator("#results.images .hit img").count() == 6
+        assert problems == [], problems

@@ -42,6 +42,7 @@ def output_options(fn):
 
 # What --model accepts (`indexer models` lists the same); each command adds its own default.
 MODEL_HELP = ("minilm, efficientnet-lite0, hf:<hub id or dir>, torchvision:<name> (or a bare name like resnet50), "
+              "clip:<hub id or dir> or open_clip:<arch>/<pretrained> (text and images in one space), "
               "or a MODEL_DIR written by `indexer finetune`")
 
 

@@ -28,7 +28,8 @@ from .base import (
 @click.option("--model", help=f"{MODEL_HELP}; or none (precomputed --vector-field vectors of an unnamed model). "
               "Default: the collection's model, or one picked from the sources.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local state-dict file for an image CNN.")
-@click.option("--layer", help="Text: hidden-state number (-1 = last). CNN: module name (e.g. layer3).")
+@click.option("--layer", help="Text: hidden-state number (-1 = last). CNN: module name (e.g. layer3). "
+              "clip: projection (default) or a hidden-state number of the items' tower.")
 @click.option("--pooling", type=click.Choice(["cls", "pooler", "mean", "max"]), help="Text token pooling.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise vectors.")
 @click.option("--text-field", default="text", show_default=True, help="Table field with the text.")

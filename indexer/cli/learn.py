@@ -70,16 +70,27 @@ def _print_predictions(predictions: list[dict], as_json: bool) -> None:
               help="weighted: by similarity (see --temperature); majority: one vote per neighbour.")
 @click.option("--engine", type=click.Choice(["auto", "exact", "faiss"]), default="auto", show_default=True,
               help="auto: the collection's FAISS index when it has one, else exact.")
+@click.option("--zero-shot", "zero_shot", metavar="CLASSES", help="No neighbours: label every stored item with "
+              "the nearest class prompt of a joint text-image model (clip:, open_clip:). CLASSES: cat,dog,car or a "
+              "file with one class name per line. With --eval: scored against the stored labels.")
+@click.option("--template", "templates", multiple=True, help="--zero-shot prompt with {} for the class name "
+              "(default: 'a photo of a {}'); repeat to average several.")
 @predict_inputs
 @storage_options
 @output_options
-def knn(collection, label_field, test, folds, out, evaluate, predict, k, temperature, vote, engine, text_field,
-        image_field, id_field, device, as_json, quiet):
+def knn(collection, label_field, test, folds, out, evaluate, predict, k, temperature, vote, engine, zero_shot,
+        templates, text_field, image_field, id_field, device, as_json, quiet):
     """k-NN classifier on the stored embeddings: --eval or --predict.
 
-    Over COLLECTION's labelled rows, DINO protocol: cosine, top-20, exp(sim/0.07) votes."""
+    Over COLLECTION's labelled rows, DINO protocol: cosine, top-20, exp(sim/0.07) votes. With --zero-shot,
+    a joint text-image model's class prompts label the items instead."""
     from ..tasks.knn import knn_eval, knn_predict
 
+    if templates and not zero_shot:
+        raise click.UsageError("--template goes with --zero-shot")
+    if zero_shot:
+        _zero_shot(collection, zero_shot, templates, evaluate, predict, test, folds, out, label_field, device, as_json)
+        return
     if evaluate == bool(predict):
         raise click.UsageError("give --eval or --predict SOURCE")
     if predict:
@@ -96,6 +107,26 @@ def knn(collection, label_field, test, folds, out, evaluate, predict, k, tempera
         print_json(result)
     else:
         _print_eval(result, f"k-NN ({result['vote']}, k={result['k']}, T={result['temperature']}, {result['engine']})")
+
+
+def _zero_shot(collection, classes, templates, evaluate, predict, test, folds, out, label_field, device, as_json):
+    from ..tasks.zeroshot import DEFAULT_TEMPLATE, zero_shot_eval, zero_shot_predict
+
+    if predict or test or folds or out:
+        raise click.UsageError("--zero-shot labels the collection's own items: no --predict, --test, --folds or --out")
+    templates = list(templates) or [DEFAULT_TEMPLATE]
+    if not evaluate:
+        _print_predictions(zero_shot_predict(collection, classes, templates=templates, device=device), as_json)
+        return
+    result = zero_shot_eval(collection, classes, label_field, templates=templates, device=device)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"zero-shot ({counted(len(result['zero_shot']), 'class', 'classes')}, "
+               f"{counted(len(result['templates']), 'template')}): accuracy {result['accuracy']:.4f}, "
+               f"macro-F1 {result['macro_f1']:.4f} ({counted(result['n_test'], 'labelled item')})")
+    for cls, m in result["per_class"].items():
+        click.echo(f"{cls[:24]:24} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['support']:8d}")
 
 
 @cli.command()

@@ -66,7 +66,7 @@ def _label_field(coll: Collection | None, given: str | None) -> str | None:
 
 
 def _resolve(coll: Collection | None, sources: list[str], model: str | None, weights: str | None, layer,
-             pooling: str | None, normalize: bool) -> ModelSpec:
+             pooling: str | None, normalize: bool, opts: SourceOptions) -> ModelSpec:
     """The spec to embed with: the collection's recorded one unless flags say otherwise."""
     if coll is not None:
         if coll.spec.name == "none":
@@ -74,11 +74,13 @@ def _resolve(coll: Collection | None, sources: list[str], model: str | None, wei
         if model is None and weights is None and layer is None and pooling is None:
             return respec(coll.spec)
         return resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
-                            normalize=normalize)
+                            normalize=normalize, modality=coll.spec.modality)
+    modality = guess_modality(sources, opts.text_field, opts.image_field)  # a joint text-image model embeds the sources' kind with its tower
     if model is None:
-        model = DEFAULT_MODELS[guess_modality(sources)]
+        model = DEFAULT_MODELS[modality]
         log.info("no --model given: using %s", model)
-    return resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
+    return resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
+                        modality=modality)
 
 
 def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOptions, model: str | None, weights,
@@ -163,7 +165,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         embedder = _precomputed(coll, sources, opts, model, weights, layer, pooling, normalize, runtime)
         factory = PrecomputedVectors
     else:
-        spec = _resolve(coll, sources, model, weights, layer, pooling, normalize)
+        spec = _resolve(coll, sources, model, weights, layer, pooling, normalize, opts_for("text"))
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
         embedder = load_embedder(spec, runtime)

@@ -3,7 +3,7 @@ taps and fine-tuned model directories."""
 
 from .base import Embedder
 from .device import Runtime, resolve_runtime
-from .registry import DEFAULT_MODELS, list_models, load_embedder, resolve_spec, respec
+from .registry import DEFAULT_MODELS, is_joint, list_models, load_embedder, resolve_spec, respec
 
-__all__ = ["Embedder", "Runtime", "resolve_runtime", "DEFAULT_MODELS", "list_models",
+__all__ = ["Embedder", "Runtime", "resolve_runtime", "DEFAULT_MODELS", "is_joint", "list_models",
            "load_embedder", "resolve_spec", "respec"]

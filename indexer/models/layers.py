@@ -23,11 +23,20 @@ LayerKey = tuple[int | str, str]
 
 def available_layers(embedder: Embedder, poolings: Sequence[str] | None = None) -> list[LayerKey]:
     """Every layer the sweep can read, in depth order (shallow first)."""
+    from .clip import PROJECTION, ClipEmbedder
     from .text import TextEmbedder
     from .vision import CNNEmbedder, HFVisionEmbedder
 
     if isinstance(embedder, CNNEmbedder):
         return [(name, "avg") for name in cnn_stages(embedder)] + [("penultimate", "avg")]
+    if isinstance(embedder, ClipEmbedder):
+        # The tower of the items' modality, layer by layer, then the joint projection it ends in.
+        allowed = ("cls", "mean", "max") if embedder.modality == "text" else ("cls", "mean")
+        poolings = tuple(poolings or allowed)
+        bad = [p for p in poolings if p not in allowed]
+        if bad:
+            raise IndexerError(f"--pooling {bad[0]}: the {embedder.modality} tower's layers pool by {', '.join(allowed)}")
+        return [(i, p) for i in range(embedder.num_layers + 1) for p in poolings] + [(PROJECTION, PROJECTION)]
     if not isinstance(embedder, (TextEmbedder, HFVisionEmbedder)):
         raise IndexerError(f"{embedder.spec.name}: no per-layer features for this kind of model")
     text = isinstance(embedder, TextEmbedder)
@@ -51,14 +60,18 @@ def parse_layers(text: str | None, embedder: Embedder, poolings: Sequence[str] |
     keys = available_layers(embedder, poolings)
     if text in (None, "", "all"):
         return keys
+    from .clip import PROJECTION, ClipEmbedder
     from .text import TextEmbedder
     from .vision import HFVisionEmbedder
 
     wanted = [w.strip() for w in text.split(",") if w.strip()]
-    if isinstance(embedder, (TextEmbedder, HFVisionEmbedder)):
-        n = max(k[0] for k in keys)
+    if isinstance(embedder, (TextEmbedder, HFVisionEmbedder, ClipEmbedder)):
+        n = max(k[0] for k in keys if isinstance(k[0], int))
         out = []
         for w in wanted:
+            if w == PROJECTION and isinstance(embedder, ClipEmbedder):
+                out.append((PROJECTION, PROJECTION))
+                continue
             try:
                 layer = int(w)
             except ValueError:
@@ -100,11 +113,14 @@ def embed_layers(embedder: Embedder, items: Sequence[Any], keys: Sequence[LayerK
 
 
 def _layer_forward(embedder: Embedder, keys: Sequence[LayerKey]):
+    from .clip import ClipEmbedder
     from .text import TextEmbedder
     from .vision import CNNEmbedder
 
     if isinstance(embedder, CNNEmbedder):
         return _cnn_taps(embedder, [k[0] for k in keys])
+    if isinstance(embedder, ClipEmbedder):
+        return _clip_taps(embedder, keys)
     return _transformer_taps(embedder, keys, text=isinstance(embedder, TextEmbedder))
 
 
@@ -128,6 +144,21 @@ def _transformer_taps(embedder: Embedder, keys: Sequence[LayerKey], text: bool) 
             else:
                 feats[(layer, pooling)] = hidden[:, embedder._prefix :].mean(dim=1)
         return feats
+
+    yield run
+
+
+@contextmanager
+def _clip_taps(embedder, keys: Sequence[LayerKey]) -> Iterator:
+    """One pass through the items' tower: its hidden states pooled, and its projection."""
+    from .clip import PROJECTION, _features
+
+    def run(inputs) -> dict[LayerKey, torch.Tensor]:
+        kind, tensors = inputs
+        out = embedder.tower_outputs(kind, tensors, hidden=True)
+        return {(layer, pooling): _features(out) if layer == PROJECTION
+                else embedder.pool_hidden(kind, tensors, out.hidden_states[layer], pooling)
+                for layer, pooling in keys}
 
     yield run
 

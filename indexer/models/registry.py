@@ -161,6 +161,52 @@ def _build_hf(spec: ModelSpec, runtime: Runtime) -> Embedder:
     return _build_text(spec, runtime)
 
 
+# ---- joint text-image models: transformers (CLIP, SigLIP, ...) and open_clip -------------------------
+
+def _clip_resolve(name: str, weights: str | None) -> tuple[str, str, dict]:
+    path, sha, options = _hf_resolve(name.removeprefix("clip:"), weights)
+    if not (Path(path) / "preprocessor_config.json").exists() and not (Path(path) / "processor_config.json").exists():
+        raise IndexerError(f"{path}: a clip: model needs its processor files (processor_config.json or "
+                           "preprocessor_config.json) beside config.json")
+    return path, sha, options
+
+
+def _build_clip(spec: ModelSpec, runtime: Runtime) -> Embedder:
+    from .clip import ClipEmbedder
+
+    return ClipEmbedder(spec, runtime)
+
+
+def _open_clip_resolve(name: str, weights: str | None) -> tuple[str, str, dict]:
+    from .clip import import_open_clip
+
+    open_clip = import_open_clip()
+    arch, _, tag = name.removeprefix("open_clip:").partition("/")
+    if arch not in open_clip.list_models():
+        raise IndexerError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
+    if bool(tag) == bool(weights):
+        raise IndexerError(f"{name}: name pretrained weights as open_clip:{arch}/TAG (tags: "
+                           f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}) or give --weights FILE")
+    if tag:
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        if not cfg:
+            raise IndexerError(f"open_clip has no weights {tag!r} for {arch}; tags: "
+                               f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+        try:
+            weights = open_clip.download_pretrained(cfg)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown id: all user-fixable
+            raise IndexerError(f"cannot download open_clip weights {arch}/{tag} ({exc.__class__.__name__}); "
+                               f"pass --weights FILE with a local checkpoint") from exc
+    path = _existing_file(weights)
+    return str(path), sha256_files([path]), {"arch": arch}
+
+
+def _build_open_clip(spec: ModelSpec, runtime: Runtime) -> Embedder:
+    from .clip import OpenClipEmbedder
+
+    return OpenClipEmbedder(spec, runtime)
+
+
 # ---- a model directory written by `indexer finetune`: built as the family it was fine-tuned from --------
 
 def _build_finetuned(spec: ModelSpec, runtime: Runtime) -> Embedder:
@@ -206,7 +252,8 @@ NAMED: dict[str, Backbone] = {
 def list_models() -> list[str]:
     """Named backbones, then the families accepted by prefix."""
     return [*NAMED, "hf:<hub id or directory>", "torchvision:<name> (or the bare name, e.g. resnet50)",
-            "MODEL_DIR (written by indexer finetune)"]
+            "clip:<hub id or directory> (CLIP, SigLIP: text and image)",
+            "open_clip:<arch>/<pretrained> (or open_clip:<arch> --weights FILE)", "MODEL_DIR (written by indexer finetune)"]
 
 
 def _backbone_for(name: str) -> Backbone:
@@ -215,6 +262,11 @@ def _backbone_for(name: str) -> Backbone:
     if is_model_dir(name):  # written by `indexer finetune`; checked before hf: it may hold a config.json too
         modality = read_manifest(name)["modality"]
         return Backbone("finetuned", modality, "fine-tuned model directory", resolve_model_dir, _build_finetuned)
+    if name.startswith("clip:"):
+        return Backbone("clip", "image", "joint text-image model (transformers)", _clip_resolve, _build_clip)
+    if name.startswith("open_clip:"):
+        return Backbone("open_clip", "image", "joint text-image model (open_clip)", _open_clip_resolve,
+                        _build_open_clip)
     if name.startswith("hf:") or (Path(name).expanduser().is_dir() and (Path(name) / "config.json").exists()):
         return Backbone("hf", "text", "transformers model", _hf_resolve, _build_hf)
     if name.startswith("torchvision:") or name in _torchvision_names():
@@ -222,9 +274,19 @@ def _backbone_for(name: str) -> Backbone:
     raise IndexerError(f"unknown model {name!r}; known: {', '.join(list_models())}")
 
 
+_JOINT = ("clip", "open_clip")
+
+
+def is_joint(name: str) -> bool:
+    """Whether `name` is a joint text-image model (two towers, one space)."""
+    return _backbone_for(name).name in _JOINT
+
+
 def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | None = None,
-                 pooling: str | None = None, normalize: bool = True) -> ModelSpec:
-    """Find a model's files and hash its weights. `dim` and defaults are filled in when it is built."""
+                 pooling: str | None = None, normalize: bool = True, modality: Modality | None = None) -> ModelSpec:
+    """Find a model's files and hash its weights. `dim` and defaults are filled in when it is built.
+    `modality`: the kind of item a joint text-image model will store (default image); single-tower
+    models have their own."""
     backbone = _backbone_for(name)
     if backbone.name == "hf" and not name.startswith("hf:"):
         name = f"hf:{name}"
@@ -233,8 +295,11 @@ def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | No
     path, sha, options = backbone.resolve(name, weights)
     if weights:
         options = {**options, "weights": weights}
-    modality = _hf_modality(path) if backbone.name == "hf" else backbone.modality
-    if modality == "text" and isinstance(layer, str):
+    if backbone.name in _JOINT:
+        modality = modality or backbone.modality
+    else:
+        modality = _hf_modality(path) if backbone.name == "hf" else backbone.modality
+    if modality == "text" and isinstance(layer, str) and backbone.name not in _JOINT:
         try:
             layer = int(layer)
         except ValueError as exc:
@@ -246,7 +311,7 @@ def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | No
 def respec(spec: ModelSpec) -> ModelSpec:
     """Resolve a recorded spec again on this machine (files may live elsewhere; hashes are re-checked)."""
     return resolve_spec(spec.name, weights=spec.options.get("weights"), layer=spec.layer, pooling=spec.pooling,
-                        normalize=spec.normalize)
+                        normalize=spec.normalize, modality=spec.modality)
 
 
 def _quiet_transformers() -> None:

@@ -119,7 +119,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
             raise ServeError("give either input (text) or an image upload")
         served = service.collection(req.collection)
         wanted = "text" if image is None else "image"
-        if served.modality in ("text", "image") and served.modality != wanted:  # else: no model (service.embed says)
+        if served.modality in ("text", "image") and not served.coll.spec.accepts(wanted):  # else: no model (service.embed says)
             raise ServeError(f"collection {served.name!r} embeds {served.modality}: "
                              + ("upload an image" if wanted == "text" else "send text as JSON"))
         items = input_texts(req.input) if image is None else [await asyncio.to_thread(check_upload, image, max_pixels)]

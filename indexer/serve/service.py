@@ -83,6 +83,7 @@ class Served:
         index = self.coll.index_info()
         return {"name": self.name, "rows": self.coll.count(),
                 "model": spec.name, "modality": spec.modality, "dim": spec.dim,
+                "queries": [k for k in ("text", "image") if spec.accepts(k)],
                 "fields": self.coll.result_columns(),
                 "index": None if index is None else {"engine": index["engine"], "kind": index["kind"],
                                                      "recall_at_10": index.get("recall_at_10")}}
@@ -213,7 +214,7 @@ class Service:
         kind = query.kind()
         if kind == "text" and not query.text.strip():
             raise ServeError("empty query: type some text")
-        if kind in ("text", "image") and served.modality != kind:
+        if kind in ("text", "image") and not served.coll.spec.accepts(kind):
             fits = {"text": "a text query, ", "image": "an image upload, "}.get(served.modality, "")
             raise ServeError(f"collection {served.name!r} holds {served.modality} embeddings "
                              f"({served.coll.spec.name}): search it with {fits}an id or a vector")

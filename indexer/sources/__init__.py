@@ -81,13 +81,18 @@ def check_sources(paths: list[str], modality: str) -> None:
                                    f"or a table ({', '.join(sorted(TABLE_EXTENSIONS))})")
 
 
-def guess_modality(paths: list[str]) -> str:
-    """image if the sources hold image files, else text (used to pick a default model)."""
+def guess_modality(paths: list[str], text_field: str = "text", image_field: str = "image") -> str:
+    """image if the sources hold image files (or tables whose first row names an image and no text), else
+    text (used to pick a default model, and the tower of a joint text-image model)."""
     for p in paths:
         path = Path(p)
         if path.is_file():
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 return "image"
+            if path.suffix.lower() in TABLE_EXTENSIONS:
+                first = next((row for _, row in _open_table(path) if isinstance(row, dict)), {})
+                if first.get(image_field) is not None and first.get(text_field) is None:
+                    return "image"
             continue
         if path.is_dir():
             for n, file in enumerate(_walk(path, errors=[])):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..index.exact import normalized
-from ..sources import Record, SkippedInput, SourceOptions, check_sources, iter_records
+from ..sources import Record, SkippedInput, SourceOptions, check_sources, guess_modality, iter_records
 from ..store import Collection
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,10 @@ def embed_new_inputs(spec: dict[str, Any] | None, sources: Sequence[str] | None,
         raise IndexerError(f"{model_spec.name} on this machine is not the model the head was trained on "
                            "(different weights, layer or pooling)")
     if sources is not None:
-        inputs = read_inputs(sources, model_spec.modality, min_size=model_spec.preprocessing.get("resize"),
-                             **fields)
+        # A joint text-image model classifies either kind: words against pictures, pictures against words.
+        modality = guess_modality(sources, fields.get("text_field", "text"), fields.get("image_field", "image")) \
+            if model_spec.joint else model_spec.modality
+        inputs = read_inputs(sources, modality, min_size=model_spec.preprocessing.get("resize"), **fields)
         ids, raw = inputs.ids, inputs.items
     else:
         raw = list(items)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..models import DEFAULT_MODELS, load_embedder, resolve_runtime, resolve_spec
+from ..models import DEFAULT_MODELS, is_joint, load_embedder, resolve_runtime, resolve_spec
 from ..sources import guess_modality
 from ..wording import counted
 from .features import DEFAULT_FOLDS, LabelledVectors, check_classes, read_inputs, scores, stratified_folds
@@ -39,12 +39,12 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
     """
     start = time.perf_counter()
     sources = list(sources)
-    modality = guess_modality(sources) if model is None else None
+    modality = guess_modality(sources, text_field, image_field)
     model = model or DEFAULT_MODELS[modality]
     from ..models.layers import embed_layers, parse_layers
 
-    spec = resolve_spec(model, weights=weights)
-    if spec.modality == "text" and spec.pooling is None:
+    spec = resolve_spec(model, weights=weights, modality=modality)  # a joint model: the sources' tower
+    if spec.modality == "text" and spec.pooling is None and not is_joint(model):
         # The sweep pools every way itself; a directory that configures no pooling still loads.
         spec = replace(spec, pooling="mean")
     embedder = load_embedder(spec, resolve_runtime(device))
@@ -114,7 +114,9 @@ def _flags(model: str, row: dict[str, Any], weights: str | None) -> str:
     parts = [f"--model {model}"]
     if weights:
         parts.append(f"--weights {weights}")
-    if row["pooling"] == "avg":  # CNN: a module name, or nothing for the default penultimate layer
+    if row["layer"] == "projection":  # a joint text-image model's own output: its default
+        pass
+    elif row["pooling"] == "avg":  # CNN: a module name, or nothing for the default penultimate layer
         if row["layer"] != "penultimate":
             parts.append(f"--layer {row['layer']}")
     else:

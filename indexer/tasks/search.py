@@ -247,10 +247,10 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
     out = np.zeros((len(queries), spec.dim), dtype=np.float32)
     embed_idx = [i for i, q in enumerate(queries) if q.text is not None or q.image is not None]
     for q in queries:
-        if q.text is not None and spec.modality != "text":
+        if q.text is not None and not spec.accepts("text"):
             raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
                                "search it with --image PATH, --id ID or a vector")
-        if q.image is not None and spec.modality != "image":
+        if q.image is not None and not spec.accepts("image"):
             raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
                                "search it with a text query, --id ID or a vector")
     if embed_idx:

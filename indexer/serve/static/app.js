@@ -29,11 +29,15 @@ function onCollection() {
   const c = current();
   if (!c) return;
   const text = c.modality === "text";
+  // A joint text-image model (CLIP) takes words and pictures whichever kind it stores.
+  const words = c.queries.includes("text");
   $("mode").disabled = !text;
   if (!text) $("mode").value = "vector";
-  $("q").placeholder = text ? "Search by text" : "Drop an image below, or click a result for more like it";
-  $("q").disabled = !text;
-  $("drop").hidden = c.modality !== "image";
+  $("q").placeholder = text ? "Search by text"
+    : words ? "Describe a picture, or drop an image below"
+    : "Drop an image below, or click a result for more like it";
+  $("q").disabled = !words;
+  $("drop").hidden = !c.queries.includes("image");
   // Passages of documents (ingested with --chunk-tokens) can be grouped by their document.
   $("group-label").hidden = !c.fields.includes("doc_id");
   if ($("group-label").hidden) $("group").checked = false;
