@@ -207,6 +207,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     s.seconds = time.perf_counter() - started
     s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
     s.rows = coll.count()
+    s.stages, s.bottleneck = run.stages.to_dict(), run.stages.bottleneck()
+    log.debug("stages: %s", run.stages.line())
     if s.truncated:
         log.warning("%s longer than %s tokens: embedded from their first tokens",
                     counted(s.truncated, "text was", "texts were"), embedder.spec.max_length)
