@@ -29,6 +29,9 @@ class ModelSpec:
     max_length: int | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # what the loader needs: weights file, base name
+    # How the vectors were computed: "torch" or "onnx"; "fp32", "fp16", "bf16" or "int8"
+    backend: str = "torch"
+    precision: str = "fp32"
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -38,6 +41,9 @@ class ModelSpec:
             "layer": self.layer,
             "pooling": self.pooling,
             "normalize": self.normalize,
+            # Another backend or int8 drifts from fp32 vectors: mixing them would be silently worse.
+            "backend": self.backend,
+            "int8": self.precision == "int8",
         }
 
     def describe(self) -> str:
@@ -47,6 +53,8 @@ class ModelSpec:
         if self.pooling:
             parts.append(f"pooling={self.pooling}")
         parts.append("normalized" if self.normalize else "raw")
+        if self.backend != "torch" or self.precision == "int8":
+            parts.append(f"{self.backend} {self.precision}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

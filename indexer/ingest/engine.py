@@ -51,6 +51,7 @@ class IngestSummary:
     # thread, so its seconds overlap the others'
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     bottleneck: str | None = None  # the stage that took longest
+    drift: dict | None = None  # measured in this run: another backend or int8 against torch fp32 (drift.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,6 +29,7 @@ class Embedder(ABC):
     spec: ModelSpec
     runtime: Runtime
     default_batch_size: int = 32
+    backends: tuple[str, ...] = ("torch",)  # the runtimes/ backends this family can run on
 
     @property
     def dim(self) -> int:
