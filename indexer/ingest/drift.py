@@ -8,6 +8,7 @@ warning with the figures: the fast path changes what search returns."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -51,6 +52,7 @@ def measure(fast: np.ndarray, fp32: np.ndarray) -> dict[str, float]:
 def check_drift(coll: Collection, embedder: Embedder, sample: int = SAMPLE) -> dict | None:
     """Measure and record the drift of `embedder`'s way against torch fp32 on up to `sample` stored
     texts; warn past the threshold. Returns what was recorded (None when there was nothing to sample)."""
+    started = time.perf_counter()
     rows = [r for batch in coll.scan(["text", "vector"]) for r in batch.to_pylist() if r["text"]]
     if len(rows) < 2:
         return None
@@ -62,7 +64,7 @@ def check_drift(coll: Collection, embedder: Embedder, sample: int = SAMPLE) -> d
     fp32 = reference.embed([r["text"] for r in rows])
     spec = embedder.spec
     drift = {"backend": spec.backend, "precision": spec.precision, "sample": len(rows), **measure(fast, fp32),
-             "min_overlap": MIN_OVERLAP}
+             "min_overlap": MIN_OVERLAP, "seconds": round(time.perf_counter() - started, 2)}
     coll.manifest.drift = drift
     coll.save_manifest()
     if drift["overlap_at_10"] < MIN_OVERLAP:

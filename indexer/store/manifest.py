@@ -43,7 +43,7 @@ class Manifest:
     # (the layout other tools read), and accepted as that column's name by knn, probe and the API.
     label_field: str | None = None
     # Vectors made with another backend or int8: how far they are from torch fp32's, measured on a sample
-    # ({"backend", "precision", "sample", "mean_cosine", "overlap_at_10", "min_overlap"}).
+    # ({"backend", "precision", "sample", "mean_cosine", "overlap_at_10", "min_overlap", "seconds"}).
     drift: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class OnnxFeatures:
         # As many threads as torch uses here (it respects the process's CPU affinity and OMP settings).
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: they would take CPU from our own tokeniser and writer threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
