@@ -25,7 +25,7 @@ everything also in the JSON report given by --out):
 
 5. Backends (`--backends`, only this section): MiniLM on N texts, end to end into a fresh collection,
    for plain `SentenceTransformer.encode` fp32 (then one LanceDB table write) and `indexer.ingest` with
-   torch fp32, torch int8, onnx fp32 and onnx int8; exports are built before timing (a one-time cost,
+   torch, onnx and openvino, each fp32 and int8; exports are built before timing (a one-time cost,
    reported apart). Each way's held-out queries (other generated passages) are embedded the way the
    collection was and searched exactly; overlap@10 is the share of torch fp32's top 10 they keep.
    Throughput leaves out model load and the one-time drift check (both reported).
@@ -265,7 +265,8 @@ def versus(n: int, peer: tuple[str, float, float, float], ours: tuple[float, flo
 
 # ---- 5. backends and precisions -------------------------------------------------------------------------
 
-BACKENDS = [("torch", "fp32"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8")]
+BACKENDS = [("torch", "fp32"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+            ("openvino", "int8")]
 
 
 def top10(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
@@ -327,7 +328,7 @@ def bench_backends(n: int, n_queries: int, work: Path) -> dict:
         if "overlap_at_10" in results[name]:
             results[name]["vs_torch_fp32"] = results[name]["items_per_s"] / fp32
     return {"texts": n, "queries": n_queries, "batch_size": BATCH, "threads": torch.get_num_threads(),
-            "order": "plain encode first, then torch fp32, torch int8, onnx fp32, onnx int8",
+            "order": "plain encode first, then " + ", ".join(f"{b} {p}" for b, p in BACKENDS),
             "note": "items_per_s: ingest without model load and without the one-time drift check of int8/onnx",
             "results": results}
 

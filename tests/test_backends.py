@@ -42,10 +42,12 @@ def fp32_vectors(minilm):
     return minilm.embed(TEXTS)
 
 
-@pytest.mark.parametrize("precision, min_cosine", [("fp32", 0.9999), ("int8", 0.98)])
-def test_onnx_vectors_match_torch_fp32(export_cache, fp32_vectors, precision, min_cosine):
-    emb = load_embedder("minilm", resolve_runtime("cpu", precision, "onnx"))
-    assert (emb.spec.backend, emb.spec.precision) == ("onnx", precision)
+@pytest.mark.parametrize("backend, precision, min_cosine", [
+    ("onnx", "fp32", 0.9999), ("onnx", "int8", 0.99), ("openvino", "fp32", 0.9999), ("openvino", "int8", 0.999)])
+def test_vectors_match_torch_fp32(export_cache, fp32_vectors, backend, precision, min_cosine):
+    """Measured on the 48 sample texts: mean cosine onnx int8 0.994, openvino int8 0.9995, fp32 1.0."""
+    emb = load_embedder("minilm", resolve_runtime("cpu", precision, backend))
+    assert (emb.spec.backend, emb.spec.precision) == (backend, precision)
     vectors = emb.embed(TEXTS, batch_size=16)
     cosine = (vectors * fp32_vectors).sum(1)
     assert cosine.min() >= min_cosine - 0.02 and cosine.mean() >= min_cosine
@@ -77,6 +79,12 @@ def test_killed_export_leaves_nothing_behind(tmp_path):
     assert not target.exists() and list(target.parent.iterdir()) == []
     built = cache.cached(target, lambda d: (d / "model.onnx").write_bytes(b"whole"))
     assert built == target and (target / "model.onnx").read_bytes() == b"whole"
+
+
+def test_missing_openvino_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(IndexerError, match=r"pip install 'indexer-lancedb\[openvino\]'"):
+        load_embedder("minilm", resolve_runtime("cpu", "int8", "openvino"))
 
 
 def test_missing_onnxruntime_is_one_line(monkeypatch, tmp_path):

@@ -44,9 +44,9 @@ from .base import (
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU (or the collection's int8). "
               "int8: dynamic quantisation on CPU (text models).")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]),
-              help="torch, or onnx: the model exported once to ONNX Runtime (CPU; pip install "
-                   "'indexer-lancedb[onnx]'). Default: the collection's, else torch.")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
+              help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
+                   "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
               "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "
               "collection; 0 turns it off.")

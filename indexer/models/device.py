@@ -12,8 +12,8 @@ import torch
 from ..errors import IndexerError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
-Backend = Literal["torch", "onnx"]
-BACKENDS: tuple[Backend, ...] = ("torch", "onnx")
+Backend = Literal["torch", "onnx", "openvino"]
+BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openvino")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Runtime:
 
 def resolve_runtime(device: str = "auto", precision: Precision = "auto", backend: Backend = "torch") -> Runtime:
     """`auto` picks CUDA when present. CPU runs fp32 (or int8 dynamic quantisation on request).
-    The onnx backend runs on the CPU, fp32 or int8."""
+    The onnx and openvino backends run on the CPU, fp32 or int8."""
     if backend not in BACKENDS:
         raise IndexerError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend != "torch":

@@ -80,7 +80,7 @@ class TextEmbedder(Embedder):
     """Any transformers encoder. `layer` indexes `hidden_states` (0 = embeddings, -1 = last)."""
 
     default_batch_size = 64
-    backends = ("torch", "onnx")
+    backends = ("torch", "onnx", "openvino")
 
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         from transformers import AutoModel, AutoTokenizer

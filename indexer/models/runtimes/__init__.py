@@ -1,4 +1,5 @@
-"""How a model executes: `torch` in this process, or an exported graph run by ONNX Runtime (`onnx`).
+"""How a model executes: `torch` in this process, or an exported graph run by ONNX Runtime (`onnx`)
+or OpenVINO (`openvino`).
 
 A family (text, vision) builds one torch module that maps its model inputs to features, and hands it
 to `compile_module` with an example batch: every family gets every runtime without branches of its own.
@@ -28,4 +29,8 @@ def compile_module(module: torch.nn.Module, example: dict[str, torch.Tensor], dy
         from .onnx import onnx_features
 
         return onnx_features(module, example, dynamic, spec, runtime.precision)
+    if runtime.backend == "openvino":
+        from .openvino import openvino_features
+
+        return openvino_features(module, example, dynamic, spec, runtime.precision)
     return lambda inputs: module(**inputs)
