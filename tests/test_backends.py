@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from indexer import IndexerError, load_embedder
@@ -131,9 +132,26 @@ def test_torch_int8_is_recorded_and_queried_as_int8():
         resolve_runtime("cpu", "fp32", "tensorrt")
 
 
-def test_vision_models_refuse_onnx_for_now(resnet18_weights):
-    with pytest.raises(IndexerError, match="runs on torch only"):
-        load_embedder("resnet18", resolve_runtime("cpu", "fp32", "onnx"), weights=str(resnet18_weights))
+@pytest.mark.slow  # two exports of a CNN: a minute or more on two busy cores
+def test_cnn_features_through_onnx_and_openvino(export_cache, lite0, sample_corpus):
+    """EfficientNet-Lite0's penultimate features, fp32: the same as torch's."""
+    from PIL import Image
+
+    paths = sorted(sample_corpus["images"].glob("*.jpg"))[:6]
+    pixels = torch.stack([lite0.transform(Image.open(p).convert("RGB")) for p in paths])
+    reference = lite0.embed_batch(pixels)
+    for backend in ("onnx", "openvino"):
+        emb = load_embedder("efficientnet-lite0", resolve_runtime("cpu", "fp32", backend))
+        assert (emb.spec.backend, emb.spec.dim) == (backend, 1280)
+        assert (emb.embed_batch(pixels) * reference).sum(1).min() > 0.9999
+
+
+def test_what_other_backends_do_not_run(resnet18_weights):
+    with pytest.raises(IndexerError, match="int8 for CNNs needs static calibration"):
+        load_embedder("efficientnet-lite0", resolve_runtime("cpu", "int8", "onnx"))
+    with pytest.raises(IndexerError, match="--layer layer3 needs --backend torch"):
+        load_embedder("resnet18", resolve_runtime("cpu", "fp32", "onnx"), weights=str(resnet18_weights),
+                      layer="layer3")
 
 
 def test_neighbour_overlap():
