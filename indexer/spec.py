@@ -32,6 +32,9 @@ class ModelSpec:
     # A joint text-image model (CLIP, SigLIP): each tower's preprocessing, by modality. `modality` is
     # then the kind of item the collection stores; queries of either kind go through their own tower.
     towers: dict[str, Any] = field(default_factory=dict)
+    # How the vectors were computed: "torch", "onnx" or "openvino"; "fp32", "fp16", "bf16" or "int8"
+    backend: str = "torch"
+    precision: str = "fp32"
 
     @property
     def joint(self) -> bool:
@@ -49,6 +52,9 @@ class ModelSpec:
             "layer": self.layer,
             "pooling": self.pooling,
             "normalize": self.normalize,
+            # Another backend or int8 drifts from fp32 vectors: mixing them would be silently worse.
+            "backend": self.backend,
+            "int8": self.precision == "int8",
         }
         if self.joint:  # one space for both towers: a text and an image collection are comparable
             ident["modality"] = "+".join(sorted(self.towers))
@@ -62,6 +68,8 @@ class ModelSpec:
         if self.pooling:
             parts.append(f"pooling={self.pooling}")
         parts.append("normalized" if self.normalize else "raw")
+        if self.backend != "torch" or self.precision == "int8":
+            parts.append(f"{self.backend} {self.precision}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

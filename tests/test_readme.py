@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from indexer.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SLOW = ("indexer finetune", "indexer layers", "--calibrate", "--engine ray")
+SLOW = ("indexer finetune", "indexer layers", "--calibrate", "--engine ray", "--backend")
 # Cheap checks of what a command printed, by a piece of its text.
 EXPECT = {
     'search notes.idx "how do plants make energy"': lambda out: "[biology]" in out.splitlines()[0],

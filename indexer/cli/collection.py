@@ -43,7 +43,11 @@ from .base import (
               "ray: embedding actors (default: one per GPU, else one per --cpus-per-worker CPUs).")
 @device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
-              show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU.")
+              show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU (or the collection's int8). "
+              "int8: dynamic quantisation on CPU (text models).")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
+              help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
+                   "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
               "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "
               "collection; 0 turns it off.")
@@ -181,6 +185,7 @@ def info(collection, as_json, quiet):
         f"model        {m['name']} ({m['modality']}, dim {m['dim']}, layer {m['layer']}, pooling {m['pooling']}, "
         f"{'normalized' if m['normalize'] else 'not normalized'})",
         f"weights      sha256 {m['weights_sha256']}",
+        *_describe_runtime(m, data.get("drift")),
         *_describe_finetuned((m.get("options") or {}).get("finetuned")),
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
@@ -192,6 +197,20 @@ def info(collection, as_json, quiet):
         f"updated      {data['updated']} (created {data['created']})",
     ]
     click.echo("\n".join(lines))
+
+
+def _describe_runtime(model: dict, drift: dict | None) -> list[str]:
+    """How the vectors were computed, when not torch fp32, and how far that is from fp32."""
+    backend, precision = model.get("backend", "torch"), model.get("precision", "fp32")
+    if backend == "torch" and precision != "int8":
+        return []
+    line = f"runtime      {backend} {precision}"
+    if drift and (drift["backend"], drift["precision"]) == (backend, precision):
+        low = " (below " + f"{drift['min_overlap']:.2f}: results differ from fp32's)" \
+            if drift["overlap_at_10"] < drift["min_overlap"] else ""
+        line += (f"; vs torch fp32 on {drift['sample']} items: mean cosine {drift['mean_cosine']:.4f}, "
+                 f"neighbour overlap@10 {drift['overlap_at_10']:.3f}{low}")
+    return [line]
 
 
 def _describe_finetuned(ft: dict | None) -> list[str]:

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import IndexerError
@@ -28,6 +29,7 @@ from ..spec import ModelSpec
 from ..store import Collection
 from ..wording import counted
 from .chunking import Passages, make_chunker, stored_chunks
+from .drift import check_drift, needs_check
 from .engine import Engine, IngestSummary, Plan, Run
 
 __all__ = ["Engine", "IngestInterrupted", "IngestSummary", "Plan", "StrictError", "ingest", "make_engine"]
@@ -119,7 +121,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
            normalize: bool = True, text_field: str = "text", image_field: str = "image",
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
            vector_field: str | None = None, workers: int | None = None, device: str = "auto",
-           precision: str = "auto", strict: bool = False, progress: bool = True,
+           precision: str = "auto", backend: str | None = None, strict: bool = False, progress: bool = True,
            chunk_tokens: int | None = None, chunk_overlap: int | None = None, engine: str = "local",
            address: str | None = None, gpus_per_worker: float | None = None,
            cpus_per_worker: float | None = None, storage_options: dict[str, str] | None = None) -> IngestSummary:
@@ -137,6 +139,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     `engine="ray"` runs the same ingest on a Ray cluster (`address`: "auto", "HOST:PORT" or
     "ray://HOST:PORT"; default: a local one) with `workers` embedding actors of `gpus_per_worker` GPUs
     and `cpus_per_worker` CPUs each; `workers` is the number of image decoding processes locally.
+    `backend="onnx"` runs the model exported to ONNX Runtime (CPU; `precision="int8"` quantises it);
+    a collection keeps the backend and int8 it was made with, and queries are embedded the same way.
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -152,8 +156,15 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     runner = make_engine(engine, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
                          cpus_per_worker=cpus_per_worker)
     local = engine == "local"
+    if coll is not None and backend is None and precision == "auto":
+        # A re-run embeds the way the stored vectors were (another backend or int8 would be refused).
+        backend = coll.spec.backend
+        precision = "int8" if coll.spec.precision == "int8" else "auto"
+    backend = backend or "torch"
+    if not local and backend != "torch":
+        raise IndexerError(f"--backend {backend}: the local engine only (--engine local)")
     # Another engine embeds on its workers: here the model is built on the CPU only to know its spec.
-    runtime = resolve_runtime(device, precision) if local else resolve_runtime("cpu", "fp32")
+    runtime = resolve_runtime(device, precision, backend) if local else resolve_runtime("cpu", "fp32")
     if batch_size is not None and batch_size < 1:
         raise IndexerError("--batch-size must be at least 1")
     opts_for = lambda modality: SourceOptions(  # noqa: E731
@@ -169,6 +180,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
         embedder = load_embedder(spec, runtime)
+        if not local and precision == "int8":  # the workers quantise: the vectors are int8's
+            embedder.spec = replace(embedder.spec, precision="int8")
         factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
     if coll is None:
@@ -203,12 +216,16 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         coll.touch(embedder.spec)
         if not run.summary.interrupted:
             update_after_ingest(coll)
+            if needs_check(coll, embedder):
+                run.summary.drift = check_drift(coll, embedder)
 
     s = run.summary
     s.truncated += getattr(embedder, "truncated", 0)  # the local engine embeds with this one
     s.seconds = time.perf_counter() - started
     s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
     s.rows = coll.count()
+    s.stages, s.bottleneck = run.stages.to_dict(), run.stages.bottleneck()
+    log.debug("stages: %s", run.stages.line())
     if s.truncated:
         log.warning("%s longer than %s tokens: embedded from their first tokens",
                     counted(s.truncated, "text was", "texts were"), embedder.spec.max_length)

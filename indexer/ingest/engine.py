@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from ..models import Embedder, Runtime
 from ..sources import SkippedInput, SourceOptions
 from ..spec import ModelSpec
 from ..store import Collection
+from ..timing import Stages
 from ..wording import counted
 from .chunking import Passages
 from .loader import Prepared, Unchanged
@@ -46,6 +47,11 @@ class IngestSummary:
     collection: str = ""
     model: str = ""
     interrupted: bool = False
+    # {"read"|"preprocess"|"embed"|"write": {"seconds", "items_per_s"}}; writing runs in a background
+    # thread, so its seconds overlap the others'
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    bottleneck: str | None = None  # the stage that took longest
+    drift: dict | None = None  # measured in this run: another backend or int8 against torch fp32 (drift.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +68,11 @@ class IngestSummary:
             parts.append(f"{self.truncated} truncated")
         if self.removed:
             parts.append(f"{counted(self.removed, 'old passage')} removed")
-        return (f"{self.collection}: " + ", ".join(parts)
+        line = (f"{self.collection}: " + ", ".join(parts)
                 + f" in {self.seconds:.1f}s ({self.items_per_s:.1f} items/s); {counted(self.rows, 'row')}")
+        if self.bottleneck:
+            line += f"; slowest stage: {self.bottleneck} ({self.stages[self.bottleneck]['seconds']:.1f}s)"
+        return line
 
 
 class Claims:
@@ -96,6 +105,7 @@ class Run:
         self.collection, self.known, self.progress = collection, known, progress
         self.summary = IngestSummary(collection=str(collection.path), model=collection.spec.name)
         self.claims = Claims(known, dim)
+        self.stages = Stages()  # the engine times what it does into this
         self.pending_errors: list[SkippedInput] = []
         self.first_errors: list[SkippedInput] = []  # a few, for the message when every input fails
 

@@ -3,6 +3,7 @@ DataLoader worker processes; text is hashed in the main process (tokenising is t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,15 +59,17 @@ class ImageInputs(IterableDataset):
         self.paths, self.opts, self.known = paths, opts, known
         self.transform, self.min_size = transform, min_size
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[tuple[Item, float, float]]:
+        """(item, seconds reading and hashing it, seconds decoding and transforming it)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for n, record in enumerate(iter_records(self.paths, self.opts)):
             if n % workers == worker:
-                yield self._load(record)
-
-    def _load(self, record: Record | SkippedInput) -> Item:
-        return decode(prepare(record, self.known), self.transform, self.min_size)
+                start = time.perf_counter()
+                item = prepare(record, self.known)
+                read = time.perf_counter()
+                item = decode(item, self.transform, self.min_size)
+                yield item, read - start, time.perf_counter() - read
 
 
 def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int | None) -> Item:
@@ -85,16 +88,19 @@ def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int |
     return item
 
 
-def _collate(items: list[Item]) -> dict[str, Any]:
+def _collate(loaded: list[tuple[Item, float, float]]) -> dict[str, Any]:
+    items = [item for item, _, _ in loaded]
     prepared = [i for i in items if isinstance(i, Prepared)]
     pixels = torch.stack([p.tensor for p in prepared]) if prepared else None
     for p in prepared:
         p.tensor = None  # the stacked batch carries the pixels; don't pickle them twice
-    return {"pixels": pixels, "items": items}
+    return {"pixels": pixels, "items": items,
+            "read_s": sum(r for _, r, _ in loaded), "decode_s": sum(d for _, _, d in loaded)}
 
 
 def image_batches(dataset: ImageInputs, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches of {"pixels": (n, 3, h, w) for the Prepared items in order, "items": [...]}."""
+    """Batches of {"pixels": (n, 3, h, w) for the Prepared items in order, "items": [...],
+    "read_s"/"decode_s": the seconds a worker spent reading/decoding them}."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                       pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                       persistent_workers=False,

@@ -22,7 +22,7 @@ class LocalEngine:
     workers: int | None = None  # image decoding processes; None: up to 4, none for a small run
 
     def run(self, plan: Plan, run: Run) -> None:
-        writer = BatchWriter(plan.collection, commit_rows=plan.commit_rows)
+        writer = BatchWriter(plan.collection, commit_rows=plan.commit_rows, stages=run.stages)
         out = _Output(run, writer)
         try:
             if plan.opts.modality in ("text", "vector"):
@@ -56,12 +56,15 @@ def _ingest_windows(out: _Output, plan: Plan) -> None:
     run = out.run
     window: list[Prepared] = []
     window_size = plan.batch_size * 64
-    for document in iter_records(plan.sources, plan.opts):
-        records = plan.passages.expand(document)
+    for document in run.stages.iterate("read", iter_records(plan.sources, plan.opts)):
+        with run.stages.time("preprocess"):  # chunking tokenises
+            records = plan.passages.expand(document)
         if len(records) > 1 and run.progress.total is not None:
             run.progress.total += len(records) - 1  # the bar counts passages
         for record in records:
-            item = run.accept(prepare(record, run.known))
+            with run.stages.time("read"):  # hashing
+                prepared = prepare(record, run.known)
+            item = run.accept(prepared)
             if item is not None:
                 window.append(item)
         if len(window) >= window_size:
@@ -73,7 +76,7 @@ def _ingest_windows(out: _Output, plan: Plan) -> None:
 def _embed_window(out: _Output, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
     if window:
         payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in window]
-        out.emit(window, embedder.embed(payloads, batch_size))
+        out.emit(window, embedder.embed(payloads, batch_size, out.run.stages))
 
 
 def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
@@ -88,6 +91,10 @@ def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
     dataset = ImageInputs(sources, plan.opts, run.known, embedder.preprocess_fn(), min_size=crop)
     cuda = embedder.runtime.is_cuda
     for batch in image_batches(dataset, plan.batch_size, workers, pin_memory=cuda):
+        # Workers read and decode in parallel: their seconds, shared out, are the stage's wall time.
+        n = len(batch["items"])
+        run.stages.add("read", batch["read_s"] / max(workers, 1), n)
+        run.stages.add("preprocess", batch["decode_s"] / max(workers, 1))  # embed_batch counts the items
         # batch["pixels"] holds one image per Prepared item, in order; duplicates are dropped after.
         prepared, keep = [], []
         for item in batch["items"]:
@@ -97,5 +104,5 @@ def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
                 keep.append(accepted)
         keep = np.array(keep, dtype=bool)
         if keep.any():
-            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)])
+            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)], run.stages)
             out.emit([p for p, k in zip(prepared, keep) if k], vectors)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..store import Collection
+from ..timing import Stages
 
 
 class BatchWriter:
@@ -19,8 +20,10 @@ class BatchWriter:
     next run embeds again (it compares record hashes, so nothing is duplicated).
     """
 
-    def __init__(self, collection: Collection, commit_rows: int = 512, commit_seconds: float = 20.0):
+    def __init__(self, collection: Collection, commit_rows: int = 512, commit_seconds: float = 20.0,
+                 stages: Stages | None = None):
         self.collection = collection
+        self.stages = stages or Stages()
         self.commit_rows = commit_rows
         self.commit_seconds = commit_seconds
         self._queue: queue.Queue = queue.Queue(maxsize=8)
@@ -60,7 +63,8 @@ class BatchWriter:
                 if item is None or pending >= self.commit_rows or (pending and due):
                     for upsert, (rows, vecs) in buffers.items():
                         if rows:
-                            self.collection.write(rows, np.concatenate(vecs), upsert=upsert)
+                            with self.stages.time("write", len(rows)):
+                                self.collection.write(rows, np.concatenate(vecs), upsert=upsert)
                             rows.clear()
                             vecs.clear()
                     last = time.monotonic()

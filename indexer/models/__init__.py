@@ -2,8 +2,9 @@
 taps and fine-tuned model directories."""
 
 from .base import Embedder
-from .device import Runtime, resolve_runtime
+from .device import BACKENDS, Runtime, query_runtime, resolve_runtime
 from .registry import DEFAULT_MODELS, is_joint, list_models, load_embedder, resolve_spec, respec
 
-__all__ = ["Embedder", "Runtime", "resolve_runtime", "DEFAULT_MODELS", "is_joint", "list_models",
+__all__ = ["BACKENDS", "Embedder", "Runtime", "query_runtime", "resolve_runtime", "DEFAULT_MODELS", "is_joint",
+           "list_models",
            "load_embedder", "resolve_spec", "respec"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import Modality, ModelSpec
+from ..timing import Stages
 from .device import Runtime
 
 
@@ -28,6 +29,7 @@ class Embedder(ABC):
     spec: ModelSpec
     runtime: Runtime
     default_batch_size: int = 32
+    backends: tuple[str, ...] = ("torch",)  # the runtimes/ backends this family can run on
 
     @property
     def dim(self) -> int:
@@ -49,16 +51,20 @@ class Embedder(ABC):
     def _forward(self, inputs: Any) -> torch.Tensor:
         """Model inputs -> (n, d) features (before normalisation)."""
 
-    def embed_batch(self, items: Sequence[Any]) -> np.ndarray:
-        """One forward pass over `items` (already a sensible batch). Returns (n, d) float32."""
+    def embed_batch(self, items: Sequence[Any], stages: Stages | None = None) -> np.ndarray:
+        """One forward pass over `items` (already a sensible batch). Returns (n, d) float32.
+        `stages` is told how long collating/tokenising (preprocess) and the model (embed) took."""
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        stages = stages or Stages()
         with torch.inference_mode(), self.runtime.autocast():
-            feats = self._forward(self._prepare(items))
-        feats = feats.float()
-        if self.spec.normalize:
-            feats = F.normalize(feats, dim=-1)
-        return feats.cpu().numpy()
+            with stages.time("preprocess", len(items)):
+                inputs = self._prepare(items)
+            with stages.time("embed", len(items)):
+                feats = self._forward(inputs).float()
+                if self.spec.normalize:
+                    feats = F.normalize(feats, dim=-1)
+                return feats.cpu().numpy()
 
     def forward_features(self, items: Sequence[Any]) -> torch.Tensor:
         """(n, d) features before normalisation, with autograd on: the path fine-tuning trains through,
@@ -69,12 +75,12 @@ class Embedder(ABC):
         """The order to process items in; text sorts by length so padding is minimal."""
         return list(range(len(items)))
 
-    def embed(self, items: Sequence[Any], batch_size: int | None = None) -> np.ndarray:
+    def embed(self, items: Sequence[Any], batch_size: int | None = None, stages: Stages | None = None) -> np.ndarray:
         """Embed any number of items in batches; output rows follow the input order."""
         batch_size = batch_size or self.default_batch_size
         order = self.batch_order(items)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            out[idx] = self.embed_batch([items[i] for i in idx])
+            out[idx] = self.embed_batch([items[i] for i in idx], stages)
         return out

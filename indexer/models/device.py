@@ -1,4 +1,5 @@
-"""Device and precision choice: CUDA with autocast when there is one, fp32 on CPU."""
+"""Device, precision and backend choice: CUDA with autocast when there is one, fp32 on CPU; torch
+in process, or an exported graph (runtimes/)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import torch
 from ..errors import IndexerError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+Backend = Literal["torch", "onnx", "openvino"]
+BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openvino")
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a model runs. Not part of a model's identity: vectors made on a GPU in fp16
-    are searched with queries embedded on a CPU in fp32."""
+    """Where and how a model runs. The float precisions are not part of a model's identity: vectors
+    made on a GPU in fp16 are searched with queries embedded on a CPU in fp32. The backend and int8
+    are (the spec records them): their vectors drift from fp32, so queries are embedded the same way."""
 
     device: torch.device
     precision: Literal["fp32", "fp16", "bf16", "int8"]
+    backend: Backend = "torch"
 
     @property
     def is_cuda(self) -> bool:
@@ -35,7 +40,7 @@ class Runtime:
         """Freeze a model and place it: eval mode, no grads, int8 dynamic quantisation of its Linear
         layers on request (CPU), channels-last memory for CNNs on CUDA."""
         model.eval().requires_grad_(False)
-        if self.precision == "int8":
+        if self.precision == "int8" and self.backend == "torch":  # other backends quantise their export
             if convolutional:
                 raise IndexerError("--precision int8 quantises Linear layers (transformers); "
                                    "a CNN gains nothing from it: use fp32 on CPU")
@@ -49,8 +54,17 @@ class Runtime:
         return tensor.to(self.device, non_blocking=self.is_cuda)
 
 
-def resolve_runtime(device: str = "auto", precision: Precision = "auto") -> Runtime:
-    """`auto` picks CUDA when present. CPU runs fp32 (or int8 dynamic quantisation on request)."""
+def resolve_runtime(device: str = "auto", precision: Precision = "auto", backend: Backend = "torch") -> Runtime:
+    """`auto` picks CUDA when present. CPU runs fp32 (or int8 dynamic quantisation on request).
+    The onnx and openvino backends run on the CPU, fp32 or int8."""
+    if backend not in BACKENDS:
+        raise IndexerError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend != "torch":
+        if device not in ("auto", "cpu"):
+            raise IndexerError(f"--backend {backend} runs on the CPU: use --device cpu (or --backend torch on a GPU)")
+        if precision not in ("auto", "fp32", "int8"):
+            raise IndexerError(f"--backend {backend} runs fp32 or int8, not {precision}")
+        return Runtime(torch.device("cpu"), "fp32" if precision == "auto" else precision, backend)
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -71,3 +85,11 @@ def resolve_runtime(device: str = "auto", precision: Precision = "auto") -> Runt
     if dev.type == "cuda" and precision == "int8":
         raise IndexerError("--precision int8 is a CPU mode (dynamic quantisation); on GPU use fp16 or bf16")
     return Runtime(dev, precision)
+
+
+def query_runtime(backend: str, precision: str, device: str = "auto") -> Runtime:
+    """How to embed queries for vectors made with (backend, precision): the same backend, int8 again
+    if they were int8; float vectors take whatever float the device runs."""
+    if backend == "torch" and precision != "int8":
+        return resolve_runtime(device)
+    return resolve_runtime("cpu" if device == "auto" else device, precision, backend)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import IndexerError
@@ -309,9 +309,11 @@ def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | No
 
 
 def respec(spec: ModelSpec) -> ModelSpec:
-    """Resolve a recorded spec again on this machine (files may live elsewhere; hashes are re-checked)."""
-    return resolve_spec(spec.name, weights=spec.options.get("weights"), layer=spec.layer, pooling=spec.pooling,
-                        normalize=spec.normalize, modality=spec.modality)
+    """Resolve a recorded spec again on this machine (files may live elsewhere; hashes are re-checked).
+    The backend and precision it records are kept: `query_runtime` embeds with them again."""
+    return replace(resolve_spec(spec.name, weights=spec.options.get("weights"), layer=spec.layer, pooling=spec.pooling,
+                                normalize=spec.normalize, modality=spec.modality),
+                   backend=spec.backend, precision=spec.precision)
 
 
 def _quiet_transformers() -> None:
@@ -328,4 +330,8 @@ def load_embedder(spec: ModelSpec | str, runtime: Runtime | None = None, **flags
     if isinstance(spec, str):
         spec = resolve_spec(spec, **flags)
     runtime = runtime or resolve_runtime()
-    return _backbone_for(spec.name).build(spec, runtime)
+    embedder = _backbone_for(spec.name).build(spec, runtime)
+    if runtime.backend not in embedder.backends:
+        raise IndexerError(f"--backend {runtime.backend}: {spec.name} runs on {', '.join(embedder.backends)} only")
+    embedder.spec = replace(embedder.spec, backend=runtime.backend, precision=runtime.precision)
+    return embedder

@@ -13,6 +13,7 @@ from ..errors import IndexerError
 from ..spec import ModelSpec
 from .base import Embedder
 from .device import Runtime
+from .runtimes import compile_module
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,30 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(pooling)
 
 
+class PooledEncoder(torch.nn.Module):
+    """A transformers encoder and its pooling as one module: token ids -> (n, d) features. What the
+    torch backend runs, and what the other backends export."""
+
+    def __init__(self, model: torch.nn.Module, layer: int, last_layer: bool, pooling: str):
+        super().__init__()
+        self.model, self.layer, self.last_layer, self.pooling = model, layer, last_layer, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not self.last_layer,
+                         **extra)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state if self.last_layer else out.hidden_states[self.layer]
+        return pool(hidden, attention_mask, self.pooling)
+
+
 class TextEmbedder(Embedder):
     """Any transformers encoder. `layer` indexes `hidden_states` (0 = embeddings, -1 = last)."""
 
     default_batch_size = 64
+    backends = ("torch", "onnx", "openvino")
 
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         from transformers import AutoModel, AutoTokenizer
@@ -96,6 +117,11 @@ class TextEmbedder(Embedder):
         dim = model.config.hidden_size
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": pooling, "dim": dim,
                                  "max_length": int(limit)})
+        self.encoder = PooledEncoder(self.model, layer, self._last_layer, pooling)
+        example = self.tokenizer(["an example to export with", "and a second, longer one, padded to the first"],
+                                 padding=True, return_tensors="pt")
+        example = {k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in example}
+        self.features = compile_module(self.encoder, example, {k: (0, 1) for k in example}, self.spec, runtime)
 
     def batch_order(self, items: Sequence[str]) -> list[int]:
         return sorted(range(len(items)), key=lambda i: len(items[i]))
@@ -108,8 +134,4 @@ class TextEmbedder(Embedder):
         return {k: self.runtime.to_device(v) for k, v in enc.items()}
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(**inputs, output_hidden_states=not self._last_layer)
-        if self.spec.pooling == "pooler":
-            return out.pooler_output
-        hidden = out.last_hidden_state if self._last_layer else out.hidden_states[self.spec.layer]
-        return pool(hidden, inputs["attention_mask"], self.spec.pooling)
+        return self.features(inputs)

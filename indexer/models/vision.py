@@ -14,6 +14,7 @@ from ..errors import IndexerError
 from ..spec import ModelSpec
 from .base import Embedder
 from .device import Runtime
+from .runtimes import compile_module
 from .text import pool
 
 
@@ -79,14 +80,28 @@ def _global_pool(out: Any) -> torch.Tensor:
     return out.flatten(1)
 
 
+class PooledCNN(nn.Module):
+    """A CNN whose classifier is removed and its output pooled: pixels -> (n, d) features. What the
+    other backends export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _global_pool(self.model(pixels))
+
+
 class CNNEmbedder(Embedder):
     """Penultimate features (the pooled input of the classifier) or a named module's output,
     global-average-pooled. `model` is any nn.Module taking (n, 3, h, w)."""
 
     default_batch_size = 64
+    backends = ("torch", "onnx", "openvino")  # fp32, penultimate features (a hooked layer runs in torch only)
 
     def __init__(self, spec: ModelSpec, runtime: Runtime, model: nn.Module, transform: ImageTransform):
         self._captured: torch.Tensor | None = None
+        self.exported = None  # the features graph another backend runs, set once the spec is known
         if spec.layer in (None, "penultimate"):
             parent, attr = _last_linear(model)
             setattr(parent, attr, nn.Identity())  # the model now returns the classifier's input
@@ -108,12 +123,24 @@ class CNNEmbedder(Embedder):
             dim = self._features(probe).shape[-1]
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": "avg", "dim": int(dim),
                                  "preprocessing": transform.to_dict()})
+        if runtime.backend != "torch":
+            if self._hooked:
+                raise IndexerError(f"--backend {runtime.backend} runs a CNN's penultimate features; "
+                                   f"--layer {layer} needs --backend torch")
+            if runtime.precision == "int8":  # dynamic quantisation suits Linear layers, not convolutions
+                raise IndexerError(f"--backend {runtime.backend} runs CNNs in fp32 (int8 for CNNs needs "
+                                   "static calibration, not available yet)")
+            example = torch.zeros(2, 3, transform.crop, transform.crop)
+            self.exported = compile_module(PooledCNN(self.model), {"pixels": example},
+                                           {"pixels": (0,)}, self.spec, runtime)
 
     def _capture(self, _module, _inputs, output):
         self._captured = _global_pool(output)
         raise _StopForward
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exported is not None:
+            return self.exported({"pixels": x})
         if not self._hooked:
             return _global_pool(self.model(x))
         try:

@@ -385,4 +385,5 @@ class Collection:
             "packages": self.manifest.packages,
             "chunking": self.manifest.chunking,
             "label_field": self.manifest.label_field,
+            "drift": self.manifest.drift,
         }

@@ -42,18 +42,21 @@ class Manifest:
     # The name the labels had in the sources (`--label-field topic`): stored in the `label` column
     # (the layout other tools read), and accepted as that column's name by knn, probe and the API.
     label_field: str | None = None
+    # Vectors made with another backend or int8: how far they are from torch fp32's, measured on a sample
+    # ({"backend", "precision", "sample", "mean_cosine", "overlap_at_10", "min_overlap", "seconds"}).
+    drift: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "model": self.model.to_dict(), "metric": self.metric,
                 "created": self.created, "updated": self.updated, "packages": self.packages,
-                "chunking": self.chunking, "label_field": self.label_field}
+                "chunking": self.chunking, "label_field": self.label_field, "drift": self.drift}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(model=ModelSpec.from_dict(data["model"]), metric=data.get("metric", "cosine"),
                    schema_version=data.get("schema_version", SCHEMA_VERSION), created=data.get("created", ""),
                    updated=data.get("updated", ""), packages=data.get("packages", {}),
-                   chunking=data.get("chunking"), label_field=data.get("label_field"))
+                   chunking=data.get("chunking"), label_field=data.get("label_field"), drift=data.get("drift"))
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")

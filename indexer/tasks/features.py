@@ -164,7 +164,7 @@ def read_inputs(sources: Sequence[str], modality: str, *, label_field: str | Non
 def embed_new_inputs(spec: dict[str, Any] | None, sources: Sequence[str] | None, items: Sequence[Any] | None,
                      vectors: np.ndarray | None, *, device: str = "auto", **fields: Any) -> tuple[list[str], np.ndarray]:
     """(ids, features) of new inputs, with the model a head or collection was built with."""
-    from ..models import load_embedder, resolve_runtime, respec
+    from ..models import load_embedder, query_runtime, respec
     from ..spec import ModelSpec
 
     if sum(x is not None for x in (sources, items, vectors)) != 1:
@@ -175,7 +175,7 @@ def embed_new_inputs(spec: dict[str, Any] | None, sources: Sequence[str] | None,
     if spec is None or spec.get("name") == "none":
         raise IndexerError("these features came from no known model (precomputed vectors): classify vectors")
     model_spec = ModelSpec.from_dict(spec)
-    embedder = load_embedder(respec(model_spec), resolve_runtime(device))
+    embedder = load_embedder(respec(model_spec), query_runtime(model_spec.backend, model_spec.precision, device))
     if embedder.spec.identity() != model_spec.identity():
         raise IndexerError(f"{model_spec.name} on this machine is not the model the head was trained on "
                            "(different weights, layer or pooling)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..index.exact import exact_search
-from ..models import Embedder, load_embedder, resolve_runtime, respec
+from ..models import Embedder, load_embedder, query_runtime, respec
 from ..store import Collection
 from ..threads import few_threads
 from .hybrid import HYBRID_DEPTH, group_by_document, reciprocal_rank_fusion
@@ -288,7 +288,7 @@ def query_embedder(coll: Collection, device: str) -> Embedder:
     """The collection's model, loaded once per process (loading takes seconds; queries take ms)."""
     key = (json.dumps(coll.spec.identity(), sort_keys=True), coll.spec.path, device)
     if key not in _EMBEDDERS:
-        embedder = load_embedder(respec(coll.spec), resolve_runtime(device))
+        embedder = load_embedder(respec(coll.spec), query_runtime(coll.spec.backend, coll.spec.precision, device))
         coll.check_compatible(embedder.spec)
         _EMBEDDERS[key] = embedder
     return _EMBEDDERS[key]

@@ -82,7 +82,7 @@ def best_of(points: list[dict[str, float]]) -> dict[str, float]:
 
 
 def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, device: str = "auto") -> Calibration:
-    from ...models import load_embedder, resolve_runtime, respec
+    from ...models import load_embedder, query_runtime, respec
 
     coll = collection if isinstance(collection, Collection) else Collection.open(collection)
     modality = coll.spec.modality
@@ -94,7 +94,7 @@ def calibrate(collection: Collection | str, sample: int = 200, seed: int = 0, de
         raise IndexerError(f"{coll.path} has {len(vecs.ids)} item(s): calibration needs at least 2")
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(vecs.ids), min(sample, len(vecs.ids)), replace=False))
-    embedder = load_embedder(respec(coll.spec), resolve_runtime(device))
+    embedder = load_embedder(respec(coll.spec), query_runtime(coll.spec.backend, coll.spec.precision, device))
     coll.check_compatible(embedder.spec)
     column = "text" if modality == "text" else "path"
     rows = coll.rows_by_id([vecs.ids[p] for p in picked], columns=["id", column])

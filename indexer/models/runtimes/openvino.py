@@ -1,0 +1,66 @@
+"""OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF's weight
+compression (int8 per-channel weights; the CPU plugin then quantises activations per batch itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from ...errors import IndexerError
+from ...spec import ModelSpec
+from .cache import cached, export_dir
+from .onnx import MODEL_FILE, export_onnx
+
+IR_FILE = "model.xml"  # + model.bin beside it
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise IndexerError("--backend openvino needs OpenVINO: pip install 'indexer-lancedb[openvino]'") from exc
+    return openvino
+
+
+def _convert(onnx_file: Path, path: Path, precision: str) -> None:
+    ov = _openvino()
+    model = ov.convert_model(onnx_file)
+    if precision == "int8":
+        # NNCF prints progress and a table (its console binds stdout on import); stdout carries our JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                import nncf
+            except ImportError as exc:
+                raise IndexerError("--backend openvino --precision int8 needs NNCF: "
+                                   "pip install 'indexer-lancedb[openvino]'") from exc
+            model = nncf.compress_weights(model)  # int8 asymmetric, per channel
+    ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
+
+
+class OpenVinoFeatures:
+    """A compiled OpenVINO model over an exported features graph: named torch inputs -> (n, d) tensor."""
+
+    def __init__(self, path: Path):
+        ov = _openvino()
+        # f32 inference: on CPUs with bf16 or fp16 units OpenVINO would otherwise pick those by itself.
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self.path = path
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {name: inputs[name].cpu().numpy() for name in self.input_names}
+        return torch.from_numpy(self.compiled(feeds)[0].copy())
+
+
+def openvino_features(module: torch.nn.Module, example: dict[str, torch.Tensor],
+                      dynamic: dict[str, tuple[int, ...]], spec: ModelSpec, precision: str) -> OpenVinoFeatures:
+    _openvino()  # before exporting for a minute only to fail
+    if precision not in ("fp32", "int8"):
+        raise IndexerError(f"--backend openvino runs fp32 or int8, not {precision}")
+    onnx_dir = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+    ir = cached(export_dir(spec, "openvino", precision), lambda d: _convert(onnx_dir / MODEL_FILE, d / IR_FILE, precision))
+    return OpenVinoFeatures(ir / IR_FILE)

@@ -1,0 +1,190 @@
+"""Backends and precisions: ONNX Runtime fp32/int8 against torch fp32 on the packaged MiniLM, the export
+cache, what the manifest records, and queries embedded the collection's way."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from indexer import IndexerError, load_embedder
+from indexer.cli import cli
+from indexer.ingest import ingest
+from indexer.ingest.drift import measure, neighbour_overlap
+from indexer.models import query_runtime, resolve_runtime
+from indexer.models.runtimes import cache, onnx
+from indexer.store import Collection
+from indexer.tasks.search import query_embedder, search
+
+TEXTS = [json.loads(line)["text"] for line in open(os.path.join(os.path.dirname(__file__), "..", "indexer", "data",
+                                                                   "sample_texts.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """One export cache for the module: the first onnx load exports (seconds), the others reuse it."""
+    old = os.environ.get("INDEXER_CACHE")
+    os.environ["INDEXER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield cache.cache_root()
+    if old is None:
+        del os.environ["INDEXER_CACHE"]
+    else:
+        os.environ["INDEXER_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def fp32_vectors(minilm):
+    return minilm.embed(TEXTS)
+
+
+@pytest.mark.parametrize("backend, precision, min_cosine", [
+    ("onnx", "fp32", 0.9999), ("onnx", "int8", 0.99), ("openvino", "fp32", 0.9999), ("openvino", "int8", 0.999)])
+def test_vectors_match_torch_fp32(export_cache, fp32_vectors, backend, precision, min_cosine):
+    """Measured on the 48 sample texts: mean cosine onnx int8 0.994, openvino int8 0.9995, fp32 1.0."""
+    emb = load_embedder("minilm", resolve_runtime("cpu", precision, backend))
+    assert (emb.spec.backend, emb.spec.precision) == (backend, precision)
+    vectors = emb.embed(TEXTS, batch_size=16)
+    cosine = (vectors * fp32_vectors).sum(1)
+    assert cosine.min() >= min_cosine - 0.02 and cosine.mean() >= min_cosine
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_export_cache_is_reused(export_cache, monkeypatch):
+    load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))  # exported (by now, or here)
+    [model] = export_cache.glob("exports/minilm-onnx-fp32-*/model.onnx")
+    mtime = model.stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx, "export_onnx", no_export)
+    load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))
+    assert model.stat().st_mtime_ns == mtime
+
+
+def test_killed_export_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "exports" / "m-onnx-fp32-0"
+
+    def killed(directory):
+        (directory / "model.onnx").write_bytes(b"half an export")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.cached(target, killed)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    built = cache.cached(target, lambda d: (d / "model.onnx").write_bytes(b"whole"))
+    assert built == target and (target / "model.onnx").read_bytes() == b"whole"
+
+
+def test_missing_openvino_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(IndexerError, match=r"pip install 'indexer-lancedb\[openvino\]'"):
+        load_embedder("minilm", resolve_runtime("cpu", "int8", "openvino"))
+
+
+def test_missing_onnxruntime_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(IndexerError, match=r"pip install 'indexer-lancedb\[onnx\]'"):
+        load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("cats chase mice")
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "c.idx"), str(docs), "--backend", "onnx", "-q"])
+    assert result.exit_code == 1 and "indexer-lancedb[onnx]" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ImportError)
+
+
+def test_onnx_int8_collection_records_and_queries_the_same_way(export_cache, tmp_path, sample_corpus):
+    path = tmp_path / "q.idx"
+    ingest(path, [str(sample_corpus["texts"])], model="minilm", backend="onnx", precision="int8", progress=False)
+    coll = Collection.open(path)
+    model = json.loads((path / "manifest.json").read_text())["model"]
+    assert (model["backend"], model["precision"]) == ("onnx", "int8")
+    assert "onnx int8" in coll.spec.describe()
+    # Queries: embedded with the collection's backend and precision, and they find what fp32 would.
+    emb = query_embedder(coll, "auto")
+    assert (emb.spec.backend, emb.spec.precision) == ("onnx", "int8")
+    hits = search(coll, "galaxies and telescopes", k=3)
+    assert hits[0]["label"] == "astronomy"
+    # A re-run without flags keeps the collection's way; another backend is refused, never mixed in.
+    again = ingest(path, [str(sample_corpus["texts"])], progress=False)
+    assert again.skipped == 48 and again.added == 0
+    with pytest.raises(IndexerError, match="backend"):
+        ingest(path, [str(sample_corpus["texts"])], backend="torch", progress=False)
+    torch_fp32 = load_embedder("minilm").spec
+    with pytest.raises(IndexerError, match="backend: onnx here vs torch"):
+        coll.check_compatible(torch_fp32)
+
+
+def test_torch_int8_is_recorded_and_queried_as_int8():
+    runtime = query_runtime("torch", "int8", "auto")
+    assert (runtime.backend, runtime.precision, runtime.device.type) == ("torch", "int8", "cpu")
+    assert query_runtime("torch", "fp16", "cpu").precision == "fp32"  # float vectors: any float query
+    with pytest.raises(IndexerError, match="runs fp32 or int8"):
+        resolve_runtime("cpu", "fp16", "onnx")
+    with pytest.raises(IndexerError, match="unknown backend"):
+        resolve_runtime("cpu", "fp32", "tensorrt")
+
+
+@pytest.mark.slow  # two exports of a CNN: a minute or more on two busy cores
+def test_cnn_features_through_onnx_and_openvino(export_cache, lite0, sample_corpus):
+    """EfficientNet-Lite0's penultimate features, fp32: the same as torch's."""
+    from PIL import Image
+
+    paths = sorted(sample_corpus["images"].glob("*.jpg"))[:6]
+    pixels = torch.stack([lite0.transform(Image.open(p).convert("RGB")) for p in paths])
+    reference = lite0.embed_batch(pixels)
+    for backend in ("onnx", "openvino"):
+        emb = load_embedder("efficientnet-lite0", resolve_runtime("cpu", "fp32", backend))
+        assert (emb.spec.backend, emb.spec.dim) == (backend, 1280)
+        assert (emb.embed_batch(pixels) * reference).sum(1).min() > 0.9999
+
+
+def test_what_other_backends_do_not_run(resnet18_weights):
+    with pytest.raises(IndexerError, match="int8 for CNNs needs static calibration"):
+        load_embedder("efficientnet-lite0", resolve_runtime("cpu", "int8", "onnx"))
+    with pytest.raises(IndexerError, match="--layer layer3 needs --backend torch"):
+        load_embedder("resnet18", resolve_runtime("cpu", "fp32", "onnx"), weights=str(resnet18_weights),
+                      layer="layer3")
+
+
+def test_neighbour_overlap():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 16)).astype(np.float32)
+    assert neighbour_overlap(a, a) == 1.0
+    assert neighbour_overlap(a, rng.normal(size=(50, 16))) < 0.5
+    noisy = a + 0.01 * rng.normal(size=a.shape)
+    assert measure(a / np.linalg.norm(a, axis=1, keepdims=True),
+                   noisy / np.linalg.norm(noisy, axis=1, keepdims=True))["overlap_at_10"] > 0.95
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_int8_drift_is_measured_recorded_and_shown(export_cache, tmp_path, sample_corpus, backend, caplog,
+                                                   monkeypatch):
+    path = tmp_path / f"{backend}.idx"
+    monkeypatch.setattr(logging.getLogger("indexer"), "propagate", True)  # a CLI run in this process cut it
+    with caplog.at_level("INFO", logger="indexer"):
+        s = ingest(path, [str(sample_corpus["texts"])], model="minilm", backend=backend, precision="int8",
+                   progress=False)
+    drift = json.loads((path / "manifest.json").read_text())["drift"]
+    assert s.drift == drift and (drift["backend"], drift["precision"], drift["sample"]) == (backend, "int8", 48)
+    assert 0.9 < drift["mean_cosine"] < 1 and 0 < drift["overlap_at_10"] <= 1
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "drifts from torch fp32" in r.message]
+    assert bool(warned) == (drift["overlap_at_10"] < 0.95)
+    info = CliRunner().invoke(cli, ["info", str(path)]).stdout
+    assert f"runtime      {backend} int8; vs torch fp32 on 48 items: mean cosine {drift['mean_cosine']:.4f}" in info
+    # Measured once per (backend, precision): a later run does not measure again.
+    assert ingest(path, [str(sample_corpus["texts"])], progress=False).drift is None
+
+
+def test_fp32_collections_need_no_drift_check(tmp_path, sample_corpus):
+    path = tmp_path / "plain.idx"
+    assert ingest(path, [str(sample_corpus["texts"])], model="minilm", progress=False).drift is None
+    assert json.loads((path / "manifest.json").read_text())["drift"] is None
+    assert "runtime" not in CliRunner().invoke(cli, ["info", str(path)]).stdout
