@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "indexer"
 # Low to high. A group is a top-level module or subpackage of indexer/ ("__init__" is the package's own
 # API facade: the CLI calls it). Groups of one layer may not import each other.
 LAYERS: list[set[str]] = [
-    {"version", "wording", "timing"},
+    {"version", "wording", "timing", "threads"},
     {"errors"},
     {"files", "spec", "sample", "cluster"},
     {"models", "sources"},

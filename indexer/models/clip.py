@@ -18,6 +18,7 @@ import torch
 
 from ..errors import IndexerError, attempt_import
 from ..spec import Modality, ModelSpec
+from ..timing import Stages
 from .base import Embedder
 from .device import Runtime
 from .text import pool
@@ -37,17 +38,17 @@ class JointEmbedder(Embedder):
     """Shared by the transformers and open_clip families: a mixed batch (a --queries file of words and
     pictures) is split by kind, each part through its tower."""
 
-    def embed_batch(self, items: Sequence[Any]) -> np.ndarray:
+    def embed_batch(self, items: Sequence[Any], stages: Stages | None = None) -> np.ndarray:
         if isinstance(items, torch.Tensor) or len(items) == 0:
-            return super().embed_batch(items)
+            return super().embed_batch(items, stages)
         kinds = np.array([item_kind([x]) for x in items])
         if (kinds == kinds[0]).all():
-            return super().embed_batch(items)
+            return super().embed_batch(items, stages)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         for kind in ("text", "image"):
             idx = np.flatnonzero(kinds == kind)
             if len(idx):
-                out[idx] = super().embed_batch([items[i] for i in idx])
+                out[idx] = super().embed_batch([items[i] for i in idx], stages)
         return out
 
     def batch_order(self, items: Sequence[Any]) -> list[int]:
