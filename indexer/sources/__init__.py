@@ -164,8 +164,19 @@ def _folder(root: Path, opts: SourceOptions) -> Iterator[Record | SkippedInput]:
     yield from errors
 
 
+def _resolved(path: Path) -> str | None:
+    """The absolute path with symlinks followed, or None for a symlink loop (which pathlib raises as a
+    RuntimeError on Python 3.11, as OSError elsewhere): one such file must not end the run."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return None
+
+
 def _file_record(path: Path, rid: str, opts: SourceOptions) -> Record | SkippedInput:
-    source = str(path.resolve())
+    source = _resolved(path)
+    if source is None:
+        return SkippedInput(str(path.absolute()), "cannot read file: symlink loop", rid)
     if opts.modality == "image":
         return Record(id=rid, source=source, path=source)
     try:
@@ -284,7 +295,9 @@ def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
     elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
         record.data = bytes(value["bytes"])  # the Hugging Face datasets image struct
     elif isinstance(value, str) and value:
-        record.path = str((base / value).resolve())
+        record.path = _resolved(base / value)
+        if record.path is None:
+            return SkippedInput(where, f"cannot read image {value!r}: symlink loop", rid)
     else:
         return SkippedInput(where, f"missing image field {payload_key!r} (a path or bytes; set --image-field)", rid)
     return record
