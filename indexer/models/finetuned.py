@@ -148,7 +148,8 @@ def resolve_model_dir(name: str, weights: str | None) -> tuple[str, str, dict]:
         raise IndexerError(f"{model_dir}: weights missing ({', '.join(missing)}); fine-tune again")
     sha = sha256_files(files)
     if sha != manifest["weights_sha256"]:
-        raise IndexerError(f"{model_dir}: the weights changed since fine-tuning (sha256 {sha[:12]} vs "
+        raise IndexerError(f"{model_dir}: the weights ({', '.join(f.name for f in files)}) are damaged or changed "
+                           f"since fine-tuning (sha256 {sha[:12]} vs "
                            f"{manifest['weights_sha256'][:12]} in {MODEL_MANIFEST}); fine-tune again")
     options: dict[str, Any] = {"finetuned": provenance(manifest)}
     if manifest.get("arch"):
