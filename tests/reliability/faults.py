@@ -30,7 +30,8 @@ def text_corpus(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def ingest_args(coll: Path, source: Path) -> list[str]:
-    return [str(coll), str(source), "--model", "minilm", "--batch-size", "16", "--device", "cpu", "-q"]
+    # Batches of 4: text is embedded in windows of 64 batches, so 700 rows make three commits, not one.
+    return [str(coll), str(source), "--model", "minilm", "--batch-size", "4", "--device", "cpu", "-q"]
 
 
 def stored(coll: Path) -> list[dict]:
@@ -42,9 +43,12 @@ def stored(coll: Path) -> list[dict]:
     return lance.dataset(str(path)).to_table(columns=["id", "vector"]).to_pylist()
 
 
-def run_ingest(coll: Path, source: Path, timeout: float = 600) -> None:
+def run_ingest(coll: Path, source: Path, timeout: float = 600) -> float:
+    """An uninterrupted ingest process; returns its wall time in seconds (start-up included)."""
+    started = time.monotonic()
     subprocess.run([*INGEST, *ingest_args(coll, source)], env=ENV, check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.monotonic() - started
 
 
 def kill_during_ingest(coll: Path, source: Path, delay: float) -> dict:
@@ -74,9 +78,10 @@ def compare(coll: Path, reference: list[dict]) -> dict:
 
 
 def kill_and_resume_round(workdir: Path, source: Path, reference: list[dict], seed: int,
-                          max_delay: float = 25.0) -> dict:
-    """One round: a kill at a seeded moment between start-up and the end of a run, then a plain rerun."""
-    delay = random.Random(seed).uniform(2.0, max_delay)
+                          clean_seconds: float) -> dict:
+    """One round: a kill at a seeded moment in the second half of a run as long as the clean one took
+    (start-up, model load and reading fill the first), then a plain rerun."""
+    delay = random.Random(seed).uniform(0.45, 0.98) * clean_seconds
     coll = workdir / f"killed-{seed}.idx"
     out = {"seed": seed, "delay_s": round(delay, 2), **kill_during_ingest(coll, source, delay)}
     run_ingest(coll, source)

@@ -11,10 +11,10 @@ from .faults import kill_and_resume_round, run_ingest, stored, text_corpus
 @pytest.mark.slow
 def test_killed_ingest_resumes_to_a_clean_runs_collection(tmp_path):
     source = text_corpus(tmp_path / "texts.jsonl", 700)
-    run_ingest(tmp_path / "clean.idx", source)
+    seconds = run_ingest(tmp_path / "clean.idx", source)
     reference = stored(tmp_path / "clean.idx")
     assert len(reference) == 700
-    results = [kill_and_resume_round(tmp_path, source, reference, seed, max_delay=12.0) for seed in (1, 2)]
+    results = [kill_and_resume_round(tmp_path, source, reference, seed, seconds) for seed in (1, 2)]
     for r in results:
         assert r["survived"], r
     assert any(r["killed"] for r in results)
