@@ -2,7 +2,7 @@
 hostile-input suites of tests/reliability/ (hostile images, malicious weights, damaged files, hypothesis
 properties, schemathesis API fuzzing), summed up in one table.
 
-    python scripts/reliability_report.py              # ~5 minutes on 2 CPU cores
+    python scripts/reliability_report.py              # ~10 minutes on 2 shared CPU cores
     python scripts/reliability_report.py --rounds 20  # more kills
 
 Kill rounds are measured here (faults injected / survived, rows lost). For the input suites, "inputs" counts
@@ -81,7 +81,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="SIGKILL rounds (each: a kill, a resume, a comparison)")
-    ap.add_argument("--rows", type=int, default=700, help="texts per ingest in the kill rounds")
+    ap.add_argument("--rows", type=int, default=2000, help="texts per ingest in the kill rounds")
     ap.add_argument("--json", type=Path, help="also write the full results here")
     args = ap.parse_args()
     started = time.perf_counter()
