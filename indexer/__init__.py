@@ -55,6 +55,25 @@ def info(collection: str | os.PathLike) -> dict[str, Any]:
     return Collection.open(collection).info()
 
 
+def restore(collection: str | os.PathLike, version: int | None = None) -> Any:
+    """The Lance table's versions, newest first, each readable or not (`version=None`); or make `version`'s
+    rows the newest version, a new commit (`indexer restore COLL --version N`): how a collection whose
+    latest commit or data file was damaged comes back.
+
+    >>> indexer.restore("photos.idx", version=3)          # doctest: +SKIP
+    {'restored': 3, 'version': 6, 'rows': 120, 'moved': ['damaged/18446744073709551610.manifest']}
+    """
+    from .store import Collection
+    from .store.versions import list_versions
+    from .store.versions import restore as restore_version
+
+    coll = Collection.open(collection)
+    if version is None:
+        return list_versions(coll)
+    with coll.write_lock():
+        return restore_version(coll, version)
+
+
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -79,6 +98,6 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["Collection", "Embedder", "FinetuneReport", "IndexerError", "IngestSummary", "ModelSpec", "ProbeHead", "Query",
-           "__version__", "dedup", "finetune", "info",
+           "__version__", "dedup", "finetune", "info", "restore",
            "ingest", "knn_eval", "knn_predict", "list_models", "load_embedder", "probe_eval", "probe_predict",
            "search", "search_batch", "sweep_layers", "zero_shot_eval", "zero_shot_predict"]

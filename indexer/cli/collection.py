@@ -213,6 +213,33 @@ def _describe_runtime(model: dict, drift: dict | None) -> list[str]:
     return [line]
 
 
+@cli.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.option("--list", "list_versions", is_flag=True, help="List the table's versions, newest first, and whether "
+              "each can be read.")
+@click.option("--version", type=click.IntRange(min=1), help="Make version N's rows the newest version (a new "
+              "commit; unreadable newer manifests are moved to COLLECTION/damaged/).")
+@storage_options
+@output_options
+def restore(collection, list_versions, version, as_json, quiet):
+    """Recover COLLECTION after damage: list the Lance table's versions, restore one as a new version."""
+    from .. import restore as run_restore
+
+    if list_versions == (version is not None):
+        raise click.UsageError("give either --list or --version N")
+    result = run_restore(collection, version)
+    if as_json:
+        print_json(result)
+    elif version is None:
+        for v in result:
+            state = f"{v['rows']} rows" if v["readable"] else f"UNREADABLE ({v['error']})"
+            click.echo(f"version {v['version']:>5}  {state}  {v['file']}")
+    else:
+        moved = f"; moved unreadable {', '.join(result['moved'])} aside" if result["moved"] else ""
+        click.echo(f"restored version {result['restored']} as version {result['version']} "
+                   f"({result['rows']} rows){moved}")
+
+
 def _describe_finetuned(ft: dict | None) -> list[str]:
     """The provenance of a model written by `indexer finetune` (the full record is its indexer-model.json)."""
     if not ft:

@@ -48,6 +48,7 @@ class BatchWriter:
     def _run(self) -> None:
         buffers: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
         last = time.monotonic()
+        item: Any = ...
         try:
             while True:
                 try:
@@ -72,6 +73,7 @@ class BatchWriter:
                     return
         except BaseException as exc:  # surfaced to the caller on its next put/close
             self._error = exc
-            # Keep draining so the producer never blocks on a full queue.
-            while self._queue.get() is not None:
-                pass
+            # Keep draining so the producer never blocks on a full queue, up to close()'s sentinel (unless
+            # the failed commit was the final one: then the sentinel is taken and close() is already waiting).
+            while item is not None:
+                item = self._queue.get()

@@ -93,7 +93,9 @@ def save_backbone(embedder: Embedder, base: ModelSpec, out: Path) -> tuple[str, 
             _write_sentence_transformers_config(out, embedder.spec)
         return "transformers", sha256_files(weights_files(out, {"kind": "transformers"}))
     # A CNN: the base state dict (keeping its classifier) updated with the trained backbone.
-    state = _plain_state_dict(torch.load(base.path, map_location="cpu", weights_only=True))
+    from .registry import read_state_dict  # registry builds fine-tuned dirs: imported here, not at the top
+
+    state = _plain_state_dict(read_state_dict(base.path))
     state.update({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     written = write_atomic(out / STATE_DICT_FILE, lambda tmp: torch.save(state, tmp))
     return "state_dict", written["sha256"]  # one file: its sha256 is sha256_files([it])
@@ -146,7 +148,8 @@ def resolve_model_dir(name: str, weights: str | None) -> tuple[str, str, dict]:
         raise IndexerError(f"{model_dir}: weights missing ({', '.join(missing)}); fine-tune again")
     sha = sha256_files(files)
     if sha != manifest["weights_sha256"]:
-        raise IndexerError(f"{model_dir}: the weights changed since fine-tuning (sha256 {sha[:12]} vs "
+        raise IndexerError(f"{model_dir}: the weights ({', '.join(f.name for f in files)}) are damaged or changed "
+                           f"since fine-tuning (sha256 {sha[:12]} vs "
                            f"{manifest['weights_sha256'][:12]} in {MODEL_MANIFEST}); fine-tune again")
     options: dict[str, Any] = {"finetuned": provenance(manifest)}
     if manifest.get("arch"):

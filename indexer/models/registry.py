@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import IndexerError
 from ..files import sha256_files
@@ -223,13 +225,32 @@ def _existing_file(path: str) -> Path:
     return p.resolve()
 
 
-def _load_state_dict(model, path: str) -> None:
+def read_state_dict(path: str | Path) -> Any:
+    """A weights file's tensors, never running code from it: safetensors, or torch's weights-only
+    unpickler (a pickle that names anything but tensors and plain containers is refused, not run)."""
     import torch
 
+    if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise IndexerError(f"cannot load weights {path}: damaged safetensors file ({exc})") from exc
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt or non-tensor pickles
-        raise IndexerError(f"cannot load weights {path}: {exc}") from exc
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise IndexerError(f"refusing to load weights {path}: it holds pickled objects other than tensors, "
+                           "which could run code; save a plain state dict (torch.save(model.state_dict())) "
+                           "or a .safetensors file") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated zips, random bytes: torch raises many kinds
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IndexerError(f"cannot load weights {path}: damaged or not a PyTorch file ({reason})") from exc
+
+
+def _load_state_dict(model, path: str) -> None:
+    state = read_state_dict(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
@@ -330,7 +351,11 @@ def load_embedder(spec: ModelSpec | str, runtime: Runtime | None = None, **flags
     if isinstance(spec, str):
         spec = resolve_spec(spec, **flags)
     runtime = runtime or resolve_runtime()
-    embedder = _backbone_for(spec.name).build(spec, runtime)
+    try:
+        embedder = _backbone_for(spec.name).build(spec, runtime)
+    except pickle.UnpicklingError as exc:  # transformers reads a directory's .bin files weights-only too
+        raise IndexerError(f"refusing to load {spec.path}: its weights hold pickled objects other than tensors, "
+                           "which could run code; use a model saved as .safetensors") from exc
     if runtime.backend not in embedder.backends:
         raise IndexerError(f"--backend {runtime.backend}: {spec.name} runs on {', '.join(embedder.backends)} only")
     embedder.spec = replace(embedder.spec, backend=runtime.backend, precision=runtime.precision)

@@ -3,6 +3,7 @@ vision transformers (CLS or mean of patch tokens)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,8 @@ class ImageTransform:
         import torchvision.transforms.v2.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        x = TF.pil_to_tensor(image)
-        x = TF.resize(x, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        x = _resize_short_side(TF.pil_to_tensor(image), self.resize, self.crop,
+                               InterpolationMode(self.interpolation))
         x = TF.center_crop(x, [self.crop])
         x = TF.to_dtype(x, torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
@@ -42,6 +43,29 @@ class ImageTransform:
     def to_dict(self) -> dict[str, Any]:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation}
+
+
+def _resize_short_side(x: torch.Tensor, resize: int, crop: int, interpolation) -> torch.Tensor:
+    """Resize a (c, h, w) image so its short side is `resize` (torchvision's rule for the long side).
+
+    An extreme aspect ratio (a 100000x2 strip) would be resized to millions of pixels on its long side
+    (GBs) only for the centre crop to throw them away: such an image is first cut to the centre the crop
+    keeps, plus a margin for the resampling kernel, and resized at the same scale. Shapes up to 64:1 are
+    resized whole, so their vectors do not change."""
+    import torchvision.transforms.v2.functional as TF
+
+    h, w = x.shape[-2:]
+    short, long = min(h, w), max(h, w)
+    out_long = int(resize * long / short)
+    if out_long <= 64 * resize:
+        return TF.resize(x, [resize], interpolation=interpolation, antialias=True)
+    scale = out_long / long
+    keep = min(long, math.ceil(crop / scale) + 2 * (math.ceil(2 / scale) + 2))
+    start = (long - keep) // 2
+    size = round(keep * scale)
+    if w > h:
+        return TF.resize(x[..., start : start + keep], [resize, size], interpolation=interpolation, antialias=True)
+    return TF.resize(x[..., start : start + keep, :], [size, resize], interpolation=interpolation, antialias=True)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,8 +170,19 @@ def _folder(root: Path, opts: SourceOptions) -> Iterator[Record | SkippedInput]:
     yield from errors
 
 
+def _resolved(path: Path) -> str | None:
+    """The absolute path with symlinks followed, or None for a symlink loop (which pathlib raises as a
+    RuntimeError on Python 3.11, as OSError elsewhere): one such file must not end the run."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return None
+
+
 def _file_record(path: Path, rid: str, opts: SourceOptions) -> Record | SkippedInput:
-    source = str(path.resolve())
+    source = _resolved(path)
+    if source is None:
+        return SkippedInput(str(path.absolute()), "cannot read file: symlink loop", rid)
     if opts.modality == "image":
         return Record(id=rid, source=source, path=source)
     try:
@@ -219,7 +231,20 @@ def _jsonl_rows(lines, name: str) -> Iterator[tuple[int, dict | SkippedInput]]:
         if not isinstance(row, dict):
             yield n, SkippedInput(f"{name}:{n}", "a JSONL line must be an object")
             continue
+        if "\\u" in line and _lone_surrogate(row):
+            yield n, SkippedInput(f"{name}:{n}", "invalid unicode: a \\ud800-\\udfff escape without its pair "
+                                  "(UTF-8 cannot store it)")
+            continue
         yield n, row
+
+
+def _lone_surrogate(row: dict) -> bool:
+    """JSON can escape half a UTF-16 pair (\\ud800); Python keeps it, but Arrow and Lance cannot store it."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _open_table(path: Path) -> Iterator[tuple[int, dict | SkippedInput]]:
@@ -253,6 +278,14 @@ def _table_rows(rows: Iterator[tuple[int, dict | SkippedInput]], source: str, ba
         yield _row_record(row, f"{source}:{n}", f"{name}:{n}", base, opts)
 
 
+def _field_name(key: Any) -> str:
+    """A user field's column name: `user_` before a name the collection owns; `.` (Lance reads it as a
+    struct path), NUL (cut there) and backticks (its quoting), and an empty name, which Lance cannot
+    store as a column, become `_`."""
+    name = re.sub(r"[.\x00`]", "_", str(key)) or "_"
+    return f"user_{name}" if name in RESERVED else name
+
+
 def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
                 opts: SourceOptions) -> Record | SkippedInput:
     id_key = opts.id_field or ("id" if "id" in row else None)
@@ -270,7 +303,7 @@ def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
     used = {id_key, label_key, payload_key}
     if opts.modality == "vector":
         used.add(opts.text_field)
-    fields = {(f"user_{k}" if k in RESERVED else k): v for k, v in row.items() if k not in used}
+    fields = {_field_name(k): v for k, v in row.items() if k not in used}
     record = Record(id=rid, source=where, label=label, fields=fields)
     if opts.modality == "vector":
         if value is None:
@@ -289,7 +322,9 @@ def _row_record(row: dict[str, Any], where: str, default_id: str, base: Path,
     elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
         record.data = bytes(value["bytes"])  # the Hugging Face datasets image struct
     elif isinstance(value, str) and value:
-        record.path = str((base / value).resolve())
+        record.path = _resolved(base / value)
+        if record.path is None:
+            return SkippedInput(where, f"cannot read image {value!r}: symlink loop", rid)
     else:
         return SkippedInput(where, f"missing image field {payload_key!r} (a path or bytes; set --image-field)", rid)
     return record

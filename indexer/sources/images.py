@@ -42,11 +42,11 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
             return to_rgb(img)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"decompression bomb guard: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image too large (decompression bomb guard): {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image (unrecognised format)") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 
 

@@ -24,6 +24,7 @@ from ..spec import ModelSpec
 from .arrow import conform, rows_to_table
 from .location import Location
 from .manifest import MANIFEST, Manifest, now_iso
+from .versions import damaged_table, is_lance_damage, latest_manifest
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,10 @@ class Collection:
         if self._table is None:
             try:
                 self._table = self.db.open_table(TABLE)
-            except (FileNotFoundError, ValueError):
-                return None
+            except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
+                if not is_lance_damage(exc):
+                    return None  # no table yet
+                raise damaged_table(self, exc, latest_manifest(self)) from exc
         return self._table
 
     def dataset(self):
@@ -272,7 +275,9 @@ class Collection:
         try:
             scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
             yield from scanner.to_batches()
-        except ValueError as exc:  # lance reports SQL and column errors as ValueError
+        except (ValueError, OSError) as exc:  # lance reports SQL and column errors as ValueError
+            if is_lance_damage(exc):
+                raise damaged_table(self, exc, self.damaged_data_file(columns)) from exc
             if where is None:
                 raise
             raise where_error(where, exc) from exc
@@ -300,6 +305,16 @@ class Collection:
             ds = self._pinned[1]
         # The dataset's own take: lancedb's take_row_ids goes through its event loop, twice the latency.
         return ds._take_rows(pa.array(np.asarray(row_ids, dtype=np.uint64)), columns=columns)
+
+    def damaged_data_file(self, columns: list[str]) -> str | None:
+        """The data file a failed scan could not read (each fragment read on its own: the error path only)."""
+        ds = self.dataset()
+        for fragment in ds.get_fragments():
+            try:
+                fragment.to_table(columns=columns)
+            except (ValueError, OSError):
+                return f"lance/{TABLE}.lance/data/{fragment.data_files()[0].path}"
+        return None
 
     def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
         if not row_ids:

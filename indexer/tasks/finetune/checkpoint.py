@@ -46,7 +46,16 @@ def save_checkpoint(path: Path, trainer: Trainer, state: dict[str, Any], epochs:
 
 
 def load_checkpoint(path: Path, key: str, trainer: Trainer, fresh: dict[str, Any]) -> dict[str, Any]:
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    import pickle
+
+    try:
+        # Weights-only even for our own file: MODEL_DIR may come from elsewhere, and a pickle can run code.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise IndexerError(f"refusing to load {path}: it holds pickled objects other than tensors (written by an "
+                           f"older indexer, or not by indexer); delete it to start the run over") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated or damaged zip: torch raises many kinds
+        raise IndexerError(f"{path} is damaged ({type(exc).__name__}); delete it to start the run over") from exc
     if saved.get("key") != key:
         raise IndexerError(f"{path.parent.parent} holds a checkpoint of a different run (other data, model or "
                            "settings; only --epochs may change): rerun the original command, or choose another --out")
@@ -60,7 +69,10 @@ def load_checkpoint(path: Path, key: str, trainer: Trainer, fresh: dict[str, Any
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's key array as a tensor: the weights-only loader reads tensors and plain containers only.
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                        gauss), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -68,7 +80,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
