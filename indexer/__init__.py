@@ -64,14 +64,12 @@ def restore(collection: str | os.PathLike, version: int | None = None) -> Any:
     {'restored': 3, 'version': 6, 'rows': 120, 'moved': ['damaged/18446744073709551610.manifest']}
     """
     from .store import Collection
-    from .store.versions import list_versions
-    from .store.versions import restore as restore_version
 
     coll = Collection.open(collection)
     if version is None:
-        return list_versions(coll)
+        return coll.versions()
     with coll.write_lock():
-        return restore_version(coll, version)
+        return coll.restore(version)
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ from ..errors import IndexerError
 from ..files import sha256_files, write_atomic
 from ..spec import ModelSpec
 from .base import Embedder
+from .weights import read_state_dict
 
 MODEL_MANIFEST = "indexer-model.json"
 FORMAT = "indexer-finetuned/1"
@@ -93,8 +94,6 @@ def save_backbone(embedder: Embedder, base: ModelSpec, out: Path) -> tuple[str, 
             _write_sentence_transformers_config(out, embedder.spec)
         return "transformers", sha256_files(weights_files(out, {"kind": "transformers"}))
     # A CNN: the base state dict (keeping its classifier) updated with the trained backbone.
-    from .registry import read_state_dict  # registry builds fine-tuned dirs: imported here, not at the top
-
     state = _plain_state_dict(read_state_dict(base.path))
     state.update({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     written = write_atomic(out / STATE_DICT_FILE, lambda tmp: torch.save(state, tmp))

@@ -9,7 +9,6 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ..errors import IndexerError
 from ..files import sha256_files
@@ -17,6 +16,7 @@ from ..spec import Modality, ModelSpec
 from .base import Embedder
 from .device import Runtime, resolve_runtime
 from .finetuned import built_as, is_model_dir, read_manifest, resolve_model_dir
+from .weights import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -223,30 +223,6 @@ def _existing_file(path: str) -> Path:
     if not p.is_file():
         raise IndexerError(f"weights file not found: {path}")
     return p.resolve()
-
-
-def read_state_dict(path: str | Path) -> Any:
-    """A weights file's tensors, never running code from it: safetensors, or torch's weights-only
-    unpickler (a pickle that names anything but tensors and plain containers is refused, not run)."""
-    import torch
-
-    if str(path).endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise IndexerError(f"cannot load weights {path}: damaged safetensors file ({exc})") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise IndexerError(f"refusing to load weights {path}: it holds pickled objects other than tensors, "
-                           "which could run code; save a plain state dict (torch.save(model.state_dict())) "
-                           "or a .safetensors file") from exc
-    except Exception as exc:  # noqa: BLE001 - truncated zips, random bytes: torch raises many kinds
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise IndexerError(f"cannot load weights {path}: damaged or not a PyTorch file ({reason})") from exc
 
 
 def _load_state_dict(model, path: str) -> None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from ..errors import IndexerError
 from ..sources.records import SkippedInput
 from ..spec import ModelSpec
+from . import versions
 from .arrow import conform, rows_to_table
 from .location import Location
 from .manifest import MANIFEST, Manifest, now_iso
@@ -171,6 +172,22 @@ class Collection:
         """The one answer every command gives about a collection without rows."""
         return IndexerError(f"{self.path} is empty: ingest something first")
 
+    def reopen(self) -> None:
+        """Forget the open table and datasets: the next read opens the latest version afresh."""
+        self._table = self._latest = self._pinned = None
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The Lance table's versions, newest first, each readable or not (store/versions.py)."""
+        return versions.list_versions(self.location)
+
+    def restore(self, version: int) -> dict[str, Any]:
+        """Make `version`'s rows the newest version, a new commit (`indexer restore COLL --version N`)."""
+        moved = versions.restore(self.location, version)
+        self.reopen()
+        new = self.version()
+        log.info("restored version %d of %s as version %d", version, self.path, new)
+        return {"restored": version, "version": new, "rows": self.count(), "moved": moved}
+
     def write_lock(self):
         """One writer at a time (see Location.lock)."""
         return self.location.lock()
@@ -194,7 +211,7 @@ class Collection:
             except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
                 if not is_lance_damage(exc):
                     return None  # no table yet
-                raise damaged_table(self, exc, latest_manifest(self)) from exc
+                raise damaged_table(self.location, exc, latest_manifest(self.location)) from exc
         return self._table
 
     def dataset(self):
@@ -277,7 +294,7 @@ class Collection:
             yield from scanner.to_batches()
         except (ValueError, OSError) as exc:  # lance reports SQL and column errors as ValueError
             if is_lance_damage(exc):
-                raise damaged_table(self, exc, self.damaged_data_file(columns)) from exc
+                raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             if where is None:
                 raise
             raise where_error(where, exc) from exc
@@ -303,8 +320,12 @@ class Collection:
             if self._pinned is None or self._pinned[0] != version:
                 self._pinned = (version, latest.checkout_version(version))
             ds = self._pinned[1]
-        # The dataset's own take: lancedb's take_row_ids goes through its event loop, twice the latency.
-        return ds._take_rows(pa.array(np.asarray(row_ids, dtype=np.uint64)), columns=columns)
+        try:  # the dataset's own take: lancedb's take_row_ids goes through its event loop, twice the latency
+            return ds._take_rows(pa.array(np.asarray(row_ids, dtype=np.uint64)), columns=columns)
+        except (ValueError, OSError) as exc:
+            if is_lance_damage(exc):
+                raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
+            raise
 
     def damaged_data_file(self, columns: list[str]) -> str | None:
         """The data file a failed scan could not read (each fragment read on its own: the error path only)."""

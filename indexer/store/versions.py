@@ -9,32 +9,32 @@ the user the last few commits, not the collection.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import IndexerError
-
-if TYPE_CHECKING:
-    from .collection import Collection
-
-log = logging.getLogger(__name__)
+from .location import Location
 
 VERSIONS_DIR = "lance/items.lance/_versions"
 DAMAGED_DIR = "damaged"  # unreadable manifests are moved here by a restore, kept for inspection
 _U64_MAX = 2**64 - 1
 
 
-def recovery_hint(coll: Collection) -> str:
-    return (f"list the versions that can still be read with `indexer restore {coll.path} --list`, then restore "
-            f"one with `indexer restore {coll.path} --version N` (or re-ingest into a new collection)")
+def _shown(loc: Location) -> str:
+    """The collection as the user named it (as Collection.path shows it)."""
+    return loc.uri if loc.remote else str(loc.local_path)
 
 
-def damaged_table(coll: Collection, exc: Exception, file: str | None = None) -> IndexerError:
+def recovery_hint(loc: Location) -> str:
+    return (f"list the versions that can still be read with `indexer restore {_shown(loc)} --list`, then restore "
+            f"one with `indexer restore {_shown(loc)} --version N` (or re-ingest into a new collection)")
+
+
+def damaged_table(loc: Location, exc: Exception, file: str | None = None) -> IndexerError:
     """The user error for a Lance table that cannot be read: which file, and the command that recovers."""
     reason = re.split(r", /\S+\.rs:\d+", str(exc))[0].replace("External error: ", "").strip()
     where = f"{file} is damaged" if file else "its Lance table is damaged"
-    return IndexerError(f"{coll.path}: {where} ({reason}); {recovery_hint(coll)}")
+    return IndexerError(f"{_shown(loc)}: {where} ({reason}); {recovery_hint(loc)}")
 
 
 def is_lance_damage(exc: Exception) -> bool:
@@ -43,10 +43,9 @@ def is_lance_damage(exc: Exception) -> bool:
     return "LanceError(IO)" in text or "corrupt file" in text.lower() or "LanceError(Corrupt" in text
 
 
-def _manifest_versions(coll: Collection) -> dict[int, str]:
+def _manifest_versions(loc: Location) -> dict[int, str]:
     """version -> manifest file name, from the names in `_versions/` (both of Lance's naming schemes:
     `N.manifest`, and `u64::MAX - N` zero-padded so the newest sorts first)."""
-    loc = coll.location
     if loc.remote:
         names = [name.rsplit("/", 1)[-1] for name, _ in loc._remote_files(VERSIONS_DIR)]
     else:
@@ -61,70 +60,67 @@ def _manifest_versions(coll: Collection) -> dict[int, str]:
     return out
 
 
-def latest_manifest(coll: Collection) -> str | None:
+def latest_manifest(loc: Location) -> str | None:
     """The newest manifest's path inside the collection (what a failed open could not read)."""
-    versions = _manifest_versions(coll)
+    versions = _manifest_versions(loc)
     return f"{VERSIONS_DIR}/{versions[max(versions)]}" if versions else None
 
 
-def _open_version(coll: Collection, version: int):
+def _open_version(loc: Location, version: int):
     import lance
 
-    return lance.dataset(coll.location.lance_uri() + "/items.lance", version=version,
-                         storage_options=coll.location.storage_options or None)
+    return lance.dataset(loc.lance_uri() + "/items.lance", version=version, storage_options=loc.storage_options or None)
 
 
-def list_versions(coll: Collection) -> list[dict[str, Any]]:
+def list_versions(loc: Location) -> list[dict[str, Any]]:
     """Every version the table has a manifest for, newest first: {"version", "file", "readable", "rows",
     "error"}. Reading a manifest is cheap; data files are not read (a damaged data file shows
     when a version is used)."""
     out = []
-    for version, name in sorted(_manifest_versions(coll).items(), reverse=True):
+    for version, name in sorted(_manifest_versions(loc).items(), reverse=True):
         entry: dict[str, Any] = {"version": version, "file": f"{VERSIONS_DIR}/{name}", "readable": True,
                                  "rows": None, "error": None}
         try:
-            entry["rows"] = _open_version(coll, version).count_rows()
+            entry["rows"] = _open_version(loc, version).count_rows()
         except Exception as exc:  # noqa: BLE001 - any failure to read a manifest means the same here
             entry.update(readable=False, error=re.split(r", /\S+\.rs:\d+", str(exc))[0])
         out.append(entry)
     return out
 
 
-def restore(coll: Collection, version: int) -> dict[str, Any]:
+def restore(loc: Location, version: int) -> list[str]:
     """Make `version`'s rows the table's newest version (a new commit: nothing is rewritten or lost).
-    Unreadable manifests newer than it are moved to `damaged/` first: Lance cannot commit on top of a
-    manifest it cannot read. The FAISS index is marked stale, so the next search catches it up."""
-    versions = _manifest_versions(coll)
+    Unreadable manifests newer than it are moved to `damaged/` first (returned): Lance cannot commit on
+    top of a manifest it cannot read. The FAISS index is marked stale, so the next search catches it up.
+    Collection.restore calls this and reopens the table after."""
+    versions = _manifest_versions(loc)
     if version not in versions:
         known = ", ".join(str(v) for v in sorted(versions)) or "none"
-        raise IndexerError(f"{coll.path} has no version {version} (versions: {known}; see `indexer restore "
-                           f"{coll.path} --list`)")
+        raise IndexerError(f"{_shown(loc)} has no version {version} (versions: {known}; see `indexer restore "
+                           f"{_shown(loc)} --list`)")
     try:
-        target = _open_version(coll, version)
+        target = _open_version(loc, version)
     except Exception as exc:  # noqa: BLE001
-        raise IndexerError(f"version {version} of {coll.path} cannot be read either: choose another "
-                           f"(`indexer restore {coll.path} --list`)") from exc
+        raise IndexerError(f"version {version} of {_shown(loc)} cannot be read either: choose another "
+                           f"(`indexer restore {_shown(loc)} --list`)") from exc
     moved = []
     for newer in sorted((v for v in versions if v > version), reverse=True):
         try:
-            _open_version(coll, newer)
+            _open_version(loc, newer)
             break  # the newest readable manifest: Lance can commit on top of it
         except Exception:  # noqa: BLE001
-            moved.append(_quarantine(coll, versions[newer]))
+            moved.append(_quarantine(loc, versions[newer]))
     target.restore()
-    coll._table = None  # reopen at the new latest version
-    _mark_index_stale(coll)
-    new = coll.version()
-    log.info("restored version %d of %s as version %d", version, coll.path, new)
-    return {"restored": version, "version": new, "rows": coll.count(), "moved": moved}
+    _mark_index_stale(loc)
+    return moved
 
 
-def _quarantine(coll: Collection, name: str) -> str:
-    if coll.location.remote:
-        raise IndexerError(f"{coll.location}/{VERSIONS_DIR}/{name} is unreadable: Lance cannot write a new "
+def _quarantine(loc: Location, name: str) -> str:
+    if loc.remote:
+        raise IndexerError(f"{loc}/{VERSIONS_DIR}/{name} is unreadable: Lance cannot write a new "
                            "version after it; move it out of _versions/ by hand, then run restore again")
-    src = coll.location.local_path / VERSIONS_DIR / name
-    dest = coll.location.local_path / DAMAGED_DIR / name
+    src = loc.local_path / VERSIONS_DIR / name
+    dest = loc.local_path / DAMAGED_DIR / name
     dest.parent.mkdir(exist_ok=True)
     src.replace(dest)
     hint = src.parent / "latest_version_hint.json"
@@ -132,12 +128,12 @@ def _quarantine(coll: Collection, name: str) -> str:
     return f"{DAMAGED_DIR}/{name}"
 
 
-def _mark_index_stale(coll: Collection) -> None:
+def _mark_index_stale(loc: Location) -> None:
     """Version numbers can repeat after a restore: forget which one the FAISS index reflects, so it is
     compared row by row (record hashes) with the table before its next use."""
-    data = coll.location.read_bytes("index/index.json")
+    data = loc.read_bytes("index/index.json")
     if data is None:
         return
     meta = json.loads(data)
     meta["lance_version"] = None
-    coll.location.write_bytes("index/index.json", (json.dumps(meta, indent=2) + "\n").encode())
+    loc.write_bytes("index/index.json", (json.dumps(meta, indent=2) + "\n").encode())

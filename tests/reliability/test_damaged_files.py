@@ -57,8 +57,11 @@ def coll(pristine, tmp_path):
 
 def _search(coll, rid="a.npy:1"):
     from indexer.index import _OPEN
+    from indexer.index.exact import _RESIDENT
+    from indexer.store.collection import _OPENED
 
-    _OPEN.clear()  # each CLI run is a new process: no index kept open from the last one
+    for kept in (_OPEN, _OPENED, _RESIDENT):  # each CLI run is a new process: nothing kept open from the last one
+        kept.clear()
     return run("search", coll, "--id", rid, "-k", 3, "--json")
 
 
