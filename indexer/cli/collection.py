@@ -222,7 +222,10 @@ def _describe_runtime(model: dict, drift: dict | None) -> list[str]:
 @storage_options
 @output_options
 def restore(collection, list_versions, version, as_json, quiet):
-    """Recover COLLECTION after damage: list the Lance table's versions, restore one as a new version."""
+    """List the table's versions, or restore one after damage.
+
+    Recover COLLECTION after damage: list the Lance table's versions (--list) and whether each can be read,
+    then restore one as a new version (--version N)."""
     from .. import restore as run_restore
 
     if list_versions == (version is not None):
