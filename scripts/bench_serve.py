@@ -12,9 +12,9 @@ Run from the repository root (with `nice -n 5` on a shared machine):
   the vectors' meaning does not change the work a query does. Ingest builds the FAISS index (past
   100k rows it does so itself; below that `build_index` is called), tuned to recall@10 >= 0.95. The
   collection is kept in bench-out/ and reused by the next run with the same --rows.
-* Server: `indexer serve COLL --port 0` as a subprocess, with micro-batching (`--max-batch 32`), with
-  batching that also holds each batch 3 ms for more queries to join (`--batch-wait-ms 3`), and without
-  batching (`--max-batch 1`): one after the other, never two at once.
+* Server: `indexer serve COLL --port 0` as a subprocess, with its default micro-batching (`--max-batch 32`,
+  `--batch-wait-ms 3`: each batch's first query is held 3 ms for more to join), with batching but no wait
+  (`--batch-wait-ms 0`), and without batching (`--max-batch 1`): one after the other, never two at once.
 * Clients: C asyncio connections (HTTP/1.1 keep-alive, a minimal client so the load generator costs
   little CPU next to the server on the same machine), each sending POST /search {"query", "k": 10}
   back to back for SECONDS seconds, queries drawn from 500 distinct random sentences. Latency is from
@@ -95,7 +95,7 @@ def build_collection(rows: int, root: Path) -> Path:
 class Server:
     def __init__(self, coll: Path, *args: str, checkout: Path | None = None):
         """`indexer serve` from this checkout, or from `checkout` (another version of the code, for a baseline)."""
-        cmd = [sys.executable, "-m", "indexer.cli", "serve", str(coll), "--port", "0", "--json", *args]
+        cmd = [sys.executable, "-m", "indexer.cli", "serve", str(coll.resolve()), "--port", "0", "--json", *args]
         env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
@@ -208,8 +208,8 @@ def main() -> None:
     queries = [json.dumps({"query": " ".join(s.split()[:rng.integers(3, 9)]), "k": 10}).encode()
                for s in sentences(rng, 500)]
     levels = [int(c) for c in args.clients.split(",")]
-    configs = {"batched (--max-batch 32)": ["--max-batch", "32"],
-               "batched, --batch-wait-ms 3": ["--max-batch", "32", "--batch-wait-ms", "3"],
+    configs = {"batched (default: --max-batch 32 --batch-wait-ms 3)": [],
+               "batched, no wait (--batch-wait-ms 0)": ["--max-batch", "32", "--batch-wait-ms", "0"],
                "unbatched (--max-batch 1)": ["--max-batch", "1"]}
     report = {"rows": args.rows, "seconds_per_level": args.seconds, "machine": machine(), "results": {}}
     checkouts = {name: None for name in configs}
@@ -238,14 +238,14 @@ def main() -> None:
     print(f"\nPOST /search, text queries (MiniLM) on {args.rows} rows, {report['index']['kind']} index "
           f"(recall@10 {report['index']['recall_at_10']:.3f}); {args.seconds:.0f}s per level, "
           f"{os.cpu_count()} CPUs shared by server and clients")
-    print(f"{'configuration':28} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} "
+    print(f"{'configuration':52} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} "
           f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'batch':>5} {'load1':>10}")
     for name, rows in report["results"].items():
         for r in rows:
-            print(f"{name:28} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['throughput_rps']:>7.1f} "
+            print(f"{name:52} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['throughput_rps']:>7.1f} "
                   f"{r['p50_ms']:>7.1f} {r['p90_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['max_ms']:>7.1f} "
                   f"{r['mean_batch']:>5.1f} {r['load_before']:>4.2f}->{r['load_after']:.2f}")
-    batched = {r["clients"]: r for r in report["results"]["batched (--max-batch 32)"]}
+    batched = {r["clients"]: r for r in report["results"]["batched (default: --max-batch 32 --batch-wait-ms 3)"]}
     plain = {r["clients"]: r for r in report["results"]["unbatched (--max-batch 1)"]}
     for c in levels:
         print(f"{c:>3} clients: batching gives {batched[c]['throughput_rps'] / max(plain[c]['throughput_rps'], 1e-9):.2f}x "

@@ -22,9 +22,9 @@ from .base import cli, device_option, log, output_options, print_json, storage_o
               help="Largest uploaded image, in pixels.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most concurrent queries answered by one batched search (1: no batching).")
-@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=3.0, show_default=True,
               help="Hold a batch's first query this long for others to join (0: batch only what queued "
-              "while the previous batch ran).")
+              "while the previous batch ran; 3 ms measured best at 8 clients, scripts/bench_serve.py).")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
               "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
 @device_option
