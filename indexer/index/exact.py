@@ -148,5 +148,5 @@ def _resident_vectors(coll: Collection) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     row_ids = np.concatenate([r for r, _ in blocks])
     x = np.ascontiguousarray(np.concatenate([b for _, b in blocks]), dtype=np.float32)
-    _RESIDENT[key] = (coll.version(), row_ids, x)
+    _RESIDENT[key] = (version, row_ids, x)
     return row_ids, x

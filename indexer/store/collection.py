@@ -21,11 +21,10 @@ import pyarrow as pa
 from ..errors import IndexerError
 from ..sources.records import SkippedInput
 from ..spec import ModelSpec
-from . import versions
 from .arrow import conform, rows_to_table
 from .location import Location
 from .manifest import MANIFEST, Manifest, now_iso
-from .versions import damaged_table, is_lance_damage, latest_manifest
+from .versions import damaged_table, is_lance_damage, latest_manifest, list_versions, restore_version
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +177,11 @@ class Collection:
 
     def versions(self) -> list[dict[str, Any]]:
         """The Lance table's versions, newest first, each readable or not (store/versions.py)."""
-        return versions.list_versions(self.location)
+        return list_versions(self.location)
 
     def restore(self, version: int) -> dict[str, Any]:
         """Make `version`'s rows the newest version, a new commit (`indexer restore COLL --version N`)."""
-        moved = versions.restore(self.location, version)
+        moved = restore_version(self.location, version)
         self.reopen()
         new = self.version()
         log.info("restored version %d of %s as version %d", version, self.path, new)

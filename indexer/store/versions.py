@@ -88,7 +88,7 @@ def list_versions(loc: Location) -> list[dict[str, Any]]:
     return out
 
 
-def restore(loc: Location, version: int) -> list[str]:
+def restore_version(loc: Location, version: int) -> list[str]:
     """Make `version`'s rows the table's newest version (a new commit: nothing is rewritten or lost).
     Unreadable manifests newer than it are moved to `damaged/` first (returned): Lance cannot commit on
     top of a manifest it cannot read. The FAISS index is marked stale, so the next search catches it up.
