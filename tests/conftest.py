@@ -1,4 +1,4 @@
-"""Shared fixtures: real packaged models, tiny random models built here, and the sample corpus.
+"""Shared fixtures: real packaged models, tiny random models (tests/tiny_models.py), and the sample corpus.
 Everything is offline; slow objects are built once per session."""
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 
 from indexer.models import load_embedder
 
-WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree car road sun moon star water fire "
-         "stone market price bank loan river city music song game ball team win lose").split()
+from .tiny_models import WORDS, tiny_bert, tiny_vit  # noqa: F401 - WORDS: test modules import it from here
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +39,7 @@ def sample_corpus(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A randomly initialised 3-layer BERT with its own WordPiece vocabulary, saved as a model directory."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"],
-             *"abcdefghijklmnopqrstuvwxyz"]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), model_max_length=32)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).eval().save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
@@ -67,15 +54,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vit_dir(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    d = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64)
-    ViTModel(cfg).eval().save_pretrained(d)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
-    return d
+    return tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
 
 
 def _byte_level_clip_tokenizer(max_length: int):
