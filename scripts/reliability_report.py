@@ -29,6 +29,7 @@ from tests.reliability.faults import ENV, SCENARIOS, Scenario, kill_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
+    "disk full, read-only storage": "tests/reliability/test_full_disk.py",
     "hostile images": "tests/reliability/test_hostile_images.py",
     "malicious weights": "tests/reliability/test_malicious_weights.py",
     "damaged files": "tests/reliability/test_damaged_files.py",

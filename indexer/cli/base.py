@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import IndexerError
+from ..errors import IndexerError, storage_error
 from ..version import __version__
 
 log = logging.getLogger("indexer")
@@ -69,7 +69,8 @@ def storage_options(fn):
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr (exit 1) and Ctrl-C into exit 130, never a traceback.
+    """Turns user errors (and writes the storage refuses: disk full, read-only) into one line on stderr
+    (exit 1) and Ctrl-C into exit 130, never a traceback.
     `--help` lists each command with its whole one-line summary (click cuts long ones with "...")."""
 
     def format_commands(self, ctx, formatter):
@@ -84,6 +85,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except IndexerError as exc:
             raise click.ClickException(str(exc)) from None
+        except (OSError, RuntimeError) as exc:
+            error = storage_error(exc)
+            if error is None:
+                raise
+            raise click.ClickException(str(error)) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

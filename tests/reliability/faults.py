@@ -230,7 +230,7 @@ def same_rows(target: Path, clean: Path) -> dict[str, Any]:
 def index_problems(coll_path: Path, samples: int = 20) -> list[str]:
     """Where the collection's FAISS and full-text indexes disagree with its table (empty: they agree): the
     index's live entries are exactly the table's ids and reflect its last version; sampled vector and
-    full-text searches find their row and return only stored rows."""
+    full-text searches find their row (or, for vectors, one as near) and return only stored rows."""
     from indexer import search
     from indexer.index import FaissIndex, fts_search
     from indexer.index.fulltext import has_fts_index, has_text
@@ -254,7 +254,8 @@ def index_problems(coll_path: Path, samples: int = 20) -> list[str]:
         hits = [search(coll, vector=table[i]["vector"], k=10, engine="faiss") for i in sample]
         if any(h["id"] not in table for hit in hits for h in hit):
             problems.append("a vector search returned a row that is not stored")
-        if sum(i in {h["id"] for h in hit} for i, hit in zip(sample, hits)) < 0.9 * len(sample):
+        # A stored vector's nearest hit is itself (or a row just as near: tiny models give ties).
+        if sum(bool(hit) and hit[0]["score"] > 0.999 for hit in hits) < 0.9 * len(sample):
             problems.append("vector searches by stored vectors miss their own rows")
     if has_fts_index(coll):
         for i in sample:
