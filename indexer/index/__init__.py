@@ -117,7 +117,16 @@ def update_after_ingest(coll: Collection) -> None:
             build_lance_index(coll, kind=lance["kind"], target_recall=lance["target_recall"])
         else:
             coll.dataset().optimize.optimize_indices()  # fold new rows into the index
-    if FaissIndex.open(coll) is not None:
+    try:
+        opened = FaissIndex.open(coll)
+    except IndexerError as exc:
+        # Each index file is replaced atomically, not the set: a writer killed between two of them leaves
+        # files that no longer match index.json. The index is derived: rebuild it as index.json describes.
+        meta = FaissIndex.recorded(coll)
+        log.warning("rebuilding the index: %s", exc)
+        FaissIndex.build(coll, kind=meta.get("requested_kind", meta["kind"]), target_recall=meta["target_recall"])
+        return
+    if opened is not None:
         current_index(coll, locked=True)
     elif lance is None and coll.count() >= AUTO_INDEX_ROWS:
         log.info("%d rows: building an ANN index (exact search stops being cheap past %d)",

@@ -140,20 +140,31 @@ class FaissIndex:
         write_json_atomic(self.directory / META, self.meta)
         self.location.push(INDEX_DIR, [INDEX_FILE, ROWS_FILE, META])
 
+    @staticmethod
+    def recorded(coll: Collection) -> dict[str, Any] | None:
+        """What index.json records (kind, parameters, file fingerprints), without opening the files;
+        None when there is no index."""
+        data = coll.location.read_bytes(f"{INDEX_DIR}/{META}")
+        if data is None:
+            return None
+        try:
+            meta = json.loads(data)
+            meta["files"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise IndexerError(f"{coll.path}/{INDEX_DIR}/{META} is damaged; rebuild with "
+                               f"`indexer index {coll.path}`") from exc
+        return meta
+
     @classmethod
     def open(cls, coll: Collection, mmap: bool = True) -> FaissIndex | None:
         import faiss
 
-        data = coll.location.read_bytes(f"{INDEX_DIR}/{META}")
-        if data is None:
+        meta = cls.recorded(coll)
+        if meta is None:
             return None
+        files = meta["files"]
         directory = coll.location.local_dir(INDEX_DIR)
         hint = f"indexer index {coll.path}"
-        try:
-            meta = json.loads(data)
-            files = meta["files"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
-            raise IndexerError(f"{coll.path}/{INDEX_DIR}/{META} is damaged; rebuild with `{hint}`") from exc
         coll.location.pull(INDEX_DIR, {name: files[name] for name in (INDEX_FILE, ROWS_FILE)})
         for name in (INDEX_FILE, ROWS_FILE):
             verify(directory / name, files[name], hint)
