@@ -77,7 +77,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2, help="SIGKILL rounds per command (each: a kill, a rerun, a "
+    ap.add_argument("--rounds", type=int, default=1, help="SIGKILL rounds per command (each: a kill, a rerun, a "
                     "comparison with the clean run)")
     ap.add_argument("--json", type=Path, help="also write the full results here")
     args = ap.parse_args()
