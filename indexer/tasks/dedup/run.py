@@ -126,6 +126,10 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
         if apply and drop:
             report.version_after = delete(coll, drop)
             report.applied = True
+        elif apply:  # nothing left to drop, but a killed --apply may have deleted without the index following
+            from ...index import update_after_ingest
+
+            update_after_ingest(coll)
     report.stats["seconds"] = round(time.perf_counter() - started, 3)
     if out is not None:
         write_output(report, out, sample)
