@@ -4,7 +4,7 @@ compared with a clean run), and the suites of tests/reliability/ (disk full and 
 images, malicious weights, damaged files, hypothesis properties, schemathesis API fuzzing), summed up in
 one table.
 
-    python scripts/reliability_report.py              # under 15 minutes on 2 shared CPU cores
+    python scripts/reliability_report.py              # 9 CPU-minutes (26 min wall on 2 cores shared at load 7-9)
     python scripts/reliability_report.py --rounds 10  # more kills per command
 
 Kill rounds are measured here (faults injected / survived, rows lost). For the suites, "inputs" counts
