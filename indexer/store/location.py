@@ -59,6 +59,7 @@ class Location:
 
     def __init__(self, uri: str | os.PathLike, storage_options: dict[str, str] | None = None):
         self.remote = is_remote(uri)
+        self._identity: str | None = None
         self.storage_options = {**_default_options, **(storage_options or {})}
         if self.remote:
             self.uri = str(uri).rstrip("/")
@@ -82,8 +83,10 @@ class Location:
         return self._root
 
     def identity(self) -> str:
-        """A key naming this collection in caches (absolute path or URI)."""
-        return self.uri if self.remote else str(self._root.resolve())
+        """A key naming this collection in caches (absolute path or URI); resolved once (the query path asks)."""
+        if self._identity is None:
+            self._identity = self.uri if self.remote else str(self._root.resolve())
+        return self._identity
 
     def lance_uri(self, name: str = "lance") -> str:
         return f"{self.uri}/{name}" if self.remote else str(self._root / name)

@@ -102,6 +102,13 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     passage with `other_chunks`.
     """
     coll = collection if isinstance(collection, Collection) else Collection.open_for_reading(collection)
+    with coll.one_version():
+        return _search_batch(coll, queries, k, where, engine, device, nprobe, ef, mode, group_by_doc, fields)
+
+
+def _search_batch(coll: Collection, queries: list[Query], k: int, where: str | None, engine: Engine, device: str,
+                  nprobe: int | None, ef: int | None, mode: Mode, group_by_doc: bool,
+                  fields: Sequence[str] | str | None) -> list[list[dict[str, Any]]]:
     if k < 1:
         raise IndexerError("-k must be at least 1")
     if engine not in ENGINES:
@@ -226,14 +233,10 @@ def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None
          knobs: dict[str, int], columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
     allowed = None
     if where:
-        import pyarrow as pa
-
-        matching = [b.column("id") for b in coll.scan(["id"], where)]
-        ids = pa.concat_arrays(matching) if matching else pa.array([], pa.string())
+        allowed = index.mask_for(coll, where)
         # Few matches: exact search among them is both exact and faster than a filtered graph walk.
-        if len(ids) <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
+        if allowed.sum() <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
             return _exact(coll, vectors, k, where, columns)
-        allowed = index.mask_for_ids(ids)
     positions, scores = index.search(vectors, k, allowed=allowed, knobs=knobs)
     ranked = []
     for pos, sc in zip(positions, scores):
