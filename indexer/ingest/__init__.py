@@ -188,7 +188,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         coll = Collection.create(path, embedder.spec, storage_options)
     else:
         coll.check_compatible(embedder.spec)
-    batch_size = batch_size or embedder.default_batch_size
+    batch_size = batch_size or embedder.batch_size()  # on a GPU: what its free memory holds
 
     with coll.write_lock():
         if label_field not in (None, "label", coll.manifest.label_field):

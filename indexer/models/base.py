@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..spec import Modality, ModelSpec
 from ..timing import Stages
+from .batching import Backoff, gpu_batch_size
 from .device import Runtime
 
 
@@ -53,9 +54,26 @@ class Embedder(ABC):
 
     def embed_batch(self, items: Sequence[Any], stages: Stages | None = None) -> np.ndarray:
         """One forward pass over `items` (already a sensible batch). Returns (n, d) float32.
-        `stages` is told how long collating/tokenising (preprocess) and the model (embed) took."""
+        `stages` is told how long collating/tokenising (preprocess) and the model (embed) took.
+        A batch the GPU has no memory for is embedded in halves (batching.Backoff)."""
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        backoff = self.__dict__.setdefault("_backoff", Backoff())  # one per embedder: the halved size sticks
+        return backoff.run(lambda piece: self._embed_pass(piece, stages), items)
+
+    def probe_items(self, n: int) -> Sequence[Any] | None:
+        """`n` of the largest inputs the model takes, to size GPU batches with; None: not sized."""
+        return None
+
+    def batch_size(self) -> int:
+        """The batch size when none is given: on CUDA the one free memory holds, else the default."""
+        probe = self.probe_items(self.default_batch_size) if self.runtime.is_cuda else None
+        if probe is None:
+            return self.default_batch_size
+        return gpu_batch_size(lambda b: self._embed_pass(b, None), probe, self.runtime.device,
+                              self.default_batch_size)
+
+    def _embed_pass(self, items: Sequence[Any], stages: Stages | None) -> np.ndarray:
         stages = stages or Stages()
         with torch.inference_mode(), self.runtime.autocast():
             with stages.time("preprocess", len(items)):

@@ -126,6 +126,10 @@ class TextEmbedder(Embedder):
     def batch_order(self, items: Sequence[str]) -> list[int]:
         return sorted(range(len(items)), key=lambda i: len(items[i]))
 
+    def probe_items(self, n: int) -> list[str]:
+        # exactly max_length tokens with the two special ones: the longest batch, none counted as truncated
+        return [" ".join(["a"] * (self.spec.max_length - 2))] * n
+
     def _prepare(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(items), padding=True, truncation=True, max_length=self.spec.max_length,
                              return_tensors="pt")
