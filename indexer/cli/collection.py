@@ -42,9 +42,11 @@ from .base import (
 @click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4). "
               "ray: embedding actors (default: one per GPU, else one per --cpus-per-worker CPUs).")
 @device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
-              show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU (or the collection's int8). "
-              "int8: dynamic quantisation on CPU (text models).")
+@click.option("--precision", type=click.Choice(["default", "auto", "fp32", "fp16", "bf16", "int8"]),
+              default="default", show_default=True, help="default: fp16 autocast on CUDA, fp32 on CPU (or the "
+              "collection's int8). auto: measure the backends and precisions of this machine on a sample of the "
+              "inputs and take the fastest keeping overlap@10 >= 0.95 with fp32 (cached). int8: dynamic "
+              "quantisation on CPU (text models).")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
               help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
                    "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
