@@ -61,6 +61,12 @@ def test_auto_measures_picks_the_fastest_that_keeps_neighbours_and_caches(tmp_pa
     assert (coll.spec.backend, coll.spec.precision) == (best["backend"], best["precision"])  # what the vectors are
     assert coll.manifest.auto_precision["measurements"] == measured and s.added == 48
     [cached] = (export_cache / "precision").glob("minilm-*.json")
+    from click.testing import CliRunner
+
+    from indexer.cli import cli
+
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "a.idx")])
+    assert f"--precision auto: {tuned['reason']}" in info.output
 
     # The decision is read back, not measured again; a plain ingest never measures.
     def no_measuring(*args, **kwargs):

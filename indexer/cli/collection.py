@@ -39,7 +39,8 @@ from .base import (
 @click.option("--vector-field", help="Table field with precomputed embeddings: stored as they are, no model "
               "run (.npy sources need no field). Name the model that made them with --model, or --model none.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
-@click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4). "
+@click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4; "
+              "on CUDA every core but one, up to 32). "
               "ray: embedding actors (default: one per GPU, else one per --cpus-per-worker CPUs).")
 @device_option
 @click.option("--precision", type=click.Choice(["default", "auto", "fp32", "fp16", "bf16", "int8"]),
@@ -192,6 +193,7 @@ def info(collection, as_json, quiet):
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
+        *([f"chosen by    --precision auto: {a['reason']}"] if (a := data.get("auto_precision")) else []),
         *([f"passages     at most {c['tokens']} tokens, {c['overlap']} overlap"] if (c := data.get("chunking")) else []),
         f"index        {_describe_index(data['index'])}",
         *([f"lance index  {_describe_index(data['lance_index'])}"] if data.get("lance_index") else []),

@@ -19,7 +19,7 @@ SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
 
 @dataclass
 class LocalEngine:
-    workers: int | None = None  # image decoding processes; None: up to 4, none for a small run
+    workers: int | None = None  # image decoding processes; None: loader_workers(), none for a small run
 
     def run(self, plan: Plan, run: Run) -> None:
         writer = BatchWriter(plan.collection, commit_rows=plan.commit_rows, stages=run.stages)
