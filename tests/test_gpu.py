@@ -148,3 +148,48 @@ def test_only_plain_jpegs_are_left_to_the_device_decoder():
     assert not plain_jpeg(encoded("CMYK"))
     assert not plain_jpeg(encoded("RGB", "PNG"))
     assert not plain_jpeg(encoded("RGB")[:-200])  # cut short: PIL reports it
+
+
+# ---- on a CUDA GPU only (skipped elsewhere): the same paths with nvjpeg, fp16 and real out-of-memory errors ----
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_ingest_decodes_jpegs_with_nvjpeg_and_matches_the_cpu(tmp_path, sample_corpus, resnet18_weights,
+                                                                   monkeypatch):
+    from indexer.ingest import loader
+
+    kw = {"model": "resnet18", "weights": str(resnet18_weights), "progress": False, "workers": 0}
+    cpu = ingest(tmp_path / "cpu.idx", [str(sample_corpus["images"])], device="cpu", **kw)
+    devices: list[str] = []
+    decode_jpegs = loader._decode_jpegs
+    monkeypatch.setattr(loader, "_decode_jpegs", lambda data, device: devices.extend([device.type] * len(data)) or
+                        decode_jpegs(data, device))
+    gpu = ingest(tmp_path / "gpu.idx", [str(sample_corpus["images"])], device="cuda", **kw)  # fp16 autocast
+    assert devices == ["cuda"] * 16
+    assert (gpu.added, gpu.errors) == (cpu.added, cpu.errors) == (16, 0)
+    a, b = _vectors(tmp_path / "cpu.idx"), _vectors(tmp_path / "gpu.idx")
+    cosines = [float(a[i] @ b[i]) for i in a]
+    assert min(cosines) > 0.97 and np.mean(cosines) > 0.98, cosines
+
+
+@needs_cuda
+def test_cuda_batches_fit_free_memory_and_back_off_on_real_oom():
+    from indexer.models import load_embedder, resolve_runtime
+
+    emb = load_embedder("minilm", resolve_runtime("cuda"))
+    size = emb.batch_size()
+    assert size & (size - 1) == 0 and emb.default_batch_size <= size <= 1024  # a power of two; a GPU holds 64
+    texts = emb.probe_items(512)  # 512 texts of the full 256 tokens
+    expected = emb.embed_batch(texts)
+    torch.cuda.empty_cache()  # blocks the allocator keeps would otherwise serve the batch below
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - 128 * 2**20, dtype=torch.uint8, device="cuda")  # 128 MiB left: a few texts' worth
+    try:
+        vectors = emb.embed_batch(texts)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert emb._backoff.size < 512  # it ran out of memory and halved
+    np.testing.assert_allclose(vectors, expected, atol=2e-2)  # fp16: batch shapes change the kernels
