@@ -193,3 +193,31 @@ def test_cuda_batches_fit_free_memory_and_back_off_on_real_oom():
         torch.cuda.empty_cache()
     assert emb._backoff.size < 512  # it ran out of memory and halved
     np.testing.assert_allclose(vectors, expected, atol=2e-2)  # fp16: batch shapes change the kernels
+
+
+def test_texts_tokenised_ahead_in_a_thread_give_the_same_vectors(minilm, monkeypatch):
+    """The GPU's text path (each batch tokenised by a thread two batches ahead of the model), run on the
+    CPU: the same vectors, truncation count and stage items as one batch after another."""
+    from indexer.timing import Stages
+
+    texts = [" ".join(["word"] * (i % 20 + 1)) + f" {i}" for i in range(40)] + ["long " * 400]
+    before = minilm.truncated
+    plain_stages, ahead_stages = Stages(), Stages()
+    plain = minilm.embed(texts, batch_size=8, stages=plain_stages)
+    truncated = minilm.truncated - before
+    threads: set[str] = set()
+    prepare = minilm._prepare
+
+    def spying_prepare(items):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        return prepare(items)
+
+    monkeypatch.setattr(minilm, "_ahead", lambda: 2)
+    monkeypatch.setattr(minilm, "_prepare", spying_prepare)
+    ahead = minilm.embed(texts, batch_size=8, stages=ahead_stages)
+    assert all(name.startswith("prepare") for name in threads) and threads
+    np.testing.assert_array_equal(ahead, plain)
+    assert minilm.truncated - before == 2 * truncated == 2
+    assert ahead_stages.items == plain_stages.items

@@ -81,6 +81,7 @@ class TextEmbedder(Embedder):
 
     default_batch_size = 64
     backends = ("torch", "onnx", "openvino")
+    prepare_in_thread = True  # the fast tokenizer releases the GIL: it runs beside the GPU's forward pass
 
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         from transformers import AutoModel, AutoTokenizer
