@@ -221,3 +221,16 @@ def test_texts_tokenised_ahead_in_a_thread_give_the_same_vectors(minilm, monkeyp
     np.testing.assert_array_equal(ahead, plain)
     assert minilm.truncated - before == 2 * truncated == 2
     assert ahead_stages.items == plain_stages.items
+
+
+def test_ray_engine_puts_one_embedding_worker_on_every_gpu():
+    from indexer import IndexerError
+    from indexer.ingest.ray_engine import RayEngine
+
+    assert RayEngine().split(cpus=16, gpus=1) == (1, 1, 1)  # one H200
+    assert RayEngine().split(cpus=128, gpus=8) == (8, 1, 1)  # every GPU of an 8-GPU machine
+    assert RayEngine().split(cpus=64, gpus=16) == (16, 1, 1)  # two machines of 8
+    assert RayEngine(gpus_per_worker=0.5).split(cpus=64, gpus=8) == (16, 1, 0.5)  # two replicas share a GPU
+    assert RayEngine().split(cpus=6, gpus=0) == (6, 1, 0)  # no GPU: one per CPU
+    with pytest.raises(IndexerError, match="do not fit"):
+        RayEngine(workers=9).split(cpus=128, gpus=8)

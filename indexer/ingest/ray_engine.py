@@ -271,9 +271,10 @@ class RayEngine:
             plan.passages.orphans |= committer.orphans  # ingest() deletes them after a complete run
             plan.collection.dataset()  # the collection's table handle moves to the last commit
 
-    def _pipeline(self, ray, plan: Plan, run: Run, units, uri: str):
-        resources = ray.cluster_resources()
-        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    def split(self, cpus: float, gpus: float) -> tuple[int, float, float]:
+        """(embedding workers, CPUs and GPUs each) on a cluster of `cpus` and `gpus`: by default one
+        worker per GPU, so every GPU of every machine embeds; on a cluster without GPUs one per
+        `cpus_per_worker` CPUs."""
         gpus_per = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus else 0)
         cpus_per = self.cpus_per_worker or 1
         workers = self.workers or max(1, int(gpus // gpus_per) if gpus_per else int(cpus // cpus_per))
@@ -281,6 +282,12 @@ class RayEngine:
             raise IndexerError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: {workers} workers of "
                                f"{cpus_per:g} CPUs and {gpus_per:g} GPUs do not fit (lower --workers, "
                                "--cpus-per-worker or --gpus-per-worker)")
+        return workers, cpus_per, gpus_per
+
+    def _pipeline(self, ray, plan: Plan, run: Run, units, uri: str):
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+        workers, cpus_per, gpus_per = self.split(cpus, gpus)
         log.info("ray: %d embedding workers (%g CPUs, %g GPUs each) on %g CPUs, %g GPUs",
                  workers, cpus_per, gpus_per, cpus, gpus)
         # Light stages take no CPU slot (the embedding actors may hold them all) and few processes.
