@@ -3,8 +3,9 @@ a sample of the user's own inputs, not guessed.
 
 Candidates: on a GPU torch fp16, bf16 (where the GPU has it) and fp32; on a CPU torch fp32 and int8, and
 ONNX Runtime and OpenVINO in fp32 and int8 where they are installed (a candidate the model family cannot
-run is listed with the reason). Each embeds the sample after a warm-up batch; its vectors are compared
-with torch fp32's on the same sample (overlap@10: the share of each item's 10 nearest neighbours kept).
+run is listed with the reason). Each embeds the sample after a warm-up batch (timed: the best of a few
+runs, since other processes share the machine); its vectors are compared with torch fp32's on the same
+sample (overlap@10: the share of each item's 10 nearest neighbours kept).
 The fastest candidate with overlap@10 >= 0.95 wins; torch fp32 always qualifies. The decision is cached
 under the export cache root, keyed by the model's weights, the device (GPU name, or CPU model and core
 count) and the runtime packages' versions, so the next ingest of that model on that machine reads it.
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE = 256  # inputs the candidates embed
 MIN_SAMPLE = 20  # fewer: nothing worth measuring, the default way is taken
-GPU_REPEATS = 3
+REPEATS = {"cuda": 3, "cpu": 2}  # timed runs per candidate (a GPU's take milliseconds)
 FORMAT = 1  # bump when what a cached decision means changes
 PACKAGES = ("torch", "transformers", "onnxruntime", "openvino", "nncf")
 
@@ -115,7 +116,7 @@ def _measure(spec: ModelSpec, device: str, backend: str, precision: str, sample:
     try:
         embedder.embed(sample[:batch], batch)  # warm-up: lazy initialisation, kernel selection
         seconds = float("inf")
-        for _ in range(GPU_REPEATS if embedder.runtime.is_cuda else 1):  # a GPU takes milliseconds: take the best
+        for _ in range(REPEATS[embedder.runtime.device.type]):  # the best run: others share the machine
             start = time.perf_counter()
             vectors = _unit(embedder.embed(sample, batch))
             seconds = min(seconds, time.perf_counter() - start)
