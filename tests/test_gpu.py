@@ -84,10 +84,11 @@ def test_ingest_with_injected_oom_stores_the_same_vectors(tmp_path, sample_corpu
 def test_loader_workers_leave_one_core_to_feed_a_gpu():
     from indexer.ingest.loader import loader_workers
 
-    assert loader_workers(16, cuda=True) == (15, 6)  # an H200 machine: every core but one decodes
-    assert loader_workers(128, cuda=True)[0] == 32
-    assert loader_workers(16, cuda=False) == (4, 4)  # on a CPU the model needs the cores
-    assert loader_workers(1, cuda=True)[0] == loader_workers(1, cuda=False)[0] == 1
+    assert loader_workers(16, cuda=True, batch_size=64) == (15, 6)  # an H200 machine: every core but one decodes
+    assert loader_workers(16, cuda=True, batch_size=1024) == (15, 2)  # big batches: fewer ahead (host memory)
+    assert loader_workers(128, cuda=True, batch_size=256)[0] == 32
+    assert loader_workers(16, cuda=False, batch_size=64) == (4, 4)  # on a CPU the model needs the cores
+    assert loader_workers(1, cuda=True, batch_size=64)[0] == loader_workers(1, cuda=False, batch_size=64)[0] == 1
 
 
 def _vectors(path) -> dict[str, np.ndarray]:

@@ -144,12 +144,15 @@ def _decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor 
         return out
 
 
-def loader_workers(cpus: int, cuda: bool) -> tuple[int, int]:
+ITEMS_AHEAD = 1024  # images a worker keeps ready: a batch of 224 px pixels is 0.6 MB an image in host memory
+
+
+def loader_workers(cpus: int, cuda: bool, batch_size: int) -> tuple[int, int]:
     """(decoding processes, batches each keeps ready). On a CPU the model needs the cores too: up to 4
     workers. A GPU needs one core to feed it, so every other core decodes, each a few batches ahead so
-    that a slow file never leaves the GPU waiting."""
+    that a slow file never leaves the GPU waiting (2 to 6 batches: fewer of the large ones a GPU takes)."""
     if cuda:
-        return max(1, min(cpus - 1, 32)), 6
+        return max(1, min(cpus - 1, 32)), max(2, min(6, ITEMS_AHEAD // batch_size))
     return max(1, min(4, cpus)), 4
 
 

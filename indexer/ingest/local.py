@@ -90,7 +90,7 @@ def _jpeg_device(embedder: Embedder) -> torch.device | None:
 def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
     run, embedder, sources = out.run, plan.embedder, plan.sources
     cuda = embedder.runtime.is_cuda
-    default_workers, prefetch = loader_workers(os.cpu_count() or 1, cuda)
+    default_workers, prefetch = loader_workers(os.cpu_count() or 1, cuda, plan.batch_size)
     if workers is None:
         # Starting a worker costs seconds (it imports torch): not worth it for a handful of images.
         small = plan.total is not None and plan.total < SMALL_IMAGE_RUN
