@@ -32,10 +32,15 @@ class ImageTransform:
 
     def __call__(self, image) -> torch.Tensor:
         import torchvision.transforms.v2.functional as TF
+
+        return self.from_tensor(TF.pil_to_tensor(image))
+
+    def from_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on a decoded (3, h, w) uint8 image, on whatever device it is (a GPU decodes JPEGs)."""
+        import torchvision.transforms.v2.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        x = _resize_short_side(TF.pil_to_tensor(image), self.resize, self.crop,
-                               InterpolationMode(self.interpolation))
+        x = _resize_short_side(x, self.resize, self.crop, InterpolationMode(self.interpolation))
         x = TF.center_crop(x, [self.crop])
         x = TF.to_dtype(x, torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
@@ -176,6 +181,9 @@ class CNNEmbedder(Embedder):
 
     def preprocess_fn(self) -> Callable:
         return self.transform
+
+    def probe_items(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 3, self.transform.crop, self.transform.crop)
 
     def _prepare(self, items: Sequence[Any]) -> torch.Tensor:
         if isinstance(items, torch.Tensor):

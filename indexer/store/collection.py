@@ -456,4 +456,5 @@ class Collection:
             "chunking": self.manifest.chunking,
             "label_field": self.manifest.label_field,
             "drift": self.manifest.drift,
+            "auto_precision": self.manifest.auto_precision,
         }
