@@ -62,7 +62,7 @@ def update_fts_index(coll: Collection) -> None:
 def ensure_fts_index(coll: Collection) -> None:
     """Collections from before full-text search get their index on the first text query."""
     if not has_fts_index(coll):
-        with coll.write_lock():
+        with coll.write_lock("full-text index"):
             update_fts_index(coll)
 
 

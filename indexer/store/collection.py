@@ -187,9 +187,9 @@ class Collection:
         log.info("restored version %d of %s as version %d", version, self.path, new)
         return {"restored": version, "version": new, "rows": self.count(), "moved": moved}
 
-    def write_lock(self):
-        """One writer at a time (see Location.lock)."""
-        return self.location.lock()
+    def write_lock(self, purpose: str, wait: bool = True):
+        """One writer at a time: a second one waits, or with `wait=False` is refused (see Location.lock)."""
+        return self.location.lock(purpose, wait)
 
     # ---- the Lance table ------------------------------------------------------------------------------
 
