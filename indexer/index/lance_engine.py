@@ -87,8 +87,8 @@ def build_lance_index(coll: Collection, kind: str = "auto", target_recall: float
     ids, queries = _sample_queries(coll, min(500, n // 10), seed)
     goal = min(1.0, target_recall + TUNING_MARGIN)
     # Ground truth by our blocked exact scan: one pass for all queries, not one Lance flat scan each.
-    row_ids, _ = exact_search(coll, queries, 11)
-    id_of = coll.rows_by_row_id(sorted({r for rows in row_ids for r in rows}), columns=["id"])
+    row_ids, _, version = exact_search(coll, queries, 11)
+    id_of = coll.rows_by_row_id(sorted({r for rows in row_ids for r in rows}), ["id"], version)
     truth = [[id_of[r]["id"] for r in rows if id_of[r]["id"] != i][:10] for i, rows in zip(ids, row_ids)]
     sweep = []
     for nprobes in (p for p in NPROBES if p <= partitions):

@@ -284,8 +284,9 @@ class Collection:
             table.compact_files()
 
     def scan(self, columns: list[str], where: str | None = None, batch_size: int = 16384,
-             with_row_id: bool = False) -> Iterator[pa.RecordBatch]:
-        ds = self.dataset()
+             with_row_id: bool = False, version: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows matching `where`, as they are at `version` (default: the latest)."""
+        ds = self.dataset() if version is None else self.at(version)
         if ds is None:
             return
         try:
@@ -311,20 +312,22 @@ class Collection:
         """The rows at these Lance row addresses, in the order given, as they were at `version` (default:
         the latest): a direct read of those rows, where a filter on id would scan. Addresses belong to a
         version (compaction moves rows), so callers pass the version their addresses were read at."""
-        latest = self.snapshot()
-        version = latest.version if version is None else version
-        if latest.version == version:
-            ds = latest
-        else:
-            if self._pinned is None or self._pinned[0] != version:
-                self._pinned = (version, latest.checkout_version(version))
-            ds = self._pinned[1]
+        ds = self.at(version)
         try:  # the dataset's own take: lancedb's take_row_ids goes through its event loop, twice the latency
             return ds._take_rows(pa.array(np.asarray(row_ids, dtype=np.uint64)), columns=columns)
         except (ValueError, OSError) as exc:
             if is_lance_damage(exc):
                 raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             raise
+
+    def at(self, version: int | None = None):
+        """The Lance dataset as it is at `version` (default: the latest), kept open for the next read."""
+        latest = self.snapshot()
+        if version is None or latest.version == version:
+            return latest
+        if self._pinned is None or self._pinned[0] != version:
+            self._pinned = (version, latest.checkout_version(version))
+        return self._pinned[1]
 
     def damaged_data_file(self, columns: list[str]) -> str | None:
         """The data file a failed scan could not read (each fragment read on its own: the error path only)."""
@@ -336,11 +339,13 @@ class Collection:
                 return f"lance/{TABLE}.lance/data/{fragment.data_files()[0].path}"
         return None
 
-    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
+    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None,
+                       version: int | None = None) -> dict[int, dict[str, Any]]:
+        """Rows by their addresses at `version`: the one the addresses were read at (default: the latest)."""
         if not row_ids:
             return {}
         columns = columns or self.result_columns()
-        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"])
+        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"], version)
         return dict(zip(map(int, row_ids), tbl.to_pylist()))
 
     def rows_by_id(self, ids: Iterable[str], columns: list[str] | None = None) -> dict[str, dict[str, Any]]:

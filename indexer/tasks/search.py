@@ -216,8 +216,8 @@ Ranked = list[tuple[list[str], list[float]]]  # per query: ids and scores, best 
 
 def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None,
            columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
-    row_ids, scores = exact_search(coll, vectors, k, where)
-    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns)
+    row_ids, scores, version = exact_search(coll, vectors, k, where)
+    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns, version)
     ranked = [([by_row[r]["id"] for r in ids], sc) for ids, sc in zip(row_ids, scores)]
     return ranked, {row["id"]: row for row in by_row.values()}
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import indexer
+from indexer.store import Collection
+from indexer.tasks import search as search_module
 
 from ..serving import running_server
 from .faults import stored
@@ -130,3 +132,30 @@ def test_searches_during_ingest_and_dedup_apply(tmp_path, record_property):
         assert min(counts) >= 3, (phase, counts)
     assert max(fragments) > 16 and fragments[-1] < 4  # the ingest compacted while searched: rows moved
 
+
+def test_a_commit_between_ranking_and_reading_the_hits_changes_nothing(tmp_path, monkeypatch):
+    """The window a writer's commit can fall into, made certain: right after the exact ranking, another
+    handle deletes the best hit and compacts the table (every row moves). The answer is still the ranked
+    version's, fields and all (reading them at the latest version made Lance's take panic: an error no
+    `except Exception` catches, which stopped the server's search loop)."""
+    base = [f"r{i}" for i in range(3000)]
+    coll = tmp_path / "c.idx"
+    indexer.ingest(coll, [str(rows_file(tmp_path / "base.jsonl", base))], vector_field="vector", model="none",
+                   batch_size=8, progress=False)
+    q = query_vectors()[0].tolist()
+    expected = indexer.search(coll, vector=q, k=K, fields="text,gen", engine="exact")
+    ranked = search_module.exact_search
+
+    def ranked_then_written(*args, **kwargs):
+        out = ranked(*args, **kwargs)
+        other = Collection.open(coll)
+        with other.write_lock("test"):
+            other.delete([expected[0]["id"]])
+            other.table.compact_files()
+        return out
+
+    monkeypatch.setattr(search_module, "exact_search", ranked_then_written)
+    assert indexer.search(coll, vector=q, k=K, fields="text,gen", engine="exact") == expected
+    monkeypatch.undo()
+    latest = indexer.search(coll, vector=q, k=K, fields="text,gen", engine="exact")
+    assert latest[: K - 1] == expected[1:]  # the delete did land
