@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
-from ..store.collection import where_error
+from ..store.collection import check_where, where_error
 from ..store.manifest import now_iso
 from .exact import exact_search
 from .tuning import TUNING_MARGIN
@@ -52,11 +52,12 @@ def lance_search(coll: Collection, vector: np.ndarray, k: int, knobs: dict[str, 
         q = q.ef(int(knobs["ef"]))
     if columns is not None:
         q = q.select([*columns, "_distance"])
+    check_where(where)
     try:
         if where:
             q = q.where(where, prefilter=True)
         rows = q.to_list()
-    except ValueError as exc:  # lance reports SQL and column errors as ValueError
+    except (ValueError, RuntimeError) as exc:  # SQL and column errors; RuntimeError: see where_error
         if not where:
             raise
         raise where_error(where, exc) from exc

@@ -58,9 +58,26 @@ def lance_reason(exc: Exception) -> str:
     return re.sub(r"Valid fields are (.*?)\.?$", user_fields, reason, flags=re.S)
 
 
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`")
+_PLACEHOLDER = re.compile(r"(?<![\w$])\$[\w$]")
+
+
+def check_where(where: str | None) -> None:
+    """Refuse what Lance's planner would panic on (printing a Rust backtrace): a `$1` placeholder outside
+    quotes. Everything else in a filter is Lance's to accept or refuse."""
+    if where is not None and _PLACEHOLDER.search(_QUOTED.sub("''", where)):
+        raise where_error(where, ValueError("placeholders such as $1 are not supported: write the value itself"))
+
+
 def where_error(where: str, exc: Exception) -> IndexerError:
-    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError)."""
-    return IndexerError(f"invalid --where {where!r}: {lance_reason(exc)}")
+    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError;
+    a filter its planner does not implement, such as a `$1` placeholder, aborts its task: RuntimeError).
+    A long filter is shown by its start: the message stays one readable line."""
+    shown = repr(where) if len(where) <= 200 else f"{where[:200]!r}... ({len(where)} characters)"
+    reason = "Lance cannot run this filter" if isinstance(exc, RuntimeError) else lance_reason(exc)
+    # Lance quotes the filter back as it is: its line breaks and control characters are shown escaped.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason.strip())
+    return IndexerError(f"invalid --where {shown}: {reason}"[:1000])
 
 
 _OPENED: dict[str, tuple[tuple, Collection]] = {}  # Collection.open_for_reading's: identity -> (manifest stat, coll)
@@ -289,10 +306,11 @@ class Collection:
         ds = self.dataset() if version is None else self.at(version)
         if ds is None:
             return
+        check_where(where)
         try:
             scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
             yield from scanner.to_batches()
-        except (ValueError, OSError) as exc:  # lance reports SQL and column errors as ValueError
+        except (ValueError, OSError, RuntimeError) as exc:  # lance reports SQL and column errors as ValueError
             if is_lance_damage(exc):
                 raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             if where is None:
