@@ -114,12 +114,15 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
     Query.pick({"QUERY": query, "--image": image, "--id": item_id, "--queries": queries}, click.UsageError)
     if queries is not None:
         qs = []
-        for n, line in enumerate(queries, start=1):
-            if line.strip():
-                try:
-                    qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
-                except json.JSONDecodeError as exc:
-                    raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
+        try:
+            for n, line in enumerate(queries, start=1):
+                if line.strip():
+                    try:
+                        qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
+                    except json.JSONDecodeError as exc:
+                        raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise IndexerError(f"--queries {queries.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
                                             nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc,
                                             fields=fields)):

@@ -214,6 +214,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             embedder.spec = replace(embedder.spec, precision="int8")
         factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
+    # Looked up again: another ingest may have created the collection while the model loaded.
+    coll = coll or Collection.find(path, storage_options)
     if coll is None:
         coll = Collection.create(path, embedder.spec, storage_options)
         coll.manifest.auto_precision = tuned  # saved by touch() below
@@ -221,7 +223,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         coll.check_compatible(embedder.spec)
     batch_size = batch_size or embedder.batch_size()  # on a GPU: what its free memory holds
 
-    with coll.write_lock():
+    with coll.write_lock("ingest"):
         if label_field not in (None, "label", coll.manifest.label_field):
             coll.manifest.label_field = label_field
             coll.save_manifest()

@@ -60,9 +60,26 @@ def lance_reason(exc: Exception) -> str:
     return re.sub(r"Valid fields are (.*?)\.?$", user_fields, reason, flags=re.S)
 
 
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`")
+_PLACEHOLDER = re.compile(r"(?<![\w$])\$[\w$]")
+
+
+def check_where(where: str | None) -> None:
+    """Refuse what Lance's planner would panic on (printing a Rust backtrace): a `$1` placeholder outside
+    quotes. Everything else in a filter is Lance's to accept or refuse."""
+    if where is not None and _PLACEHOLDER.search(_QUOTED.sub("''", where)):
+        raise where_error(where, ValueError("placeholders such as $1 are not supported: write the value itself"))
+
+
 def where_error(where: str, exc: Exception) -> IndexerError:
-    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError)."""
-    return IndexerError(f"invalid --where {where!r}: {lance_reason(exc)}")
+    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError;
+    a filter its planner does not implement, such as a `$1` placeholder, aborts its task: RuntimeError).
+    A long filter is shown by its start: the message stays one readable line."""
+    shown = repr(where) if len(where) <= 200 else f"{where[:200]!r}... ({len(where)} characters)"
+    reason = "Lance cannot run this filter" if isinstance(exc, RuntimeError) else lance_reason(exc)
+    # Lance quotes the filter back as it is: its line breaks and control characters are shown escaped.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason.strip())
+    return IndexerError(f"invalid --where {shown}: {reason}"[:1000])
 
 
 _OPENED: dict[str, tuple[tuple, Collection]] = {}  # Collection.open_for_reading's: identity -> (manifest stat, coll)
@@ -191,9 +208,9 @@ class Collection:
         log.info("restored version %d of %s as version %d", version, self.path, new)
         return {"restored": version, "version": new, "rows": self.count(), "moved": moved}
 
-    def write_lock(self):
-        """One writer at a time (see Location.lock)."""
-        return self.location.lock()
+    def write_lock(self, purpose: str, wait: bool = True):
+        """One writer at a time: a second one waits, or with `wait=False` is refused (see Location.lock)."""
+        return self.location.lock(purpose, wait)
 
     # ---- the Lance table ------------------------------------------------------------------------------
 
@@ -309,10 +326,11 @@ class Collection:
         ds = self.at_version(version)
         if ds is None:
             return
+        check_where(where)
         try:
             scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
             yield from scanner.to_batches()
-        except (ValueError, OSError) as exc:  # lance reports SQL and column errors as ValueError
+        except (ValueError, OSError, RuntimeError) as exc:  # lance reports SQL and column errors as ValueError
             if is_lance_damage(exc):
                 raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             if where is None:
@@ -367,11 +385,13 @@ class Collection:
                 return f"lance/{TABLE}.lance/data/{fragment.data_files()[0].path}"
         return None
 
-    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
+    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None,
+                       version: int | None = None) -> dict[int, dict[str, Any]]:
+        """Rows by their addresses at `version`: the one the addresses were read at (default: the latest)."""
         if not row_ids:
             return {}
         columns = columns or self.result_columns()
-        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"])
+        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"], version)
         return dict(zip(map(int, row_ids), tbl.to_pylist()))
 
     def rows_by_id(self, ids: Iterable[str], columns: list[str] | None = None) -> dict[str, dict[str, Any]]:

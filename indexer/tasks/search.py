@@ -58,7 +58,18 @@ class Query:
             raise IndexerError(f"{where}: expected an object like {{\"query\": \"...\"}}")
         key = cls.pick({k: obj.get(k) for k in ("query", "image", "id", "vector")},
                        lambda message: IndexerError(f"{where}: {message}"))
-        return cls(**{"text" if key == "query" else key: obj[key]})
+        value = obj[key]
+        if key != "vector" and not isinstance(value, str):
+            raise IndexerError(f"{where}: {key!r} must be a string, not {type(value).__name__}")
+        if key == "vector":
+            numbers = isinstance(value, list) and value and not any(isinstance(x, bool | str) for x in value)
+            try:
+                value = [float(x) for x in value] if numbers else None
+            except (TypeError, OverflowError):  # a nested value, or an integer past float range
+                value = None
+            if value is None:
+                raise IndexerError(f"{where}: 'vector' must be a non-empty list of numbers")
+        return cls(**{"text" if key == "query" else key: value})
 
     def kind(self) -> str:
         return next(k for k in ("text", "image", "id", "vector") if getattr(self, k) is not None)
@@ -223,8 +234,8 @@ Ranked = list[tuple[list[str], list[float]]]  # per query: ids and scores, best 
 
 def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None,
            columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
-    row_ids, scores = exact_search(coll, vectors, k, where)
-    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns)
+    row_ids, scores, version = exact_search(coll, vectors, k, where)
+    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns, version)
     ranked = [([by_row[r]["id"] for r in ids], sc) for ids, sc in zip(row_ids, scores)]
     return ranked, {row["id"]: row for row in by_row.values()}
 
