@@ -214,10 +214,11 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
             embedder.spec = replace(embedder.spec, precision="int8")
         factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
-    # Looked up again: another ingest may have created the collection while the model loaded.
-    coll = coll or Collection.find(path, storage_options)
+    # Another ingest may have created the collection while the model loaded.
+    created = False
     if coll is None:
-        coll = Collection.create(path, embedder.spec, storage_options)
+        coll, created = Collection.find_or_create(path, embedder.spec, storage_options)
+    if created:
         coll.manifest.auto_precision = tuned  # saved by touch() below
     else:
         coll.check_compatible(embedder.spec)

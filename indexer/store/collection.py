@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,7 @@ def where_error(where: str, exc: Exception) -> IndexerError:
     return IndexerError(f"invalid --where {shown}: {reason}"[:1000])
 
 
+CREATE_RACE_CHECKS = 20  # looks for another writer's new manifest, 0.1 s apart, before calling a directory foreign
 _OPENED: dict[str, tuple[tuple, Collection]] = {}  # Collection.open_for_reading's: identity -> (manifest stat, coll)
 
 
@@ -156,6 +158,21 @@ class Collection:
         coll = cls(loc, manifest)
         coll.save_manifest()
         return coll
+
+    @classmethod
+    def find_or_create(cls, path: str | os.PathLike, spec: ModelSpec,
+                       storage_options: dict[str, str] | None = None) -> tuple[Collection, bool]:
+        """The collection at `path` and False, or a new one for vectors of `spec` and True. Two ingests
+        started together both find nothing; the second to create sees the first's files, and its
+        manifest lands within moments: that collection is returned (the caller checks that it fits)."""
+        for _ in range(CREATE_RACE_CHECKS):
+            found = cls.find(path, storage_options)
+            if found is not None:
+                return found, False
+            if Location(path, storage_options).is_empty():
+                return cls.create(path, spec, storage_options), True
+            time.sleep(0.1)
+        return cls.create(path, spec, storage_options), True  # says why the directory cannot be one
 
     @staticmethod
     def exists(path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> bool:

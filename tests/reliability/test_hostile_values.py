@@ -23,7 +23,9 @@ from indexer import Collection, dedup, ingest, search
 from indexer.cli import cli
 
 DIM = 4
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# filter_too_much: some draws of a row strategy are discarded (invalid for the format); how many varies by seed.
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 # Ids a filter must quote: quotes, backslashes, SQL, wildcards, whitespace, any unicode.
 NASTY_VALUES = ["'", "''", "\\", "\\'", "'; DROP TABLE items; --", "' OR '1'='1", "x' OR id IS NOT NULL --", "%", "_",
