@@ -255,3 +255,16 @@ def test_fp32_collections_need_no_drift_check(tmp_path, sample_corpus):
     assert ingest(path, [str(sample_corpus["texts"])], model="minilm", progress=False).drift is None
     assert json.loads((path / "manifest.json").read_text())["drift"] is None
     assert "runtime" not in CliRunner().invoke(cli, ["info", str(path)]).stdout
+
+
+def test_layers_compares_the_precision_it_recommends(sample_corpus):
+    """`layers --precision int8` sweeps the int8 model (torch, dynamic) and recommends ingesting with it;
+    the exported backends have no layers to sweep and say so in one line."""
+    args = ["layers", str(sample_corpus["texts"]), "--model", "minilm", "--layers", "6", "--pooling", "mean",
+            "--folds", "2", "-k", "3"]
+    result = CliRunner().invoke(cli, [*args, "--precision", "int8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["best"]["flags"] == "--model minilm --layer 6 --pooling mean --precision int8"
+    refused = CliRunner().invoke(cli, [*args, "--backend", "onnx"])
+    assert refused.exit_code == 1 and "one torch forward pass" in refused.output
+    assert "Traceback" not in refused.output

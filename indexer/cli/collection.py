@@ -44,9 +44,10 @@ from .base import (
 @device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
               show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU (or the collection's int8). "
-              "int8: dynamic quantisation on CPU (text models).")
+              "int8 (CPU): text models quantised dynamically; CNNs statically with --backend onnx or openvino, "
+              "calibrated on the first 64 images.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
-              help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
+              help="torch, onnx or openvino: models exported once to ONNX Runtime or OpenVINO (CPU; pip "
                    "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
               "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "
