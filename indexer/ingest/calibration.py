@@ -50,6 +50,9 @@ def calibrate(embedder: Embedder, sources: list[str], opts: SourceOptions, recor
 
 def draw_sample(embedder: Embedder, sources: list[str], opts: SourceOptions, sample: int) -> tuple[str, torch.Tensor]:
     """(key, pixels) of the first `sample` images of `sources` that decode, whether stored already or not."""
+    if "-" in sources:
+        raise IndexerError("--precision int8 calibrates a CNN on the first images before embedding them all, "
+                           "and stdin can be read once only: give the images as files")
     dataset = ImageInputs(sources, opts, {}, embedder.preprocess_fn(),
                           min_size=embedder.spec.preprocessing.get("resize"))
     items: list[Prepared] = []
