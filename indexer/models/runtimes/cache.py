@@ -21,6 +21,11 @@ from ...spec import ModelSpec
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1  # bump when what an export contains changes, so old ones are not reused
+# Static int8 keeps a CNN's first convolutions in fp32: the early, high-resolution layers are where int8
+# loses most. Measured on EfficientNet-Lite0 (256 generated photos, onnx): mean cosine to fp32 0.9835 with
+# none kept, 0.9904 with 2, 0.9943 with 3, 0.9969 with 8 (neighbour overlap@10 0.960 -> 0.980), at no
+# measurable cost in speed (those layers are a small share of the work).
+FLOAT_CONVS = 8
 
 
 def cache_root() -> Path:
@@ -38,6 +43,7 @@ def export_dir(spec: ModelSpec, backend: str, precision: str) -> Path:
         # A static int8 model is its calibration too: two collections of different images do not
         # share one (its ranges fit one's data), while the same inputs find the same export again.
         key["calibration"] = spec.calibration
+        key["float_convs"] = FLOAT_CONVS
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     name = Path(spec.name.removeprefix("hf:")).name or "model"
     return cache_root() / "exports" / f"{name}-{backend}-{precision}-{digest}"

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import IndexerError
 from ...spec import ModelSpec
-from .cache import Calibration, cached, calibrated_export_missing, export_dir
+from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def _quantize(source: Path, path: Path) -> None:
 
 def _quantize_static(source: Path, path: Path, batches: list[dict[str, torch.Tensor]]) -> None:
     """QDQ int8 with per-channel weights and uint8 activations (the u8s8 kernels x86 runs fastest),
-    activation ranges by min/max over the calibration batches. The graph is pre-processed first
-    (shape inference, batch norms folded into convolutions) so whole convolutions are quantised."""
+    activation ranges by min/max over the calibration batches, the first FLOAT_CONVS convolutions kept
+    fp32. The graph is pre-processed first (shape inference, batch norms folded into convolutions) so
+    whole convolutions are quantised."""
     with _root_logging_kept():
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -89,10 +90,14 @@ def _quantize_static(source: Path, path: Path, batches: list[dict[str, torch.Ten
                 batch = next(self.batches, None)
                 return None if batch is None else {k: v.numpy() for k, v in batch.items()}
 
+        import onnx
+
         prepared = path.with_name("prepared.onnx")
         quant_pre_process(str(source), str(prepared))
+        convs = [n.name for n in onnx.load(prepared).graph.node if n.op_type == "Conv"]  # in graph order
         quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=convs[:FLOAT_CONVS])
         prepared.unlink()
 
 

@@ -1,6 +1,7 @@
 """OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF: weight
 compression for transformers (int8 per-channel weights; the CPU plugin then quantises activations per
-batch itself), post-training quantisation on a calibration sample for CNNs (static int8)."""
+batch itself), post-training quantisation on a calibration sample for CNNs (static int8, the first
+convolutions kept fp32 as in onnx.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from ...errors import IndexerError
 from ...spec import ModelSpec
-from .cache import Calibration, cached, calibrated_export_missing, export_dir
+from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
 from .onnx import MODEL_FILE, export_onnx
 
 IR_FILE = "model.xml"  # + model.bin beside it
@@ -44,7 +45,10 @@ def _convert(onnx_file: Path, path: Path, spec: ModelSpec, precision: str, calib
             else:  # one item per input row: NNCF's statistics assume a batch of one
                 rows = [{k: v[i : i + 1].numpy() for k, v in batch.items()} for batch in calibration.batches
                         for i in range(len(next(iter(batch.values()))))]
-                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows))
+                convs = [op.get_friendly_name() for op in model.get_ordered_ops()
+                         if op.get_type_name() in ("Convolution", "GroupConvolution")]
+                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows),
+                                      ignored_scope=nncf.IgnoredScope(names=convs[:FLOAT_CONVS]))
     ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
 
 
