@@ -46,10 +46,11 @@ from .base import (
 @click.option("--precision", type=click.Choice(["default", "auto", "fp32", "fp16", "bf16", "int8"]),
               default="default", show_default=True, help="default: fp16 autocast on CUDA, fp32 on CPU (or the "
               "collection's int8). auto: measure the backends and precisions of this machine on a sample of the "
-              "inputs and take the fastest keeping overlap@10 >= 0.95 with fp32 (cached). int8: dynamic "
-              "quantisation on CPU (text models).")
+              "inputs and take the fastest keeping overlap@10 >= 0.95 with fp32 (cached). int8 (CPU): text models "
+              "quantised dynamically; CNNs statically with --backend onnx or openvino, calibrated on the first 64 "
+              "images.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
-              help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
+              help="torch, onnx or openvino: models exported once to ONNX Runtime or OpenVINO (CPU; pip "
                    "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
               "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "

@@ -29,6 +29,7 @@ from ..spec import ModelSpec
 from ..store import Collection
 from ..wording import counted
 from .autotune import MIN_SAMPLE, choose, sample_inputs
+from .calibration import calibrate
 from .chunking import Passages, make_chunker, stored_chunks
 from .drift import check_drift, needs_check
 from .engine import Engine, IngestSummary, Plan, Run
@@ -209,7 +210,9 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         if precision == "auto":
             tuned, runtime = _auto_precision(spec, sources, opts, device, batch_size, runtime)
             backend, precision = runtime.backend, runtime.precision
-        embedder = load_embedder(spec, runtime)
+        embedder = load_embedder(replace(spec, calibration=None), runtime)  # calibrate() finds a recorded one
+        if embedder.needs_calibration:  # static int8: on this ingest's first images, or the collection's
+            calibrate(embedder, sources, opts, coll.spec.calibration if coll else None)
         if not local and precision == "int8":  # the workers quantise: the vectors are int8's
             embedder.spec = replace(embedder.spec, precision="int8")
         factory = load_embedder

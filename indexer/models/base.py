@@ -46,6 +46,14 @@ class Embedder(ABC):
     def modality(self) -> Modality:
         return self.spec.modality
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether `calibrate` must run before embedding: a static int8 model (CNNs on onnx/openvino)."""
+        return False
+
+    def calibrate(self, pixels: torch.Tensor | None, key: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is not statically quantised")
+
     def preprocess_fn(self) -> Callable[[Any], Any] | None:
         """A picklable per-item transform run in data-loading workers (images), or None."""
         return None

@@ -43,8 +43,8 @@ class Runtime:
         model.eval().requires_grad_(False)
         if self.precision == "int8" and self.backend == "torch":  # other backends quantise their export
             if convolutional:
-                raise IndexerError("--precision int8 quantises Linear layers (transformers); "
-                                   "a CNN gains nothing from it: use fp32 on CPU")
+                raise IndexerError("--precision int8 for a CNN is static int8, calibrated on your images: "
+                                   "add --backend onnx or openvino (torch's int8 quantises Linear layers only)")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         if convolutional and self.is_cuda:
             model = model.to(memory_format=torch.channels_last)

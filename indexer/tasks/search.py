@@ -269,7 +269,8 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
                                "search it with a text query, --id ID or a vector")
     if embed_idx:
         embedder = query_embedder(coll, device)
-        items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image)
+        min_size = embedder.spec.preprocessing.get("resize")
+        items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image, min_size)
                  for i in embed_idx]
         with few_threads(len(items)):
             out[embed_idx] = embedder.embed(items)
@@ -308,13 +309,15 @@ def query_embedder(coll: Collection, device: str) -> Embedder:
     return _EMBEDDERS[key]
 
 
-def _load_query_image(path: Any):
+def _load_query_image(path: Any, min_size: int | None):
+    """Decoded as ingest decodes (JPEG scaled in the DCT to `min_size`): a stored image found again
+    scores 1.0, even through an int8 model that amplifies small pixel differences."""
     from ..sources.images import ImageDecodeError, decode_image
 
     if not isinstance(path, str | Path):  # decoded already (an upload the server checked)
         return path
     try:
-        return decode_image(Path(path).read_bytes())
+        return decode_image(Path(path).read_bytes(), min_size)
     except FileNotFoundError as exc:
         raise IndexerError(f"query image not found: {path}") from exc
     except (ImageDecodeError, OSError) as exc:
