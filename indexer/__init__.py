@@ -68,7 +68,7 @@ def restore(collection: str | os.PathLike, version: int | None = None) -> Any:
     coll = Collection.open(collection)
     if version is None:
         return coll.versions()
-    with coll.write_lock():
+    with coll.write_lock("restore"):
         return coll.restore(version)
 
 

@@ -35,6 +35,9 @@ class ModelSpec:
     # How the vectors were computed: "torch", "onnx" or "openvino"; "fp32", "fp16", "bf16" or "int8"
     backend: str = "torch"
     precision: str = "fp32"
+    # A statically quantised model (int8 CNNs on onnx/openvino): the key of the sample of the user's own
+    # inputs it was calibrated on. Another calibration gives other vectors, so queries use this one.
+    calibration: str | None = None
 
     @property
     def joint(self) -> bool:
@@ -55,6 +58,7 @@ class ModelSpec:
             # Another backend or int8 drifts from fp32 vectors: mixing them would be silently worse.
             "backend": self.backend,
             "int8": self.precision == "int8",
+            "calibration": self.calibration,
         }
         if self.joint:  # one space for both towers: a text and an image collection are comparable
             ident["modality"] = "+".join(sorted(self.towers))
@@ -70,6 +74,8 @@ class ModelSpec:
         parts.append("normalized" if self.normalize else "raw")
         if self.backend != "torch" or self.precision == "int8":
             parts.append(f"{self.backend} {self.precision}")
+        if self.calibration:
+            parts.append(f"calibration={self.calibration[:12]}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

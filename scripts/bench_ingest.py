@@ -31,6 +31,17 @@ everything also in the JSON report given by --out):
    Throughput leaves out model load and the one-time drift check (both reported).
    Prints one JSON. `--texts 20000` for the issue's target; 2000-5000 fit a few minutes on two cores.
 
+6. Image backends (`--image-backends`, only this section): EfficientNet-Lite0 on M generated JPEGs on
+   disk, end to end into a fresh collection, for `indexer.ingest` with torch fp32 (our default path),
+   onnx and openvino fp32, and onnx and openvino static int8 (calibrated on the ingest's first 64
+   images). Exports and int8 models are built before timing (reported apart); a second load (for int8
+   with the draw of the 64-image calibration sample that ingest repeats) is timed apart and left out.
+   Quality against torch fp32: mean cosine of the
+   same items' stored vectors, overlap@10 of every item's 10 nearest stored items, and overlap@10 of
+   --queries held-out JPEGs (other crops) searched exactly. Throughput leaves out model load and the
+   one-time drift check (both reported); the stage split says whether decoding or the model bounds it.
+   Prints one JSON. `--images 512` fits about 10 minutes on two cores.
+
 `--quick` scales everything down (500 texts, 128 images, K=100) to finish in about two minutes on two
 cores; the defaults (20000 texts, 2000 images, K=2000) take about 35-40 minutes there.
 Generated JPEGs are cached under /tmp/indexer-bench-cache, so repeated runs skip generation.
@@ -143,9 +154,9 @@ def make_photo(i: int, sources: list[str], out_dir: str, seed: int = SEED) -> No
     os.replace(tmp, path)
 
 
-def photo_set(m: int) -> Path:
+def photo_set(m: int, seed: int = SEED) -> Path:
     """A folder of exactly m generated JPEGs, cached under /tmp (missing files are made, in parallel)."""
-    folder = IMAGE_CACHE / f"photos-{IMAGE_SET_VERSION}-n{m}"
+    folder = IMAGE_CACHE / (f"photos-{IMAGE_SET_VERSION}-n{m}" + ("" if seed == SEED else f"-s{seed}"))
     folder.mkdir(parents=True, exist_ok=True)
     missing = [i for i in range(m) if not (folder / f"photo_{i:05d}.jpg").exists()]
     if missing:
@@ -153,7 +164,7 @@ def photo_set(m: int) -> Path:
         log.info("generating %d of %d JPEGs in %s", len(missing), m, folder)
         # spawn: forking this process (lance's threads, torch's pools) is not safe
         with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(partial(make_photo, sources=sources, out_dir=str(folder)), missing, chunksize=16))
+            list(pool.map(partial(make_photo, sources=sources, out_dir=str(folder), seed=seed), missing, chunksize=16))
     return folder
 
 
@@ -330,6 +341,75 @@ def bench_backends(n: int, n_queries: int, work: Path) -> dict:
     return {"texts": n, "queries": n_queries, "batch_size": BATCH, "threads": torch.get_num_threads(),
             "order": "plain encode first, then " + ", ".join(f"{b} {p}" for b, p in BACKENDS),
             "note": "items_per_s: ingest without model load and without the one-time drift check of int8/onnx",
+            "results": results}
+
+
+# ---- 6. image backends and precisions ------------------------------------------------------------------
+
+IMAGE_WAYS = [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), ("onnx", "int8"), ("openvino", "int8")]
+
+
+def lite0_for(runtime, folder: Path):
+    """EfficientNet-Lite0 on `runtime`; int8 calibrated as an ingest of `folder` calibrates it."""
+    from indexer.ingest.calibration import calibrate
+    from indexer.sources import SourceOptions
+
+    emb = load_embedder("efficientnet-lite0", runtime)
+    if emb.needs_calibration:
+        calibrate(emb, [str(folder)], SourceOptions(modality="image"), None)
+    return emb
+
+
+def bench_image_backends(m: int, n_queries: int, work: Path) -> dict:
+    from indexer.ingest.drift import neighbour_overlap
+    from indexer.models import query_runtime, resolve_runtime
+    from indexer.sources.images import decode_image
+
+    folder = photo_set(m)
+    paths = sorted(folder.glob("*.jpg"))
+    ids = [p.name for p in paths]
+    query_paths = sorted(photo_set(n_queries, seed=SEED + 1).glob("*.jpg"))  # held out: never ingested
+    results: dict[str, dict] = {}
+    reference: dict[str, np.ndarray] = {}
+    for backend, precision in IMAGE_WAYS:
+        name = f"{backend}_{precision}"
+        runtime = resolve_runtime("cpu", precision, backend)
+        log.info("%s: export (untimed), then indexer.ingest on %d JPEGs", name, m)
+        _, prepare_s = timed(lite0_for, runtime, folder)  # exports once; later loads reuse it
+        _, load_s = timed(lite0_for, runtime, folder)
+        coll = work / f"img-{name}.idx"
+        summary, ingest_s, others = watched(indexer.ingest, coll, [str(folder)], model="efficientnet-lite0",
+                                            backend=backend, precision=precision, batch_size=BATCH, progress=False)
+        if summary.added != m:
+            raise SystemExit(f"{name}: ingest added {summary.added} of {m}")
+        stored = stored_vectors(coll)
+        vectors = np.stack([stored[i] for i in ids])
+        query_emb = load_embedder(Collection.open(coll).spec, query_runtime(backend, precision))
+        q = query_emb.embed([decode_image(p.read_bytes(), 256) for p in query_paths])
+        hits = top10(q, vectors)
+        if not reference:
+            reference = {"vectors": vectors, "hits": hits}
+        net = ingest_s - load_s - (summary.drift or {}).get("seconds", 0)  # the check runs once per collection
+        results[name] = {
+            "prepare_s": prepare_s, "load_s": load_s, "ingest_s": ingest_s, "items_per_s": m / net,
+            "mean_cosine": float((vectors * reference["vectors"]).sum(1).mean()),
+            "overlap_at_10_items": neighbour_overlap(vectors, reference["vectors"]),
+            "overlap_at_10_queries": float(np.mean([len(set(a) & set(b)) / 10
+                                                    for a, b in zip(hits, reference["hits"])])),
+            "drift": summary.drift, "stages": summary.stages, "bottleneck": summary.bottleneck,
+            "others_cpu_share": others}
+        log.info("%s: %.1f images/s, mean cosine %.4f, overlap@10 items %.3f queries %.3f; stages %s", name,
+                 m / net, results[name]["mean_cosine"], results[name]["overlap_at_10_items"],
+                 results[name]["overlap_at_10_queries"],
+                 {k: round(v["seconds"], 1) for k, v in summary.stages.items()})
+    fp32 = results["torch_fp32"]["items_per_s"]
+    for r in results.values():
+        r["vs_torch_fp32"] = r["items_per_s"] / fp32
+    return {"images": m, "queries": n_queries, "folder": str(folder), "batch_size": BATCH,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "mean_jpeg_kb": statistics.fmean(os.path.getsize(p) for p in paths) / 1024,
+            "order": ", ".join(f"{b} {p}" for b, p in IMAGE_WAYS),
+            "note": "items_per_s: ingest without model load and without the one-time drift check",
             "results": results}
 
 
@@ -576,11 +656,16 @@ def parse_args() -> argparse.Namespace:
                    help="torch threads for every section (default: torch's own, %(default)s here)")
     p.add_argument("--backends", action="store_true", help="only section 5: backends and precisions on "
                    "--texts texts (default here 2000) with --queries held-out queries; prints one JSON")
-    p.add_argument("--queries", type=int, default=200, help="held-out queries for --backends overlap@10")
+    p.add_argument("--image-backends", action="store_true", help="only section 6: EfficientNet-Lite0 on --images "
+                   "JPEGs (default here 512) through torch, onnx and openvino fp32 and static int8; prints one JSON")
+    p.add_argument("--queries", type=int, default=200, help="held-out queries for --backends and "
+                   "--image-backends overlap@10")
     p.add_argument("--out", type=Path, default=Path("bench-out/bench_ingest.json"), help="JSON report path")
     args = p.parse_args()
     if args.backends:
         args.texts = args.texts or 2000
+    if args.image_backends:
+        args.images = args.images or 512
     args.texts = args.texts or (500 if args.quick else 20000)
     args.images = args.images or (128 if args.quick else 2000)
     args.mem_texts = args.mem_texts or (100 if args.quick else 2000)
@@ -594,9 +679,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log.info("torch %s, %d threads, %d CPUs", torch.__version__, torch.get_num_threads(), os.cpu_count())
     started = time.perf_counter()
-    if args.backends:
+    if args.backends or args.image_backends:
         with tempfile.TemporaryDirectory(prefix="indexer-bench-") as tmp:
-            report = bench_backends(args.texts, args.queries, Path(tmp))
+            report = (bench_backends(args.texts, args.queries, Path(tmp)) if args.backends
+                      else bench_image_backends(args.images, args.queries, Path(tmp)))
         report["total_seconds"] = time.perf_counter() - started
         print(json.dumps(report, default=str))
         write_report(args.out, report)

@@ -92,7 +92,7 @@ def bench_collection(tmp: Path, rng: np.random.Generator, vocab: list[str], rows
     path = tmp / "rag.idx"
 
     def refresh_fts() -> None:
-        with coll.write_lock():
+        with coll.write_lock("full-text index"):
             update_fts_index(coll)
 
     no_auto_index()  # the FAISS index is built (and timed) below

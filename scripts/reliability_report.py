@@ -1,21 +1,25 @@
 """Reliability, measured: SIGKILL rounds per writing command (ingest of text, images, chunked documents and
 into an indexed collection; index; dedup --apply; finetune: each killed at a seeded moment, rerun and
-compared with a clean run), and the suites of tests/reliability/ (disk full and read-only storage, hostile
-images, malicious weights, damaged files, hypothesis properties, schemathesis API fuzzing), summed up in
-one table.
+compared with a clean run), the suites of tests/reliability/ (disk full and read-only storage, hostile
+images, malicious weights, damaged files, hypothesis properties, schemathesis API fuzzing) and concurrency
+(writers at once, searches during writes), summed up in one table.
 
     python scripts/reliability_report.py              # 9 CPU-minutes (26 min wall on 2 cores shared at load 7-9)
     python scripts/reliability_report.py --rounds 10  # more kills per command
 
-Kill rounds are measured here (faults injected / survived, rows lost). For the suites, "inputs" counts
-their test cases (a hypothesis or schemathesis case runs 12-25 generated examples); each passes only with
-no crash, a clear error for what is refused, no row lost and no 5xx.
+Kill rounds are measured here (faults injected / survived, rows lost). For the input suites, "inputs" counts
+hypothesis's generated examples where a test is a property (each one an input), else test cases (a
+schemathesis case runs 12 examples per operation); each passes only with no crash, a clear error for what
+is refused, no row lost and no 5xx. Concurrency: each scenario (two writers at once, searches during an
+ingest and a `dedup --apply`) is a fault; inputs are the search answers checked against every committed
+version; rows lost and 5xx are what its tests recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +39,7 @@ SUITES = {
     "damaged files": "tests/reliability/test_damaged_files.py",
     "hostile values (hypothesis)": "tests/reliability/test_hostile_values.py",
     "HTTP API (schemathesis)": "tests/reliability/test_api_fuzz.py",
+    "concurrency (writers, searches during writes)": "tests/reliability/test_concurrency.py",
 }
 
 
@@ -50,20 +55,43 @@ def kill_suite(scenario: Scenario, rounds: int) -> dict:
             "seconds": round(time.perf_counter() - started, 1), "rounds": results}
 
 
+def hypothesis_examples(stdout: str) -> list[tuple[int, int]]:
+    """(passing, failing) generated examples of each property test, from --hypothesis-show-statistics."""
+    out = []
+    for section in re.split(r"^\S+::\S+:$", stdout, flags=re.M)[1:]:
+        counts = re.findall(r"(\d+) passing, (\d+) failing", section)
+        out.append((sum(int(p) for p, _ in counts), sum(int(f) for _, f in counts)))
+    return out
+
+
 def pytest_suite(name: str, path: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
-                               f"--junitxml={xml}"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+                               f"--junitxml={xml}", "--hypothesis-show-statistics"], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True)
         suite = ET.parse(xml).getroot().find("testsuite") if xml.exists() else None
     if suite is None:
         raise SystemExit(f"{path} did not run:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     tests, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-    ran = tests - skipped
-    return {"suite": name, "faults": None, "survived": None, "inputs": ran, "handled": ran - failures - errors,
-            "rows_lost": 0 if failures + errors == 0 else None, "5xx": (0 if failures + errors == 0 else None)
-            if "API" in name else None, "seconds": round(time.perf_counter() - started, 1)}
+    ran, failed = tests - skipped, failures + errors
+    recorded: dict[str, int] = {}  # what the tests measured (record_property); hypothesis records its own too
+    for prop in suite.iter("property"):
+        if prop.get("name") in ("answers", "5xx", "rows_lost"):
+            recorded[prop.get("name")] = recorded.get(prop.get("name"), 0) + int(prop.get("value"))
+    row = {"suite": name, "faults": None, "survived": None, "inputs": ran, "handled": ran - failed,
+           "rows_lost": recorded.get("rows_lost", 0 if failed == 0 else None),
+           "5xx": recorded.get("5xx", (0 if failed == 0 else None) if "API" in name else None),
+           "seconds": round(time.perf_counter() - started, 1)}
+    if "answers" in recorded:  # concurrency: scenarios are the faults, the answers checked the inputs
+        row.update(faults=ran, survived=ran - failed, inputs=recorded["answers"],
+                   handled=recorded["answers"] if failed == 0 else None)
+    elif examples := hypothesis_examples(proc.stdout):
+        failing_tests = sum(1 for _, f in examples if f)
+        row["inputs"] = sum(p + f for p, f in examples) + ran - len(examples)
+        row["handled"] = row["inputs"] - sum(f for _, f in examples) - max(0, failed - failing_tests)
+    return row
 
 
 def table(rows: list[dict]) -> str:

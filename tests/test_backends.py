@@ -146,9 +146,76 @@ def test_cnn_features_through_onnx_and_openvino(export_cache, lite0, sample_corp
         assert (emb.embed_batch(pixels) * reference).sum(1).min() > 0.9999
 
 
+@pytest.mark.slow  # per backend: a static quantisation (~10 s) and a drift check in torch fp32 (~10 s)
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, monkeypatch):
+    """Lite0 int8, calibrated on the ingest's own images: vectors within the recorded drift of torch fp32,
+    the calibration recorded and reused (no second quantisation), queries through the same model."""
+    from indexer.ingest.calibration import draw_sample
+    from indexer.models.runtimes.cache import ExportMissing, export_dir
+    from indexer.sources.images import decode_image
+
+    images = sample_corpus["images"]
+    path = tmp_path / "int8.idx"
+    s = ingest(path, [str(images)], model="efficientnet-lite0", backend=backend, precision="int8", progress=False)
+    coll = Collection.open(path)
+    model = json.loads((path / "manifest.json").read_text())["model"]
+    assert (model["backend"], model["precision"], len(model["calibration"])) == (backend, "int8", 16)
+    # The drift recorded is what the stored vectors are: torch fp32 of the same images, compared here.
+    drift = s.drift
+    assert (drift["backend"], drift["sample"]) == (backend, s.added) and drift["mean_cosine"] > 0.97
+    stored = {r["id"]: r["vector"] for b in coll.scan(["id", "vector"]) for r in b.to_pylist()}
+    paths = sorted(images.glob("*.jpg"))
+    pixels = torch.stack([lite0.transform(decode_image(p.read_bytes(), 256)) for p in paths])
+    fp32 = lite0.embed_batch(pixels)
+    ours = np.array([stored[p.name] for p in paths])
+    assert abs(float((ours * fp32).sum(1).mean()) - drift["mean_cosine"]) < 1e-3
+    assert abs(neighbour_overlap(ours, fp32) - drift["overlap_at_10"]) < 1e-3
+    # The key is the first images' content: the same inputs give the same key, fewer images another one.
+    key = coll.spec.calibration
+    assert draw_sample(lite0, [str(images)], _image_opts(), 64)[0] == key
+    assert draw_sample(lite0, [str(images)], _image_opts(), 8)[0] != key
+
+    def no_quantisation(*args, **kwargs):
+        raise AssertionError("quantised again")
+
+    monkeypatch.setattr(onnx, "_quantize_static", no_quantisation)
+    monkeypatch.setattr("nncf.quantize", no_quantisation)
+    # A second collection of the same images and a re-run reuse the export; queries run that model.
+    again = ingest(tmp_path / "again.idx", [str(images)], model="efficientnet-lite0", backend=backend,
+                   precision="int8", progress=False)
+    assert Collection.open(tmp_path / "again.idx").spec.calibration == key and again.added == len(paths)
+    assert ingest(path, [str(images)], progress=False).skipped == len(paths)
+    emb = query_embedder(coll, "auto")
+    assert (emb.spec.backend, emb.spec.calibration) == (backend, key)
+    assert np.allclose(emb.embed_batch(pixels), ours, atol=1e-4)
+    hits = search(coll, image=str(paths[3]), k=1)
+    assert hits[0]["id"] == paths[3].name and hits[0]["score"] > 0.9999
+    # Gone from the cache: a query says how to rebuild it; the same ingest rebuilds the same model.
+    import shutil
+
+    shutil.rmtree(export_dir(coll.spec, backend, "int8"))
+    with pytest.raises(ExportMissing, match="run the same indexer ingest again"):
+        load_embedder(coll.spec, resolve_runtime("cpu", "int8", backend))
+    monkeypatch.undo()
+    assert ingest(path, [str(images)], progress=False).skipped == len(paths)
+    rebuilt = load_embedder(coll.spec, resolve_runtime("cpu", "int8", backend))
+    assert np.allclose(rebuilt.embed_batch(pixels), ours, atol=1e-3)
+
+
+def _image_opts():
+    from indexer.sources import SourceOptions
+
+    return SourceOptions(modality="image")
+
+
 def test_what_other_backends_do_not_run(resnet18_weights):
-    with pytest.raises(IndexerError, match="int8 for CNNs needs static calibration"):
-        load_embedder("efficientnet-lite0", resolve_runtime("cpu", "int8", "onnx"))
+    uncalibrated = load_embedder("efficientnet-lite0", resolve_runtime("cpu", "int8", "onnx"))
+    assert uncalibrated.needs_calibration  # never torch fp32 vectors labelled int8
+    with pytest.raises(IndexerError, match="only once calibrated"):
+        uncalibrated.embed_batch(torch.zeros(1, 3, 224, 224))
+    with pytest.raises(IndexerError, match="add --backend onnx or openvino"):
+        load_embedder("efficientnet-lite0", resolve_runtime("cpu", "int8"))
     with pytest.raises(IndexerError, match="--layer layer3 needs --backend torch"):
         load_embedder("resnet18", resolve_runtime("cpu", "fp32", "onnx"), weights=str(resnet18_weights),
                       layer="layer3")
@@ -188,3 +255,16 @@ def test_fp32_collections_need_no_drift_check(tmp_path, sample_corpus):
     assert ingest(path, [str(sample_corpus["texts"])], model="minilm", progress=False).drift is None
     assert json.loads((path / "manifest.json").read_text())["drift"] is None
     assert "runtime" not in CliRunner().invoke(cli, ["info", str(path)]).stdout
+
+
+def test_layers_compares_the_precision_it_recommends(sample_corpus):
+    """`layers --precision int8` sweeps the int8 model (torch, dynamic) and recommends ingesting with it;
+    the exported backends have no layers to sweep and say so in one line."""
+    args = ["layers", str(sample_corpus["texts"]), "--model", "minilm", "--layers", "6", "--pooling", "mean",
+            "--folds", "2", "-k", "3"]
+    result = CliRunner().invoke(cli, [*args, "--precision", "int8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["best"]["flags"] == "--model minilm --layer 6 --pooling mean --precision int8"
+    refused = CliRunner().invoke(cli, [*args, "--backend", "onnx"])
+    assert refused.exit_code == 1 and "one torch forward pass" in refused.output
+    assert "Traceback" not in refused.output

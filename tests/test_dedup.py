@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -327,11 +330,41 @@ def test_without_apply_nothing_changes(sets):
     assert Collection.open(sets["text_idx"]).count() == rows
 
 
-def test_apply_takes_the_write_lock(sets, tmp_path):
+def test_apply_waits_for_the_write_lock(sets, tmp_path):
+    """Another writer holds the lock: --apply waits for it, saying once whom it waits for, then applies."""
     path = tmp_path / "t.idx"
     shutil.copytree(sets["text_idx"], path)
-    with Collection.open(path).write_lock(), pytest.raises(IndexerError, match="being written"):
-        dedup(path, apply=True)
+    version = Collection.open(path).version()
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with Collection.open(path).write_lock("ingest"):
+            held.set()
+            release.wait(60)
+
+    class Released(logging.Handler):  # the other writer finishes once --apply says it is waiting
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            release.set()
+
+    messages: list[str] = []
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held.wait(60)
+    with pytest.raises(IndexerError, match=r"being written by process \d+ \(ingest, since"):
+        with Collection.open(path).write_lock("index catch-up", wait=False):
+            pass
+    handler, lock_log = Released(level=logging.WARNING), logging.getLogger("indexer.store.location")
+    lock_log.addHandler(handler)
+    try:
+        report = dedup(path, apply=True)
+    finally:
+        lock_log.removeHandler(handler)
+        release.set()
+        thread.join()
+    assert report.applied and Collection.open(path).version() > version
+    assert len(messages) == 1 and f"by process {os.getpid()} (ingest, since" in messages[0]
+    assert "waiting for it to finish" in messages[0]
 
 
 # ---- --against (leakage) ------------------------------------------------------------------------------------

@@ -234,11 +234,20 @@ def test_auto_falls_back_to_a_kind_that_reaches_the_target(tmp_path, monkeypatch
     assert build_index(coll, kind="hnsw", target_recall=0.95)["kind"] == "hnsw"  # an explicit kind is kept
 
 
-def test_hits_read_by_row_address_stay_right_after_writes_and_compaction(tmp_path, data, caplog):
-    """Hits' fields come from one read by Lance row address; updates, deletes (dedup --apply), restores and
-    compaction move rows, and every catch-up refreshes the addresses: each hit carries its own row's data."""
+def test_hits_read_by_row_address_stay_right_after_writes_and_compaction(tmp_path, data, caplog, monkeypatch):
+    """Hits' fields come from one read by Lance row address, or from memory once a process has searched
+    enough (index/resident.py), and broad filters match rows by address; updates, deletes (dedup --apply),
+    restores and compaction move rows, and every catch-up refreshes the addresses: each hit carries its
+    own row's data, and a filter matches exactly its rows."""
+    from indexer.index import resident
+    from indexer.tasks import search as search_module
     from indexer.tasks.dedup.apply import delete, restore
 
+    monkeypatch.setattr(resident, "WARM_QUERIES", 1)
+    monkeypatch.setattr(search_module, "EXACT_FILTER_ROWS", 0)  # broad filters on the index, not exactly
+    reads = []  # reads by address
+    take_rows = Collection.take_rows
+    monkeypatch.setattr(Collection, "take_rows", lambda self, *a, **kw: reads.append(1) or take_rows(self, *a, **kw))
     x, q = data
     coll = vector_collection(tmp_path / "addr.idx", x[:3000])
     for start in range(3000, 4000, 250):  # several fragments, for compaction to merge
@@ -246,15 +255,28 @@ def test_hits_read_by_row_address_stay_right_after_writes_and_compaction(tmp_pat
     build_index(coll, kind="flat")
     assert current_index(coll).row_ids is not None
 
+    def settled() -> FaissIndex:
+        index = current_index(coll)  # a catch-up's index is reopened by the next search: each keeps its own
+        index.wait_for_resident_fields()
+        return index
+
     def check(expected_rows: int) -> None:
-        hits = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="faiss", fields="all")
-        exact = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="exact", fields="all")
-        # The same rows and fields as the exact path, which finds rows by scanning the table.
         drop_score = lambda r: [{k: v for k, v in h.items() if k != "score"} for h in r]  # noqa: E731
-        assert [drop_score(r) for r in hits] == [drop_score(r) for r in exact]
-        for h in (h for r in hits for h in r):
-            assert h["n"] == int(h["id"][1:]) and h["label"] == ["even", "odd"][h["n"] % 2]
-            assert h["content_hash"] == ("v2" if 100 <= h["n"] < 200 else "v1")
+        for where in (None, "label = 'odd'"):
+            exact = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="exact", fields="all",
+                                 where=where)
+            for _ in range(3):  # by address, then (the searches made it so) from memory
+                takes = len(reads)
+                hits = search_batch(coll, [Query(vector=v) for v in q[:40]], k=10, engine="faiss", fields="all",
+                                    where=where)
+                # The same rows and fields as the exact path, which finds rows by scanning the table.
+                assert [drop_score(r) for r in hits] == [drop_score(r) for r in exact]
+                for h in (h for r in hits for h in r):
+                    assert h["n"] == int(h["id"][1:]) and h["label"] == ["even", "odd"][h["n"] % 2]
+                    assert h["content_hash"] == ("v2" if 100 <= h["n"] < 200 else "v1")
+                    assert where is None or h["label"] == "odd"
+                settled()
+            assert len(reads) == takes  # the last round was served from memory
         assert int(current_index(coll).live.sum()) == coll.count() == expected_rows
         assert "moved rows" not in caplog.text  # the addresses were current: no lookup by id was needed
 
@@ -270,14 +292,46 @@ def test_hits_read_by_row_address_stay_right_after_writes_and_compaction(tmp_pat
     check(4000)
 
 
-def test_a_stale_row_address_is_never_returned_as_another_row(tmp_path, data):
+@pytest.mark.parametrize("resident", [False, True], ids=["by-address", "from-memory"])
+def test_a_stale_row_address_is_never_returned_as_another_row(tmp_path, data, monkeypatch, resident):
+    from indexer.index import resident as resident_module
+
+    monkeypatch.setattr(resident_module, "WARM_QUERIES", 1 if resident else 10**9)
     coll = vector_collection(tmp_path / "stale.idx", data[0][:500])
     build_index(coll, kind="flat")
     index = current_index(coll)
     index.row_ids[[3, 7]] = index.row_ids[[7, 3]]  # two addresses that name each other's rows
-    rows = index.rows_at(coll, np.arange(10), ["id", "n"])
-    assert sorted(rows) == sorted(index.ids_at(np.arange(10)))
-    assert all(r["n"] == int(i[1:]) for i, r in rows.items())
+    for _ in range(2):
+        rows = index.rows_at(coll, np.arange(10), ["id", "n"])
+        assert sorted(rows) == sorted(index.ids_at(np.arange(10)))
+        assert all(r["n"] == int(i[1:]) for i, r in rows.items())
+        index.wait_for_resident_fields()
+    assert bool(index._resident.tables) == resident
+
+
+def test_hit_fields_too_large_to_keep_are_read_by_address(tmp_path, data, monkeypatch):
+    from indexer.index import resident
+
+    monkeypatch.setattr(resident, "WARM_QUERIES", 1)
+    monkeypatch.setattr(resident, "RESIDENT_BYTES", 1000)
+    coll = vector_collection(tmp_path / "big.idx", data[0][:500])
+    build_index(coll, kind="flat")
+    for _ in range(3):
+        hits = search(coll, vector=data[1][0], k=5, engine="faiss", fields="n")
+        assert len(hits) == 5 and all(h["n"] == int(h["id"][1:]) for h in hits)
+        current_index(coll).wait_for_resident_fields()
+    assert not current_index(coll)._resident.tables and current_index(coll)._resident.too_large
+
+
+def test_one_query_reads_one_version_while_another_process_commits(tmp_path, data):
+    coll = vector_collection(tmp_path / "pin.idx", data[0][:300])
+    writer = Collection.open(coll.path)  # another handle, as another process would have
+    with coll.one_version():
+        before = coll.count()
+        add_rows(writer, data[0][300:400], 300)
+        assert coll.count() == before == 300
+        assert len(list(coll.scan(["id"]))) and sum(b.num_rows for b in coll.scan(["id"])) == 300
+    assert coll.count() == 400
 
 
 def test_an_index_saved_before_row_addresses_still_serves_fields(tmp_path, data):
@@ -299,3 +353,17 @@ def test_an_index_saved_before_row_addresses_still_serves_fields(tmp_path, data)
     add_rows(coll, data[0][500:510], 500)  # the next catch-up records the addresses
     search(coll, vector=data[1][0], k=5, engine="faiss")
     assert current_index(coll).row_ids is not None
+
+
+def test_address_map_finds_every_address_across_fragments():
+    from indexer.index.addresses import AddressMap
+
+    rng = np.random.default_rng(3)
+    addresses = np.concatenate([(np.uint64(f) << np.uint64(32)) + rng.choice(5000, 700, replace=False).astype(np.uint64)
+                                for f in (0, 4, 9, 130)])
+    rng.shuffle(addresses)
+    lookup = AddressMap(addresses)
+    assert lookup.positions(addresses).tolist() == list(range(len(addresses)))
+    strangers = np.array([(5 << 32) | 1, (4 << 32) | 6000, (200 << 32), 2**64 - 1], dtype=np.uint64)
+    assert lookup.positions(strangers).tolist() == [-1] * 4
+    assert AddressMap(np.zeros(0, np.uint64)).positions(addresses[:3]).tolist() == [-1] * 3

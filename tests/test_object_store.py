@@ -152,7 +152,7 @@ def test_writer_lease_blocks_a_second_writer(s3, tmp_path):
     uri = f"{s3}/leased.idx"
     _run("ingest", uri, str(tmp_path / "v.npy"), "--model", "none", "-q")
     coll = Collection.open(uri)
-    with coll.write_lock():
+    with coll.write_lock("test"):
         result = CliRunner().invoke(cli, ["ingest", uri, str(tmp_path / "v.npy"), "-q"])
         assert result.exit_code == 1 and "is being written by" in result.output
     _run("ingest", uri, str(tmp_path / "v.npy"), "-q")  # free again once released

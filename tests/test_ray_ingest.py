@@ -52,6 +52,27 @@ def assert_same_collection(local, remote) -> None:
     assert Collection.open(local).spec.identity() == Collection.open(remote).spec.identity()
 
 
+def assert_stages_plausible(summary, workers: int) -> None:
+    """The Ray engine reports the local engine's stage split: seconds summed over its workers (each
+    stage's tasks run in parallel with the others', so at most the wall time times the processes that
+    can run them: the embedding workers, the light tasks' pool of 4, the driver's commits), and the items
+    each stage saw."""
+    from indexer.timing import STAGES
+
+    stages = summary.stages
+    assert set(stages) == set(STAGES)
+    embedded = summary.added + summary.updated
+    for name in STAGES:
+        assert stages[name]["seconds"] > 0, name
+        assert stages[name]["items_per_s"] > 0, name
+    assert sum(s["seconds"] for s in stages.values()) <= summary.seconds * (workers + 4 + 1)
+    assert stages["embed"]["seconds"] <= summary.seconds * workers
+    # every embedded row went through the model, and was written by a write task
+    assert stages["embed"]["items_per_s"] == pytest.approx(embedded / stages["embed"]["seconds"], rel=0.01)
+    assert stages["write"]["items_per_s"] == pytest.approx(embedded / stages["write"]["seconds"], rel=0.01)
+    assert summary.bottleneck == max(stages, key=lambda s: stages[s]["seconds"])
+
+
 def _counts(summary) -> tuple:
     return summary.added, summary.updated, summary.skipped, summary.errors, summary.rows
 
@@ -82,6 +103,7 @@ def test_texts_match_the_local_engine_and_rerun_incrementally(tmp_path, ray_addr
     assert _counts(s_ray) == _counts(s_local)
     assert s_ray.errors == 5 and s_ray.added == 48 + 150 + 5
     assert_same_collection(local, remote)
+    assert_stages_plausible(s_ray, workers=2)
 
     # Re-run after edits: one text changed, one label changed, one row new, the rest unchanged.
     extra = Path(text_sources[1])
@@ -111,6 +133,10 @@ def test_images_match_the_local_engine(tmp_path, ray_address, sample_corpus):
     assert _counts(s_ray) == _counts(s_local)
     assert s_ray.errors == 3
     assert_same_collection(local, remote)
+    assert_stages_plausible(s_ray, workers=1)
+    # images are decoded in a stage of their own, before the model
+    assert s_ray.stages["preprocess"]["items_per_s"] == pytest.approx(
+        s_ray.added / s_ray.stages["preprocess"]["seconds"], rel=0.01)
 
 
 def test_ray_flags_and_sources_it_refuses(tmp_path, ray_address, text_sources):

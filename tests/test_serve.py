@@ -447,23 +447,31 @@ def test_answer_reruns_a_failed_batch_one_by_one(served_collections):
         service._executor.shutdown()
 
 
-def test_the_batcher_survives_a_failing_batch(served_collections):
-    """An unexpected error fails the requests of its batch, and later searches are still answered."""
+class Panic(BaseException):
+    """As pyo3's PanicException (a Rust panic in Lance) is: a BaseException, not an Exception."""
+
+
+@pytest.mark.parametrize("where", ["batch", "search"])
+@pytest.mark.parametrize("error", [RuntimeError, Panic])
+def test_the_batcher_survives_a_failing_batch(served_collections, error, where):
+    """An unexpected error (or a native library's panic) fails the requests of its batch, and later
+    searches are still answered."""
     import asyncio
 
     from indexer.serve.service import SearchParams, Service
     from indexer.tasks.search import Query
 
     service = Service([served_collections["vectors"]], threads=1)
-    real, calls = service._answer, []
+    method = "_answer" if where == "batch" else "_search"
+    real, calls = getattr(service, method), []
 
     def flaky(*args):
         calls.append(args)
         if len(calls) == 1:
-            raise RuntimeError("boom")
+            raise error("boom")
         return real(*args)
 
-    service._answer = flaky
+    setattr(service, method, flaky)
 
     async def main():
         await service.start()

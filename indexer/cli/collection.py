@@ -39,14 +39,18 @@ from .base import (
 @click.option("--vector-field", help="Table field with precomputed embeddings: stored as they are, no model "
               "run (.npy sources need no field). Name the model that made them with --model, or --model none.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
-@click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4). "
+@click.option("--workers", type=click.IntRange(min=0), help="local: image decoding processes (default: up to 4; "
+              "on CUDA every core but one, up to 32). "
               "ray: embedding actors (default: one per GPU, else one per --cpus-per-worker CPUs).")
 @device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
-              show_default=True, help="auto: fp16 autocast on CUDA, fp32 on CPU (or the collection's int8). "
-              "int8: dynamic quantisation on CPU (text models).")
+@click.option("--precision", type=click.Choice(["default", "auto", "fp32", "fp16", "bf16", "int8"]),
+              default="default", show_default=True, help="default: fp16 autocast on CUDA, fp32 on CPU (or the "
+              "collection's int8). auto: measure the backends and precisions of this machine on a sample of the "
+              "inputs and take the fastest keeping overlap@10 >= 0.95 with fp32 (cached). int8 (CPU): text models "
+              "quantised dynamically; CNNs statically with --backend onnx or openvino, calibrated on the first 64 "
+              "images.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]),
-              help="torch, onnx or openvino: text models exported once to ONNX Runtime or OpenVINO (CPU; pip "
+              help="torch, onnx or openvino: models exported once to ONNX Runtime or OpenVINO (CPU; pip "
                    "install 'indexer-lancedb[onnx]' or '[openvino]'). Default: the collection's, else torch.")
 @click.option("--chunk-tokens", type=click.IntRange(min=0), help="Split texts into passages of at most N model "
               "tokens (breaks at paragraph, then sentence ends); stored as DOCID#N rows. Remembered by the "
@@ -111,12 +115,15 @@ def search(collection, query, image, item_id, queries, k, where, engine, nprobe,
     Query.pick({"QUERY": query, "--image": image, "--id": item_id, "--queries": queries}, click.UsageError)
     if queries is not None:
         qs = []
-        for n, line in enumerate(queries, start=1):
-            if line.strip():
-                try:
-                    qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
-                except json.JSONDecodeError as exc:
-                    raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
+        try:
+            for n, line in enumerate(queries, start=1):
+                if line.strip():
+                    try:
+                        qs.append(Query.from_json(json.loads(line), where=f"--queries line {n}"))
+                    except json.JSONDecodeError as exc:
+                        raise IndexerError(f"--queries line {n}: invalid JSON ({exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise IndexerError(f"--queries {queries.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         for q, hits in zip(qs, search_batch(collection, qs, k=k, where=where, engine=engine, device=device,
                                             nprobe=nprobe, ef=ef, mode=mode, group_by_doc=group_by_doc,
                                             fields=fields)):
@@ -190,6 +197,7 @@ def info(collection, as_json, quiet):
         f"metric       {data['metric']}",
         f"fields       {', '.join(data['fields'])}",
         f"errors       {data['errors']} (errors.jsonl)",
+        *([f"chosen by    --precision auto: {a['reason']}"] if (a := data.get("auto_precision")) else []),
         *([f"passages     at most {c['tokens']} tokens, {c['overlap']} overlap"] if (c := data.get("chunking")) else []),
         f"index        {_describe_index(data['index'])}",
         *([f"lance index  {_describe_index(data['lance_index'])}"] if data.get("lance_index") else []),

@@ -181,10 +181,16 @@ def probe(collection, label_field, test, folds, out, save, predict, text_field, 
 @click.option("--max-items", type=click.IntRange(min=2), help="Use at most this many inputs.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Items per forward pass (default: the model's).")
 @click.option("--out", type=click.Path(file_okay=False), help="Write layers.json and layers.png here.")
+@click.option("--precision", type=click.Choice(["default", "fp32", "fp16", "bf16", "int8"]), default="default",
+              show_default=True, help="As ingest's: compare the layers of the model you will index with "
+              "(default: fp16 on CUDA, fp32 on CPU; int8: text models, torch backend).")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "openvino"]), default="torch", show_default=True,
+              help="Every layer comes from one torch forward pass: onnx and openvino exports give the final "
+                   "features only, and are refused.")
 @predict_inputs
 @output_options
 def layers(sources, label_field, model, weights, layers, pooling, folds, k, temperature, max_items, batch_size,
-           out, text_field, image_field, id_field, device, as_json, quiet):
+           out, precision, backend, text_field, image_field, id_field, device, as_json, quiet):
     """Compare a backbone's layers by k-NN and probe accuracy.
 
     Accuracy of k-NN and a linear probe on every layer over labelled SOURCES; recommends the layer (and
@@ -194,8 +200,8 @@ def layers(sources, label_field, model, weights, layers, pooling, folds, k, temp
     poolings = [p.strip() for p in pooling.split(",") if p.strip()] if pooling else None
     result = sweep_layers(list(sources), label_field, model=model, layers=layers, pooling=poolings, weights=weights,
                           folds=folds, k=k, temperature=temperature, out=out, batch_size=batch_size,
-                          device=device, text_field=text_field, image_field=image_field, id_field=id_field,
-                          max_items=max_items, progress=not quiet)
+                          device=device, precision=precision, backend=backend, text_field=text_field,
+                          image_field=image_field, id_field=id_field, max_items=max_items, progress=not quiet)
     if as_json:
         print_json(result)
         return

@@ -38,7 +38,7 @@ def build_index(collection: Collection | str | os.PathLike, *, kind: str = "auto
     if engine not in ("faiss", "lance", "ray"):
         raise IndexerError(f"--engine {engine}: choose faiss, lance or ray")
     budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
-    with coll.write_lock():
+    with coll.write_lock("index"):
         if engine == "lance":
             return {k: v for k, v in build_lance_index(coll, kind=kind, target_recall=target_recall).items()
                     if k != "sweep"}
@@ -62,7 +62,8 @@ def current_index(coll: Collection, locked: bool = False) -> FaissIndex | None:
         return index
     if locked:
         return _catch_up(coll)
-    with coll.write_lock():
+    # Not waiting: a search met during a write answers exactly rather than waiting for the writer.
+    with coll.write_lock("index catch-up", wait=False):
         return _catch_up(coll)
 
 

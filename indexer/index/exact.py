@@ -110,40 +110,43 @@ def top_k(queries: np.ndarray, base: np.ndarray, k: int, *, base_rows: np.ndarra
 
 
 def exact_search(coll: Collection, queries: np.ndarray, k: int, where: str | None = None,
-                 ) -> tuple[list[list[int]], list[list[float]]]:
+                 ) -> tuple[list[list[int]], list[list[float]], int]:
     """Cosine top-k over a collection's vectors (those matching `where`), streamed from Lance in blocks,
     or from memory for a small collection searched without a filter. `queries` are unit rows. Returns
-    Lance row ids and scores per query, best first."""
+    Lance row ids and scores per query, best first, and the version read: addresses belong to it (a
+    writer's commit, a compaction above all, moves rows), so their fields are read at it too."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best = TopK(len(queries), k, np.uint64)
-    resident = None if where else _resident_vectors(coll)
+    version = coll.version()
+    resident = None if where else _resident_vectors(coll, version)
     with few_threads(len(queries)):
         if resident is not None:
             row_ids, x = resident
             _push_block(best, queries, x, row_ids)
         else:
-            for row_ids, block in _vector_blocks(coll, where):
+            for row_ids, block in _vector_blocks(coll, where, version):
                 _push_block(best, queries, block, row_ids)
     scores, row_ids = best.result()
-    return [list(map(int, r)) for r in row_ids], [list(s) for s in scores]
+    return [list(map(int, r)) for r in row_ids], [list(s) for s in scores], version
 
 
-def _vector_blocks(coll: Collection, where: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(Lance row ids, unit vectors) of the rows matching `where`, block by block."""
-    for batch in coll.scan(["vector"], where=where, with_row_id=True, batch_size=SCAN_ROWS):
+def _vector_blocks(coll: Collection, where: str | None, version: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(Lance row ids, unit vectors) of the rows matching `where` at `version`, block by block."""
+    for batch in coll.scan(["vector"], where=where, with_row_id=True, batch_size=SCAN_ROWS, version=version):
         block = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
         yield batch.column("_rowid").to_numpy(), block if coll.spec.normalize else normalized(block)
 
 
-def _resident_vectors(coll: Collection) -> tuple[np.ndarray, np.ndarray] | None:
-    """A small collection's row ids and unit vectors, read once per Lance version; None past RESIDENT_BYTES."""
-    version, key = coll.version(), coll.location.identity()
+def _resident_vectors(coll: Collection, version: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A small collection's row ids and unit vectors at `version`, read once per version; None past
+    RESIDENT_BYTES."""
+    key = coll.location.identity()
     hit = _RESIDENT.get(key)
     if hit is not None and hit[0] == version:
         return hit[1], hit[2]
-    if coll.count() * coll.spec.dim * 4 > RESIDENT_BYTES:
+    if coll.at_version(version).count_rows() * coll.spec.dim * 4 > RESIDENT_BYTES:
         return None
-    blocks = list(_vector_blocks(coll, None))
+    blocks = list(_vector_blocks(coll, None, version))
     if not blocks:
         return None
     row_ids = np.concatenate([r for r, _ in blocks])

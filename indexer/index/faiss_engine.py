@@ -25,7 +25,9 @@ from ..store import Collection
 from ..store.location import Location
 from ..store.manifest import now_iso
 from ..threads import few_threads
+from .addresses import AddressMap
 from .exact import normalized
+from .resident import ResidentFields
 from .tuning import (
     FALLBACK,
     RECALL_K,
@@ -44,6 +46,7 @@ INDEX_DIR, META, INDEX_FILE, ROWS_FILE = "index", "index.json", "faiss.index", "
 ROW_ID = "row_id"
 RETRAIN_GROWTH = 4.0  # retrain IVF/PQ once the collection is this many times the trained size
 MAX_TOMBSTONES = 0.2
+KEPT_MASKS = 8  # filters whose matching positions are kept (1 MB each per million rows)
 
 
 
@@ -61,6 +64,9 @@ class FaissIndex:
         # None for an index saved before addresses were kept: hits are then looked up by id until a catch-up.
         self.row_ids = (np.array(rows.column(ROW_ID).to_numpy(), dtype=np.uint64)  # a copy: catch-up writes it
                         if ROW_ID in rows.column_names else None)
+        self._addresses: tuple[np.ndarray, AddressMap] | None = None  # live positions, their addresses' map
+        self._resident: ResidentFields | None = None
+        self._masks: dict[tuple[str, int], np.ndarray] = {}  # mask_for's: (where, version) -> mask, oldest first
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -214,6 +220,8 @@ class FaissIndex:
             self.live = np.concatenate([self.live, np.ones(len(new), dtype=bool)])
             row_ids = np.concatenate([row_ids, added.column(ROW_ID).to_numpy()])
         self.row_ids = row_ids
+        self._addresses = self._resident = None  # both describe the version before
+        self._masks = {}
         self.meta["lance_version"] = version
         self.meta["updated"] = now_iso()
         self.save()
@@ -263,7 +271,12 @@ class FaissIndex:
         if self.row_ids is None:
             return coll.rows_by_id(ids, columns)
         columns = ["id", *(c for c in columns if c != "id")]
-        rows = coll.take_rows(self.row_ids[positions], columns, self.meta["lance_version"]).to_pylist()
+        if self._resident is None:
+            self._resident = ResidentFields(self.meta["lance_version"], self.row_ids, self.live)
+        table = self._resident.take(coll, positions, columns)
+        if table is None:
+            table = coll.take_rows(self.row_ids[positions], columns, self.meta["lance_version"])
+        rows = table.to_pylist()
         found = {r["id"]: r for r, expected in zip(rows, ids) if r["id"] == expected}
         stale = [i for i in ids if i not in found]
         if stale:
@@ -271,10 +284,38 @@ class FaissIndex:
             found.update(coll.rows_by_id(stale, columns))
         return found
 
-    def mask_for_ids(self, ids: pa.Array) -> np.ndarray:
-        import pyarrow.compute as pc
+    def wait_for_resident_fields(self) -> None:
+        """Until hit fields being read into memory are there (benchmarks and tests: searches never wait)."""
+        if self._resident is not None:
+            self._resident.wait()
 
-        return np.asarray(pc.is_in(self.ids, value_set=ids).to_numpy(zero_copy_only=False), dtype=bool)
+    def mask_for(self, coll: Collection, where: str) -> np.ndarray:
+        """Which positions hold rows matching `where` (the filter evaluated at the version the index
+        reflects). The last few filters' masks are kept: applications repeat theirs (a tenant, a type)."""
+        key = (where, self.meta["lance_version"])
+        mask = self._masks.pop(key, None)
+        if mask is None:
+            mask = self._match(coll, where)
+        self._masks[key] = mask  # newest last
+        while len(self._masks) > KEPT_MASKS:
+            self._masks.pop(next(iter(self._masks)))
+        return mask
+
+    def _match(self, coll: Collection, where: str) -> np.ndarray:
+        if self.row_ids is None:  # an index saved before addresses were kept: match ids
+            import pyarrow.compute as pc
+
+            ids = [b.column("id") for b in coll.scan(["id"], where, version=self.meta["lance_version"])]
+            ids = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+            return np.asarray(pc.is_in(self.ids, value_set=ids).to_numpy(zero_copy_only=False), dtype=bool)
+        if self._addresses is None:
+            live = np.flatnonzero(self.live)
+            self._addresses = (live, AddressMap(self.row_ids[live]))
+        live, addresses = self._addresses
+        found = addresses.positions(coll.matching_row_ids(where, self.meta["lance_version"]))
+        mask = np.zeros(len(self.live), dtype=bool)
+        mask[live[found[found >= 0]]] = True
+        return mask
 
     def info(self) -> dict[str, Any]:
         return {k: v for k, v in self.meta.items() if k not in ("sweep", "files")}

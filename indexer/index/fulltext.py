@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import IndexerError
 from ..store import Collection
-from ..store.collection import lance_reason, where_error
+from ..store.collection import check_where, lance_reason, where_error
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def update_fts_index(coll: Collection) -> None:
 def ensure_fts_index(coll: Collection) -> None:
     """Collections from before full-text search get their index on the first text query."""
     if not has_fts_index(coll):
-        with coll.write_lock():
+        with coll.write_lock("full-text index"):
             update_fts_index(coll)
 
 
@@ -74,9 +74,14 @@ def fts_search(coll: Collection, query: str, k: int, where: str | None = None,
     if not query or not query.strip():
         raise IndexerError("the text query is empty")
     columns = columns or coll.result_columns()
+    check_where(where)
     try:
         table = coll.dataset().scanner(columns=[*columns, "_score"], full_text_query=query, filter=where,
                                        prefilter=where is not None, limit=k).to_table()
+    except RuntimeError as exc:  # a filter Lance's planner does not implement (see where_error)
+        if not where:
+            raise
+        raise where_error(where, exc) from exc
     except ValueError as exc:  # lance reports SQL, column and query-syntax errors as ValueError
         reason = lance_reason(exc)
         if where and ("Schema error" in reason or "SQL syntax error" in reason):

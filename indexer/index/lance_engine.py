@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import IndexerError
 from ..store import Collection
-from ..store.collection import where_error
+from ..store.collection import check_where, where_error
 from ..store.manifest import now_iso
 from .exact import exact_search
 from .tuning import TUNING_MARGIN
@@ -52,11 +52,12 @@ def lance_search(coll: Collection, vector: np.ndarray, k: int, knobs: dict[str, 
         q = q.ef(int(knobs["ef"]))
     if columns is not None:
         q = q.select([*columns, "_distance"])
+    check_where(where)
     try:
         if where:
             q = q.where(where, prefilter=True)
         rows = q.to_list()
-    except ValueError as exc:  # lance reports SQL and column errors as ValueError
+    except (ValueError, RuntimeError) as exc:  # SQL and column errors; RuntimeError: see where_error
         if not where:
             raise
         raise where_error(where, exc) from exc
@@ -87,8 +88,8 @@ def build_lance_index(coll: Collection, kind: str = "auto", target_recall: float
     ids, queries = _sample_queries(coll, min(500, n // 10), seed)
     goal = min(1.0, target_recall + TUNING_MARGIN)
     # Ground truth by our blocked exact scan: one pass for all queries, not one Lance flat scan each.
-    row_ids, _ = exact_search(coll, queries, 11)
-    id_of = coll.rows_by_row_id(sorted({r for rows in row_ids for r in rows}), columns=["id"])
+    row_ids, _, version = exact_search(coll, queries, 11)
+    id_of = coll.rows_by_row_id(sorted({r for rows in row_ids for r in rows}), ["id"], version)
     truth = [[id_of[r]["id"] for r in rows if id_of[r]["id"] != i][:10] for i, rows in zip(ids, row_ids)]
     sweep = []
     for nprobes in (p for p in NPROBES if p <= partitions):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import IndexerError
 from ..index import update_after_ingest
-from ..models import DEFAULT_MODELS, Embedder, load_embedder, resolve_runtime, resolve_spec, respec
+from ..models import DEFAULT_MODELS, Embedder, Runtime, load_embedder, resolve_runtime, resolve_spec, respec
 from ..models.precomputed import PrecomputedVectors
 from ..sources import (
     SourceOptions,
@@ -28,6 +28,8 @@ from ..sources import (
 from ..spec import ModelSpec
 from ..store import Collection
 from ..wording import counted
+from .autotune import MIN_SAMPLE, choose, sample_inputs
+from .calibration import calibrate
 from .chunking import Passages, make_chunker, stored_chunks
 from .drift import check_drift, needs_check
 from .engine import Engine, IngestSummary, Plan, Run
@@ -102,6 +104,18 @@ def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOption
     return PrecomputedVectors(spec, runtime)
 
 
+def _auto_precision(spec: ModelSpec, sources: list[str], opts: SourceOptions, device: str, batch_size: int | None,
+                    default: Runtime) -> tuple[dict | None, Runtime]:
+    """--precision auto: the measured decision and its runtime; the default one for too few inputs."""
+    sample = sample_inputs(sources, opts)
+    if len(sample) < MIN_SAMPLE:
+        log.info("--precision auto: %d usable inputs are too few to measure on (%d): %s %s", len(sample),
+                 MIN_SAMPLE, default.backend, default.precision)
+        return None, default
+    tuned = choose(spec, sample, device, batch_size)
+    return tuned, resolve_runtime(device, tuned["precision"], tuned["backend"])
+
+
 def make_engine(name: str = "local", **options) -> Engine:
     """The engine called `name`, configured by its own options (the local one takes `workers`; ray takes
     `address`, `workers`, `gpus_per_worker`, `cpus_per_worker`)."""
@@ -121,7 +135,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
            normalize: bool = True, text_field: str = "text", image_field: str = "image",
            id_field: str | None = None, label_field: str | None = None, batch_size: int | None = None,
            vector_field: str | None = None, workers: int | None = None, device: str = "auto",
-           precision: str = "auto", backend: str | None = None, strict: bool = False, progress: bool = True,
+           precision: str = "default", backend: str | None = None, strict: bool = False, progress: bool = True,
            chunk_tokens: int | None = None, chunk_overlap: int | None = None, engine: str = "local",
            address: str | None = None, gpus_per_worker: float | None = None,
            cpus_per_worker: float | None = None, storage_options: dict[str, str] | None = None) -> IngestSummary:
@@ -141,6 +155,9 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     and `cpus_per_worker` CPUs each; `workers` is the number of image decoding processes locally.
     `backend="onnx"` runs the model exported to ONNX Runtime (CPU; `precision="int8"` quantises it);
     a collection keeps the backend and int8 it was made with, and queries are embedded the same way.
+    `precision="default"` is fp16 autocast on CUDA, fp32 on CPU; `precision="auto"` measures the ways
+    this machine has on a sample of the inputs and takes the fastest that keeps overlap@10 >= 0.95
+    with fp32 (autotune.py; cached, recorded in the manifest as `auto_precision`).
 
     >>> s = ingest("notes.idx", ["notes/"], model="minilm")      # doctest: +SKIP
     >>> s.added, s.errors                                          # doctest: +SKIP
@@ -156,15 +173,25 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     runner = make_engine(engine, workers=workers, address=address, gpus_per_worker=gpus_per_worker,
                          cpus_per_worker=cpus_per_worker)
     local = engine == "local"
-    if coll is not None and backend is None and precision == "auto":
+    if precision == "auto" and (not local or backend is not None or coll is not None):
+        if not local:
+            raise IndexerError("--precision auto measures the ways of this machine: the local engine only")
+        if backend is not None:
+            raise IndexerError("--precision auto picks the backend too: leave out --backend")
+        log.info("--precision auto: %s keeps the way its vectors were made", coll.path)
+        precision = "default"
+    if coll is not None and backend is None and precision == "default":
         # A re-run embeds the way the stored vectors were (another backend or int8 would be refused).
         backend = coll.spec.backend
-        precision = "int8" if coll.spec.precision == "int8" else "auto"
+        precision = "int8" if coll.spec.precision == "int8" else "default"
     backend = backend or "torch"
     if not local and backend != "torch":
         raise IndexerError(f"--backend {backend}: the local engine only (--engine local)")
     # Another engine embeds on its workers: here the model is built on the CPU only to know its spec.
-    runtime = resolve_runtime(device, precision, backend) if local else resolve_runtime("cpu", "fp32")
+    # (--precision auto: measured below, once the model and the inputs are known)
+    runtime = resolve_runtime(device, "default" if precision == "auto" else precision, backend) if local \
+        else resolve_runtime("cpu", "fp32")
+    tuned = None
     if batch_size is not None and batch_size < 1:
         raise IndexerError("--batch-size must be at least 1")
     opts_for = lambda modality: SourceOptions(  # noqa: E731
@@ -175,22 +202,32 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         check_sources(sources, "vector")
         embedder = _precomputed(coll, sources, opts, model, weights, layer, pooling, normalize, runtime)
         factory = PrecomputedVectors
+        precision = "default"  # no model runs
     else:
         spec = _resolve(coll, sources, model, weights, layer, pooling, normalize, opts_for("text"))
         opts = opts_for(spec.modality)
         check_sources(sources, spec.modality)  # before loading the model (seconds), so a typo fails at once
-        embedder = load_embedder(spec, runtime)
+        if precision == "auto":
+            tuned, runtime = _auto_precision(spec, sources, opts, device, batch_size, runtime)
+            backend, precision = runtime.backend, runtime.precision
+        embedder = load_embedder(replace(spec, calibration=None), runtime)  # calibrate() finds a recorded one
+        if embedder.needs_calibration:  # static int8: on this ingest's first images, or the collection's
+            calibrate(embedder, sources, opts, coll.spec.calibration if coll else None)
         if not local and precision == "int8":  # the workers quantise: the vectors are int8's
             embedder.spec = replace(embedder.spec, precision="int8")
         factory = load_embedder
     chunker = make_chunker(embedder, chunk_tokens, chunk_overlap, coll.manifest.chunking if coll else None)
+    # Another ingest may have created the collection while the model loaded.
+    created = False
     if coll is None:
-        coll = Collection.create(path, embedder.spec, storage_options)
+        coll, created = Collection.find_or_create(path, embedder.spec, storage_options)
+    if created:
+        coll.manifest.auto_precision = tuned  # saved by touch() below
     else:
         coll.check_compatible(embedder.spec)
-    batch_size = batch_size or embedder.default_batch_size
+    batch_size = batch_size or embedder.batch_size()  # on a GPU: what its free memory holds
 
-    with coll.write_lock():
+    with coll.write_lock("ingest"):
         if label_field not in (None, "label", coll.manifest.label_field):
             coll.manifest.label_field = label_field
             coll.save_manifest()
@@ -225,6 +262,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
     s.items_per_s = (s.added + s.updated) / s.seconds if s.seconds else 0.0
     s.rows = coll.count()
     s.stages, s.bottleneck = run.stages.to_dict(), run.stages.bottleneck()
+    s.auto_precision = tuned
     log.debug("stages: %s", run.stages.line())
     if s.truncated:
         log.warning("%s longer than %s tokens: embedded from their first tokens",

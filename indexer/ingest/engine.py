@@ -52,6 +52,7 @@ class IngestSummary:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     bottleneck: str | None = None  # the stage that took longest
     drift: dict | None = None  # measured in this run: another backend or int8 against torch fp32 (drift.py)
+    auto_precision: dict | None = None  # --precision auto: the way picked, why, and every candidate's figures
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,6 +4,7 @@ DataLoader worker processes; text is hashed in the main process (tokenising is t
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,17 +13,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..sources import Record, SkippedInput, SourceOptions, content_hash, iter_records
-from ..sources.images import ImageDecodeError, decode_image
+from ..sources.images import ImageDecodeError, decode_image, plain_jpeg
 
 
 @dataclass
 class Prepared:
-    """A record whose content changed (or is new), with its hashes; `tensor` for images."""
+    """A record whose content changed (or is new), with its hashes; `tensor` for images, or `jpeg`:
+    the bytes of a JPEG left for the model's GPU to decode."""
 
     record: Record
     content_hash: str
     record_hash: str
     tensor: torch.Tensor | None = None
+    jpeg: bytes | None = None
 
 
 @dataclass
@@ -55,9 +58,10 @@ class ImageInputs(IterableDataset):
     """Each worker walks the same sources and takes every n-th record, so nothing is listed up front."""
 
     def __init__(self, paths: list[str], opts: SourceOptions, known: dict[str, str],
-                 transform: Callable[[Any], torch.Tensor], min_size: int | None):
+                 transform: Callable[[Any], torch.Tensor], min_size: int | None, defer_jpegs: bool = False):
         self.paths, self.opts, self.known = paths, opts, known
         self.transform, self.min_size = transform, min_size
+        self.defer_jpegs = defer_jpegs  # plain JPEGs pass through undecoded: decode_on_device decodes them
 
     def __iter__(self) -> Iterator[tuple[Item, float, float]]:
         """(item, seconds reading and hashing it, seconds decoding and transforming it)."""
@@ -68,7 +72,10 @@ class ImageInputs(IterableDataset):
                 start = time.perf_counter()
                 item = prepare(record, self.known)
                 read = time.perf_counter()
-                item = decode(item, self.transform, self.min_size)
+                if self.defer_jpegs and isinstance(item, Prepared) and plain_jpeg(item.record.data):
+                    item.jpeg, item.record.data = item.record.data, None
+                else:
+                    item = decode(item, self.transform, self.min_size)
                 yield item, read - start, time.perf_counter() - read
 
 
@@ -88,9 +95,70 @@ def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int |
     return item
 
 
+def decode_on_device(batch: dict[str, Any], transform, min_size: int | None, device: torch.device) -> None:
+    """Decode the batch's deferred JPEGs on `device` (nvjpeg on a GPU, the whole batch in one call) and
+    transform them there: afterwards batch["pixels"] holds every Prepared item's input, in order, on
+    `device`. A JPEG the decoder rejects is decoded by PIL as any other image (and becomes an error
+    entry if that fails too)."""
+    items = batch["items"]
+    deferred = [i for i, item in enumerate(items) if isinstance(item, Prepared) and item.jpeg is not None]
+    if not deferred:
+        return
+    decoded = dict(zip(deferred, _decode_jpegs([items[i].jpeg for i in deferred], device)))
+    rows = iter(batch["pixels"] if batch["pixels"] is not None else [])  # decoded by the workers
+    pixels = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Prepared):
+            continue
+        if i not in decoded:
+            pixels.append(next(rows).to(device, non_blocking=True))
+        elif decoded[i] is not None:
+            item.jpeg = None
+            pixels.append(transform.from_tensor(decoded[i]))
+        else:
+            item.record.data, item.jpeg = item.jpeg, None
+            items[i] = decode(item, transform, min_size)
+            if isinstance(items[i], Prepared):
+                pixels.append(items[i].tensor.to(device))
+                items[i].tensor = None
+    batch["pixels"] = torch.stack(pixels) if pixels else None
+
+
+def _decode_jpegs(data: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """(3, h, w) uint8 RGB images on `device`; None for one the decoder cannot read."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass  # one bad file fails the whole call: find it, one at a time
+        out = []
+        for one in encoded:
+            try:
+                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+ITEMS_AHEAD = 1024  # images a worker keeps ready: a batch of 224 px pixels is 0.6 MB an image in host memory
+
+
+def loader_workers(cpus: int, cuda: bool, batch_size: int) -> tuple[int, int]:
+    """(decoding processes, batches each keeps ready). On a CPU the model needs the cores too: up to 4
+    workers. A GPU needs one core to feed it, so every other core decodes, each a few batches ahead so
+    that a slow file never leaves the GPU waiting (2 to 6 batches: fewer of the large ones a GPU takes)."""
+    if cuda:
+        return max(1, min(cpus - 1, 32)), max(2, min(6, ITEMS_AHEAD // batch_size))
+    return max(1, min(4, cpus)), 4
+
+
 def _collate(loaded: list[tuple[Item, float, float]]) -> dict[str, Any]:
     items = [item for item, _, _ in loaded]
-    prepared = [i for i in items if isinstance(i, Prepared)]
+    prepared = [i for i in items if isinstance(i, Prepared) and i.jpeg is None]
     pixels = torch.stack([p.tensor for p in prepared]) if prepared else None
     for p in prepared:
         p.tensor = None  # the stacked batch carries the pixels; don't pickle them twice
@@ -98,11 +166,12 @@ def _collate(loaded: list[tuple[Item, float, float]]) -> dict[str, Any]:
             "read_s": sum(r for _, r, _ in loaded), "decode_s": sum(d for _, _, d in loaded)}
 
 
-def image_batches(dataset: ImageInputs, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches of {"pixels": (n, 3, h, w) for the Prepared items in order, "items": [...],
-    "read_s"/"decode_s": the seconds a worker spent reading/decoding them}."""
+def image_batches(dataset: ImageInputs, batch_size: int, workers: int, pin_memory: bool,
+                  prefetch: int = 4) -> DataLoader:
+    """Batches of {"pixels": (n, 3, h, w) for the Prepared items in order (but deferred JPEGs: see
+    decode_on_device), "items": [...], "read_s"/"decode_s": the seconds a worker spent reading/decoding them}."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                      pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                      pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
                       persistent_workers=False,
                       # lance and lancedb run native threads that fork() cannot safely copy
                       multiprocessing_context="forkserver" if workers else None)

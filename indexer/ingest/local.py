@@ -11,7 +11,7 @@ import torch
 from ..models import Embedder
 from ..sources import iter_records
 from .engine import Plan, Run, stored_row
-from .loader import ImageInputs, Prepared, image_batches, prepare
+from .loader import ImageInputs, Prepared, decode_on_device, image_batches, loader_workers, prepare
 from .writer import BatchWriter
 
 SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
@@ -19,7 +19,7 @@ SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
 
 @dataclass
 class LocalEngine:
-    workers: int | None = None  # image decoding processes; None: up to 4, none for a small run
+    workers: int | None = None  # image decoding processes; None: loader_workers(), none for a small run
 
     def run(self, plan: Plan, run: Run) -> None:
         writer = BatchWriter(plan.collection, commit_rows=plan.commit_rows, stages=run.stages)
@@ -79,22 +79,37 @@ def _embed_window(out: _Output, embedder: Embedder, window: list[Prepared], batc
         out.emit(window, embedder.embed(payloads, batch_size, out.run.stages))
 
 
+def _jpeg_device(embedder: Embedder) -> torch.device | None:
+    """Where JPEGs are decoded when not in the workers: on the model's GPU (nvjpeg), for the CNNs whose
+    transform runs on tensors there. None: the workers decode every image with PIL."""
+    if embedder.runtime.is_cuda and hasattr(embedder.preprocess_fn(), "from_tensor"):
+        return embedder.runtime.device
+    return None
+
+
 def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
     run, embedder, sources = out.run, plan.embedder, plan.sources
+    cuda = embedder.runtime.is_cuda
+    default_workers, prefetch = loader_workers(os.cpu_count() or 1, cuda, plan.batch_size)
     if workers is None:
         # Starting a worker costs seconds (it imports torch): not worth it for a handful of images.
         small = plan.total is not None and plan.total < SMALL_IMAGE_RUN
-        workers = 0 if small else min(4, os.cpu_count() or 1)
+        workers = 0 if small else default_workers
     if "-" in sources:
         workers = 0  # stdin can be read by one process only
     crop = embedder.spec.preprocessing.get("resize")
-    dataset = ImageInputs(sources, plan.opts, run.known, embedder.preprocess_fn(), min_size=crop)
-    cuda = embedder.runtime.is_cuda
-    for batch in image_batches(dataset, plan.batch_size, workers, pin_memory=cuda):
+    transform = embedder.preprocess_fn()
+    jpeg_device = _jpeg_device(embedder)
+    dataset = ImageInputs(sources, plan.opts, run.known, transform, min_size=crop,
+                          defer_jpegs=jpeg_device is not None)
+    for batch in image_batches(dataset, plan.batch_size, workers, pin_memory=cuda, prefetch=prefetch):
         # Workers read and decode in parallel: their seconds, shared out, are the stage's wall time.
         n = len(batch["items"])
         run.stages.add("read", batch["read_s"] / max(workers, 1), n)
         run.stages.add("preprocess", batch["decode_s"] / max(workers, 1))  # embed_batch counts the items
+        if jpeg_device is not None:
+            with run.stages.time("preprocess"):
+                decode_on_device(batch, transform, crop, jpeg_device)
         # batch["pixels"] holds one image per Prepared item, in order; duplicates are dropped after.
         prepared, keep = [], []
         for item in batch["items"]:
@@ -104,5 +119,6 @@ def _ingest_images(out: _Output, plan: Plan, workers: int | None) -> None:
                 keep.append(accepted)
         keep = np.array(keep, dtype=bool)
         if keep.any():
-            vectors = embedder.embed_batch(batch["pixels"][torch.from_numpy(keep)], run.stages)
+            pixels = batch["pixels"]
+            vectors = embedder.embed_batch(pixels[torch.from_numpy(keep).to(pixels.device)], run.stages)
             out.emit([p for p, k in zip(prepared, keep) if k], vectors)

@@ -13,6 +13,11 @@
 Every stage runs the local engine's code on one piece at a time, so ids, hashes, vectors and error
 lines are the local engine's. The driver never holds vectors (except a batch that brings a field the
 table lacks: that one is written here, after adding the column, so no field is dropped).
+
+Where the time went: each row carries the seconds the read, preprocess and embed stages spent on it
+(a batch's time shared among its rows) in columns of its own; the write task sums them with its own
+seconds, and the driver adds them, and its commits, into the run's stages. The stages run on several
+workers at once, so their seconds add up across workers (they may sum to more than the run's wall time).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ..sources import SkippedInput, iter_records, iter_unit, split_sources
 from ..spec import ModelSpec
 from ..store.arrow import conform, rows_to_table
 from ..store.collection import TABLE, _sql_str
+from ..timing import Stages
 from .chunking import Passages
 from .engine import Claims, Plan, Run, stored_row
 from .loader import Prepared, Unchanged, decode, prepare
@@ -45,8 +51,23 @@ SCHEMA_PEEK = 512  # records read on the driver to fix the new table's schema
 BLOCK_BYTES = 128 * 1024  # a few hundred texts, one image
 
 
-def _dumps(objs: list) -> dict[str, np.ndarray]:
-    return {BLOB: np.array([pickle.dumps(o, protocol=5) for o in objs], dtype=object)}
+TIMED = ("read", "preprocess", "embed")  # stages whose per-row seconds travel in columns "<stage>_s"
+
+
+def _dumps(objs: list, seconds: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A batch of pickled `objs` with the seconds each one has taken so far per stage (zeros if not given)."""
+    out = {BLOB: np.array([pickle.dumps(o, protocol=5) for o in objs], dtype=object)}
+    for stage in TIMED:
+        given = (seconds or {}).get(stage)
+        out[f"{stage}_s"] = np.zeros(len(objs)) if given is None else np.asarray(given, dtype=np.float64)
+    return out
+
+
+def _seconds(batch: dict[str, np.ndarray], **spent: float) -> dict[str, np.ndarray]:
+    """The batch's per-row seconds, plus `spent` seconds of a stage shared equally among its rows."""
+    n = max(len(batch[BLOB]), 1)
+    return {stage: np.asarray(batch[f"{stage}_s"], dtype=np.float64) + spent.get(stage, 0.0) / n
+            for stage in TIMED}
 
 
 def _loads(batch: dict[str, np.ndarray]) -> list:
@@ -58,17 +79,22 @@ def _loads(batch: dict[str, np.ndarray]) -> list:
 def _read(batch: dict[str, np.ndarray], opts):
     """One unit -> its records, hashed, with their place in the input order (unit, n)."""
     for index, unit in zip(batch["order"], _loads(batch)):
-        items, n = [], -1
+        items, seconds, n = [], [], -1
+        start = time.perf_counter()
         try:
             for n, record in enumerate(iter_unit(unit, opts)):
                 items.append(((int(index), n), prepare(record, {})))
+                now = time.perf_counter()
+                seconds.append(now - start)  # parsing the record and reading + hashing its payload
+                start = now
                 if len(items) >= READ_BLOCK:
-                    yield _dumps(items)
-                    items = []
+                    yield _dumps(items, {"read": seconds})
+                    items, seconds = [], []
         except Exception as exc:  # noqa: BLE001 - a source that breaks part-way is an error line, not a failed job
             items.append(((int(index), n + 1), SkippedInput(unit.path, f"cannot read: {exc}")))
+            seconds.append(time.perf_counter() - start)
         if items:
-            yield _dumps(items)
+            yield _dumps(items, {"read": seconds})
 
 
 class _Claims:
@@ -86,17 +112,28 @@ class _Claims:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
-        for order, item in _loads(batch):
+        seconds: dict[str, list[float]] = {stage: [] for stage in TIMED}
+        carried = _seconds(batch)
+        for row, (order, item) in enumerate(_loads(batch)):
             if self.last is not None and order <= self.last:
                 raise RuntimeError(f"items reached the claims stage out of order ({order} after {self.last})")
             self.last = order
-            for part in self._expand(item):
+            start = time.perf_counter()
+            parts = self._expand(item)  # chunking tokenises: preprocess time, as in the local engine
+            split = time.perf_counter() - start
+            for n, part in enumerate(parts):
                 part = self.claims.classify(part)
                 out.append((part, isinstance(part, Prepared) and part.record.id in self.known))
+                # the record's own seconds go with its first part; the split is shared by all of them
+                for stage in TIMED:
+                    seconds[stage].append(carried[stage][row] if n == 0 else 0.0)
+                seconds["preprocess"][-1] += split / len(parts)
         if self.passages is not None and self.passages.orphans:
             out.append((Orphans(frozenset(self.passages.orphans)), False))  # the driver deletes them at the end
             self.passages.orphans = set()
-        return _dumps(out)
+            for stage in TIMED:
+                seconds[stage].append(0.0)
+        return _dumps(out, seconds)
 
     def _expand(self, item):
         if self.passages is None:
@@ -115,7 +152,9 @@ class Orphans:
 
 
 def _decode(batch: dict[str, np.ndarray], transform, min_size: int | None) -> dict[str, np.ndarray]:
-    return _dumps([(decode(item, transform, min_size), update) for item, update in _loads(batch)])
+    start = time.perf_counter()
+    out = [(decode(item, transform, min_size), update) for item, update in _loads(batch)]
+    return _dumps(out, _seconds(batch, preprocess=time.perf_counter() - start))
 
 
 class _Embed:
@@ -129,21 +168,23 @@ class _Embed:
         entries = _loads(batch)
         prepared = [item for item, _ in entries if isinstance(item, Prepared)]
         truncated = getattr(self.embedder, "truncated", 0)
-        vectors = iter(self._embed(prepared))
+        stages = Stages()  # tokenising (preprocess) and the model (embed)
+        vectors = iter(self._embed(prepared, stages))
         out = [(item, update, next(vectors) if isinstance(item, Prepared) else None) for item, update in entries]
         counts = np.zeros(len(out), dtype=np.int64)
         if len(out):
             counts[0] = getattr(self.embedder, "truncated", 0) - truncated
-        return {**_dumps(out), "truncated": counts}
+        seconds = _seconds(batch, preprocess=stages.seconds["preprocess"], embed=stages.seconds["embed"])
+        return {**_dumps(out, seconds), "truncated": counts}
 
-    def _embed(self, items: list[Prepared]) -> np.ndarray:
+    def _embed(self, items: list[Prepared], stages: Stages) -> np.ndarray:
         if not items or items[0].tensor is None:
             payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in items]
-            return self.embedder.embed(payloads, self.batch_size)
+            return self.embedder.embed(payloads, self.batch_size, stages)
         pixels = torch.stack([p.tensor for p in items])
         for p in items:
             p.tensor = None  # the writer needs the row, not the pixels
-        return np.concatenate([self.embedder.embed_batch(pixels[i : i + self.batch_size])
+        return np.concatenate([self.embedder.embed_batch(pixels[i : i + self.batch_size], stages)
                                for i in range(0, len(items), self.batch_size)])
 
 
@@ -159,14 +200,21 @@ class Written:
     orphans: set[str] = field(default_factory=set)  # stored passages to delete once the run is done
     truncated: int = 0
     rows: tuple[list[dict], np.ndarray, list[bool]] | None = None  # a batch the table's schema cannot take yet
+    stages: Stages = field(default_factory=Stages)  # every stage's seconds and items for these rows
 
 
 def _write(batch: dict[str, np.ndarray], uri: str, storage_options: dict | None) -> dict[str, np.ndarray]:
     import lance
 
+    start = time.perf_counter()
     out = Written(truncated=int(np.sum(batch["truncated"])))
+    entries = _loads(batch)
+    n_items = sum(not isinstance(item, Orphans) for item, _, _ in entries)
+    n_prepared = sum(isinstance(item, Prepared) for item, _, _ in entries)
+    for stage, items in zip(TIMED, (n_items, n_prepared, n_prepared)):
+        out.stages.add(stage, float(np.sum(batch[f"{stage}_s"])), items)
     prepared, vectors, updates = [], [], []
-    for item, update, vector in _loads(batch):
+    for item, update, vector in entries:
         if isinstance(item, SkippedInput):
             out.errors.append(item)
         elif isinstance(item, Unchanged):
@@ -188,6 +236,7 @@ def _write(batch: dict[str, np.ndarray], uri: str, storage_options: dict | None)
             out.fragments = lance.fragment.write_fragments(data, uri, schema=schema, storage_options=storage_options)
             out.updates = [r["id"] for r, u in zip(rows, updates) if u]
             out.added = len(rows) - len(out.updates)
+    out.stages.add("write", time.perf_counter() - start, 0 if out.rows else len(prepared))  # else the driver writes
     return {"result": np.array([pickle.dumps(out, protocol=5)], dtype=object)}
 
 
@@ -222,9 +271,10 @@ class RayEngine:
             plan.passages.orphans |= committer.orphans  # ingest() deletes them after a complete run
             plan.collection.dataset()  # the collection's table handle moves to the last commit
 
-    def _pipeline(self, ray, plan: Plan, run: Run, units, uri: str):
-        resources = ray.cluster_resources()
-        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    def split(self, cpus: float, gpus: float) -> tuple[int, float, float]:
+        """(embedding workers, CPUs and GPUs each) on a cluster of `cpus` and `gpus`: by default one
+        worker per GPU, so every GPU of every machine embeds; on a cluster without GPUs one per
+        `cpus_per_worker` CPUs."""
         gpus_per = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if gpus else 0)
         cpus_per = self.cpus_per_worker or 1
         workers = self.workers or max(1, int(gpus // gpus_per) if gpus_per else int(cpus // cpus_per))
@@ -232,6 +282,12 @@ class RayEngine:
             raise IndexerError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs: {workers} workers of "
                                f"{cpus_per:g} CPUs and {gpus_per:g} GPUs do not fit (lower --workers, "
                                "--cpus-per-worker or --gpus-per-worker)")
+        return workers, cpus_per, gpus_per
+
+    def _pipeline(self, ray, plan: Plan, run: Run, units, uri: str):
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+        workers, cpus_per, gpus_per = self.split(cpus, gpus)
         log.info("ray: %d embedding workers (%g CPUs, %g GPUs each) on %g CPUs, %g GPUs",
                  workers, cpus_per, gpus_per, cpus, gpus)
         # Light stages take no CPU slot (the embedding actors may hold them all) and few processes.
@@ -314,6 +370,8 @@ class _Committer:
         run.unchanged(written.unchanged)
         self.orphans |= written.orphans
         run.summary.truncated += written.truncated
+        for stage in written.stages.seconds:
+            run.stages.add(stage, written.stages.seconds[stage], written.stages.items[stage])
         run.flush_errors()
         if written.rows is not None:
             self.commit()
@@ -329,11 +387,12 @@ class _Committer:
             return
         import lance
 
-        ds = lance.dataset(self.uri, storage_options=self.storage_options)
-        removed, updated = _delete_rows(ds, [i for w in self.pending for i in w.updates])
-        op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
-                                         new_fragments=[f for w in self.pending for f in w.fragments])
-        lance.LanceDataset.commit(self.uri, op, read_version=ds.version, storage_options=self.storage_options)
+        with self.run.stages.time("write"):  # the write tasks counted the rows; this is the commit's time
+            ds = lance.dataset(self.uri, storage_options=self.storage_options)
+            removed, updated = _delete_rows(ds, [i for w in self.pending for i in w.updates])
+            op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
+                                             new_fragments=[f for w in self.pending for f in w.fragments])
+            lance.LanceDataset.commit(self.uri, op, read_version=ds.version, storage_options=self.storage_options)
         self.run.written(added=sum(w.added for w in self.pending), updated=sum(len(w.updates) for w in self.pending))
         self.pending = []
         self.last = time.monotonic()
@@ -344,7 +403,8 @@ class _Committer:
         for upsert in (False, True):
             idx = [i for i, u in enumerate(updates) if u == upsert]
             if idx:
-                self.coll.write([rows[i] for i in idx], vectors[idx], upsert=upsert)
+                with self.run.stages.time("write", len(idx)):
+                    self.coll.write([rows[i] for i in idx], vectors[idx], upsert=upsert)
         self.run.written(added=updates.count(False), updated=updates.count(True))
 
 

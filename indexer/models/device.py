@@ -11,7 +11,8 @@ import torch
 
 from ..errors import IndexerError
 
-Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+# default: fp16 autocast on CUDA, fp32 on CPU. auto: measured by ingest (ingest/autotune.py), never seen here.
+Precision = Literal["default", "auto", "fp32", "fp16", "bf16", "int8"]
 Backend = Literal["torch", "onnx", "openvino"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openvino")
 
@@ -42,8 +43,8 @@ class Runtime:
         model.eval().requires_grad_(False)
         if self.precision == "int8" and self.backend == "torch":  # other backends quantise their export
             if convolutional:
-                raise IndexerError("--precision int8 quantises Linear layers (transformers); "
-                                   "a CNN gains nothing from it: use fp32 on CPU")
+                raise IndexerError("--precision int8 for a CNN is static int8, calibrated on your images: "
+                                   "add --backend onnx or openvino (torch's int8 quantises Linear layers only)")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         if convolutional and self.is_cuda:
             model = model.to(memory_format=torch.channels_last)
@@ -54,17 +55,19 @@ class Runtime:
         return tensor.to(self.device, non_blocking=self.is_cuda)
 
 
-def resolve_runtime(device: str = "auto", precision: Precision = "auto", backend: Backend = "torch") -> Runtime:
-    """`auto` picks CUDA when present. CPU runs fp32 (or int8 dynamic quantisation on request).
-    The onnx and openvino backends run on the CPU, fp32 or int8."""
+def resolve_runtime(device: str = "auto", precision: Precision = "default", backend: Backend = "torch") -> Runtime:
+    """Device `auto` picks CUDA when present. Precision `default`: fp16 autocast on CUDA, fp32 on CPU
+    (int8 dynamic quantisation on request). The onnx and openvino backends run on the CPU, fp32 or int8."""
+    if precision == "auto":
+        raise IndexerError("--precision auto is measured by ingest on its inputs: name a precision here")
     if backend not in BACKENDS:
         raise IndexerError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend != "torch":
         if device not in ("auto", "cpu"):
             raise IndexerError(f"--backend {backend} runs on the CPU: use --device cpu (or --backend torch on a GPU)")
-        if precision not in ("auto", "fp32", "int8"):
+        if precision not in ("default", "fp32", "int8"):
             raise IndexerError(f"--backend {backend} runs fp32 or int8, not {precision}")
-        return Runtime(torch.device("cpu"), "fp32" if precision == "auto" else precision, backend)
+        return Runtime(torch.device("cpu"), "fp32" if precision == "default" else precision, backend)
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -76,7 +79,7 @@ def resolve_runtime(device: str = "auto", precision: Precision = "auto", backend
             raise IndexerError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
         if dev.type not in ("cpu", "cuda"):
             raise IndexerError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
-    if precision == "auto":
+    if precision == "default":
         precision = "fp16" if dev.type == "cuda" else "fp32"
     if dev.type == "cpu" and precision in ("fp16", "bf16"):
         raise IndexerError(

@@ -81,6 +81,7 @@ class TextEmbedder(Embedder):
 
     default_batch_size = 64
     backends = ("torch", "onnx", "openvino")
+    prepare_in_thread = True  # the fast tokenizer releases the GIL: it runs beside the GPU's forward pass
 
     def __init__(self, spec: ModelSpec, runtime: Runtime):
         from transformers import AutoModel, AutoTokenizer
@@ -125,6 +126,10 @@ class TextEmbedder(Embedder):
 
     def batch_order(self, items: Sequence[str]) -> list[int]:
         return sorted(range(len(items)), key=lambda i: len(items[i]))
+
+    def probe_items(self, n: int) -> list[str]:
+        # exactly max_length tokens with the two special ones: the longest batch, none counted as truncated
+        return [" ".join(["a"] * (self.spec.max_length - 2))] * n
 
     def _prepare(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(items), padding=True, truncation=True, max_length=self.spec.max_length,

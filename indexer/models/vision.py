@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from ..errors import IndexerError
 from ..spec import ModelSpec
 from .base import Embedder
 from .device import Runtime
-from .runtimes import compile_module
+from .runtimes import Calibration, compile_module
 from .text import pool
 
 
@@ -32,10 +32,15 @@ class ImageTransform:
 
     def __call__(self, image) -> torch.Tensor:
         import torchvision.transforms.v2.functional as TF
+
+        return self.from_tensor(TF.pil_to_tensor(image))
+
+    def from_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on a decoded (3, h, w) uint8 image, on whatever device it is (a GPU decodes JPEGs)."""
+        import torchvision.transforms.v2.functional as TF
         from torchvision.transforms import InterpolationMode
 
-        x = _resize_short_side(TF.pil_to_tensor(image), self.resize, self.crop,
-                               InterpolationMode(self.interpolation))
+        x = _resize_short_side(x, self.resize, self.crop, InterpolationMode(self.interpolation))
         x = TF.center_crop(x, [self.crop])
         x = TF.to_dtype(x, torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
@@ -121,7 +126,8 @@ class CNNEmbedder(Embedder):
     global-average-pooled. `model` is any nn.Module taking (n, 3, h, w)."""
 
     default_batch_size = 64
-    backends = ("torch", "onnx", "openvino")  # fp32, penultimate features (a hooked layer runs in torch only)
+    backends = ("torch", "onnx", "openvino")  # penultimate features (a hooked layer runs in torch only)
+    CALIBRATION_BATCH = 16
 
     def __init__(self, spec: ModelSpec, runtime: Runtime, model: nn.Module, transform: ImageTransform):
         self._captured: torch.Tensor | None = None
@@ -144,19 +150,35 @@ class CNNEmbedder(Embedder):
         self._hooked = layer != "penultimate"
         probe = torch.zeros(1, 3, transform.crop, transform.crop, device=runtime.device)
         with torch.inference_mode():
-            dim = self._features(probe).shape[-1]
+            dim = self._torch_features(probe).shape[-1]
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": "avg", "dim": int(dim),
                                  "preprocessing": transform.to_dict()})
         if runtime.backend != "torch":
             if self._hooked:
                 raise IndexerError(f"--backend {runtime.backend} runs a CNN's penultimate features; "
                                    f"--layer {layer} needs --backend torch")
-            if runtime.precision == "int8":  # dynamic quantisation suits Linear layers, not convolutions
-                raise IndexerError(f"--backend {runtime.backend} runs CNNs in fp32 (int8 for CNNs needs "
-                                   "static calibration, not available yet)")
-            example = torch.zeros(2, 3, transform.crop, transform.crop)
-            self.exported = compile_module(PooledCNN(self.model), {"pixels": example},
-                                           {"pixels": (0,)}, self.spec, runtime)
+            if runtime.precision != "int8":
+                self._compile(None)
+            elif spec.calibration:  # the static int8 model calibrated before, from the export cache
+                self._compile(Calibration())
+            # else: int8 waits for `calibrate` (dynamic quantisation suits Linear layers, not convolutions)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.runtime.backend != "torch" and self.runtime.precision == "int8" and self.exported is None
+
+    def calibrate(self, pixels: torch.Tensor | None, key: str) -> None:
+        """Static int8 from `pixels` (preprocessed images, a sample of the user's own inputs) under
+        `key`; `pixels=None`: the int8 model made from the sample `key` before, if still cached."""
+        self.spec = replace(self.spec, calibration=key)
+        batches = None if pixels is None else [{"pixels": pixels[i : i + self.CALIBRATION_BATCH]}
+                                               for i in range(0, len(pixels), self.CALIBRATION_BATCH)]
+        self._compile(Calibration(batches))
+
+    def _compile(self, calibration: Calibration | None) -> None:
+        example = torch.zeros(2, 3, self.transform.crop, self.transform.crop)
+        self.exported = compile_module(PooledCNN(self.model), {"pixels": example}, {"pixels": (0,)}, self.spec,
+                                       self.runtime, calibration)
 
     def _capture(self, _module, _inputs, output):
         self._captured = _global_pool(output)
@@ -165,6 +187,11 @@ class CNNEmbedder(Embedder):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.exported is not None:
             return self.exported({"pixels": x})
+        if self.runtime.backend != "torch":  # never torch fp32 vectors in place of int8 ones
+            raise IndexerError("a static int8 CNN embeds only once calibrated on a sample of its inputs (ingest)")
+        return self._torch_features(x)
+
+    def _torch_features(self, x: torch.Tensor) -> torch.Tensor:
         if not self._hooked:
             return _global_pool(self.model(x))
         try:
@@ -176,6 +203,9 @@ class CNNEmbedder(Embedder):
 
     def preprocess_fn(self) -> Callable:
         return self.transform
+
+    def probe_items(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, 3, self.transform.crop, self.transform.crop)
 
     def _prepare(self, items: Sequence[Any]) -> torch.Tensor:
         if isinstance(items, torch.Tensor):

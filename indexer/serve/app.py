@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from ..errors import IndexerError
 from ..tasks.search import Query
@@ -42,6 +43,15 @@ from .service import SearchParams, Served, ServeError, Service, UnknownModel
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 20 * 1024 * 1024
+
+
+class _AnyPath(PathConvertor):
+    """Starlette's `path` stops at a newline (its `.*` is not DOTALL): an id holding one was no route."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPath())
 
 
 def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = None, host: str = "127.0.0.1",
@@ -141,7 +151,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         return JSON({"object": "list", "data": data, "model": req.model,
                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @app.get("/items/{collection}/{item_id:path}/image", summary="The image file recorded for an item",
+    @app.get("/items/{collection}/{item_id:anypath}/image", summary="The image file recorded for an item",
              response_class=Response, responses={200: {"content": {"image/*": {}}}})
     async def item_image(collection: str, item_id: str, size: int | None = None) -> Response:
         if size is not None and not 16 <= size <= 1024:
@@ -153,7 +163,7 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
         data = await asyncio.to_thread(thumbnail, str(path), path.stat().st_mtime_ns, size)
         return Response(data, media_type="image/jpeg", headers={"cache-control": "max-age=3600"})
 
-    @app.get("/items/{collection}/{item_id:path}", summary="A stored item's fields (without its vector)")
+    @app.get("/items/{collection}/{item_id:anypath}", summary="A stored item's fields (without its vector)")
     async def item(collection: str, item_id: str) -> JSON:
         served = service.collection(collection)
         row = await asyncio.to_thread(service.row, served, item_id)

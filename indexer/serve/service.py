@@ -122,6 +122,15 @@ def collection_names(paths: Sequence[str | os.PathLike]) -> dict[str, Path | str
     return out
 
 
+def as_failure(exc: BaseException) -> Exception:
+    """What a request that failed with `exc` gets. A Rust panic in Lance or another native library reaches
+    Python as pyo3's PanicException, a BaseException: raised on, it would end the search loop and leave
+    every later request waiting. Only the process's own signals (Ctrl-C, exit, cancellation) go on up."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit | asyncio.CancelledError):
+        raise exc
+    return exc if isinstance(exc, Exception) else RuntimeError(f"internal error ({type(exc).__name__}: {exc})")
+
+
 class Service:
     """Opened collections plus the compute thread and its micro-batcher.
 
@@ -251,9 +260,9 @@ class Service:
                 self.batch_sizes.observe(len(group))
                 try:
                     answers = await self.compute(self._answer, name, params, [j.query for j in group])
-                except Exception as exc:  # noqa: BLE001 - a bug: fail these requests, keep serving others
+                except BaseException as exc:  # noqa: BLE001 - a bug: fail these requests, keep serving others
                     log.error("search batch failed", exc_info=exc)
-                    answers = [exc] * len(group)
+                    answers = [as_failure(exc)] * len(group)
                 for job, answer in zip(group, answers):
                     if job.future.done():  # the client went away
                         continue
@@ -267,15 +276,15 @@ class Service:
         when the batch fails, each query runs alone to find whose error it was."""
         try:
             return self._search(name, params, queries)
-        except Exception as exc:  # noqa: BLE001 - handed to the request that caused it
+        except BaseException as exc:  # noqa: BLE001 - handed to the request that caused it
             if len(queries) == 1:
-                return [exc]
+                return [as_failure(exc)]
         out = []
         for q in queries:
             try:
                 out.append(self._search(name, params, [q])[0])
-            except Exception as exc:  # noqa: BLE001
-                out.append(exc)
+            except BaseException as exc:  # noqa: BLE001
+                out.append(as_failure(exc))
         return out
 
     def _search(self, name: str, params: SearchParams, queries: list[Query]) -> list[list[dict[str, Any]]]:

@@ -50,6 +50,21 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from exc
 
 
+def plain_jpeg(data: bytes) -> bool:
+    """Whether a JPEG decoder alone (nvjpeg on a GPU) decodes `data` to what `decode_image` gives: a
+    complete JPEG (it ends with its end-of-image marker: a truncated one goes to PIL, which reports it),
+    RGB or greyscale, upright (no EXIF rotation), within the pixel guard. Reads the header only."""
+    if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+        return False
+    try:
+        img = Image.open(io.BytesIO(data))
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - anything odd is decode_image's to report
+        return False
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= MAX_PIXELS \
+        and orientation == 1
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB. Transparency is composited on white; 16-bit and float images are
     rescaled rather than clipped (a plain convert() saturates them to white)."""

@@ -6,10 +6,13 @@ killed at any moment leaves the last committed state, never half a batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +25,7 @@ from ..errors import IndexerError
 from ..sources.records import SkippedInput
 from ..spec import ModelSpec
 from .arrow import conform, rows_to_table
-from .location import Location
+from .location import Location, is_remote
 from .manifest import MANIFEST, Manifest, now_iso
 from .versions import damaged_table, is_lance_damage, latest_manifest, list_versions, restore_version
 
@@ -58,11 +61,29 @@ def lance_reason(exc: Exception) -> str:
     return re.sub(r"Valid fields are (.*?)\.?$", user_fields, reason, flags=re.S)
 
 
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`")
+_PLACEHOLDER = re.compile(r"(?<![\w$])\$[\w$]")
+
+
+def check_where(where: str | None) -> None:
+    """Refuse what Lance's planner would panic on (printing a Rust backtrace): a `$1` placeholder outside
+    quotes. Everything else in a filter is Lance's to accept or refuse."""
+    if where is not None and _PLACEHOLDER.search(_QUOTED.sub("''", where)):
+        raise where_error(where, ValueError("placeholders such as $1 are not supported: write the value itself"))
+
+
 def where_error(where: str, exc: Exception) -> IndexerError:
-    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError)."""
-    return IndexerError(f"invalid --where {where!r}: {lance_reason(exc)}")
+    """The user error for a `--where` filter Lance refused (it reports SQL and column errors as ValueError;
+    a filter its planner does not implement, such as a `$1` placeholder, aborts its task: RuntimeError).
+    A long filter is shown by its start: the message stays one readable line."""
+    shown = repr(where) if len(where) <= 200 else f"{where[:200]!r}... ({len(where)} characters)"
+    reason = "Lance cannot run this filter" if isinstance(exc, RuntimeError) else lance_reason(exc)
+    # Lance quotes the filter back as it is: its line breaks and control characters are shown escaped.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason.strip())
+    return IndexerError(f"invalid --where {shown}: {reason}"[:1000])
 
 
+CREATE_RACE_CHECKS = 20  # looks for another writer's new manifest, 0.1 s apart, before calling a directory foreign
 _OPENED: dict[str, tuple[tuple, Collection]] = {}  # Collection.open_for_reading's: identity -> (manifest stat, coll)
 
 
@@ -82,6 +103,8 @@ class Collection:
         self._table = None
         self._latest = None  # the Lance dataset at the newest version seen (snapshot() keeps it current)
         self._pinned = None  # (version, Lance dataset): what take_rows reads, opened once per version
+        self._columns: tuple[int, list[str]] | None = None  # (version, result_columns())
+        self._reading = threading.local()  # this thread's one_version() dataset, if any
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -100,17 +123,17 @@ class Collection:
         """The collection at a local `path`, opened once per process and shared by the read paths (search),
         while its manifest is unchanged: opening costs about a millisecond, a query's budget. Reads stay
         current: `snapshot()` follows every commit. Remote collections are opened afresh."""
-        loc = Location(path)
-        if loc.remote:
+        if is_remote(path):
             return cls.open(path)
+        where = os.path.abspath(path)  # string work only: pathlib and resolve() cost a query's tenth of a ms
         try:
-            st = (loc.local_path / MANIFEST).stat()
+            st = os.stat(os.path.join(where, MANIFEST))
         except OSError:
             return cls.open(path)  # says what is missing
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        hit = _OPENED.get(loc.identity())
+        hit = _OPENED.get(where)
         if hit is None or hit[0] != key:
-            hit = _OPENED[loc.identity()] = (key, cls.open(path))
+            hit = _OPENED[where] = (key, cls.open(path))
         return hit[1]
 
     @classmethod
@@ -135,6 +158,21 @@ class Collection:
         coll = cls(loc, manifest)
         coll.save_manifest()
         return coll
+
+    @classmethod
+    def find_or_create(cls, path: str | os.PathLike, spec: ModelSpec,
+                       storage_options: dict[str, str] | None = None) -> tuple[Collection, bool]:
+        """The collection at `path` and False, or a new one for vectors of `spec` and True. Two ingests
+        started together both find nothing; the second to create sees the first's files, and its
+        manifest lands within moments: that collection is returned (the caller checks that it fits)."""
+        for _ in range(CREATE_RACE_CHECKS):
+            found = cls.find(path, storage_options)
+            if found is not None:
+                return found, False
+            if Location(path, storage_options).is_empty():
+                return cls.create(path, spec, storage_options), True
+            time.sleep(0.1)
+        return cls.create(path, spec, storage_options), True  # says why the directory cannot be one
 
     @staticmethod
     def exists(path: str | os.PathLike, storage_options: dict[str, str] | None = None) -> bool:
@@ -187,9 +225,9 @@ class Collection:
         log.info("restored version %d of %s as version %d", version, self.path, new)
         return {"restored": version, "version": new, "rows": self.count(), "moved": moved}
 
-    def write_lock(self):
-        """One writer at a time (see Location.lock)."""
-        return self.location.lock()
+    def write_lock(self, purpose: str, wait: bool = True):
+        """One writer at a time: a second one waits, or with `wait=False` is refused (see Location.lock)."""
+        return self.location.lock(purpose, wait)
 
     # ---- the Lance table ------------------------------------------------------------------------------
 
@@ -221,10 +259,26 @@ class Collection:
         table.checkout_latest()
         return table.to_lance()
 
+    @contextlib.contextmanager
+    def one_version(self) -> Iterator[None]:
+        """Reads in this block (this thread's) see one version, the latest when it began: a query's steps
+        agree on what they read while writers commit, and the latest is looked up once, not per step."""
+        if getattr(self._reading, "dataset", None) is not None:  # nested: the outer block's version
+            yield
+            return
+        self._reading.dataset = self.snapshot()
+        try:
+            yield
+        finally:
+            self._reading.dataset = None
+
     def snapshot(self):
-        """The Lance dataset at the latest version any process committed (None before the first commit).
-        Checking for a newer version reads one small hint file, where going through the LanceDB table
-        costs a round trip through its event loop: the query path asks this several times per query."""
+        """The Lance dataset at the latest version any process committed (None before the first commit),
+        or inside one_version() the version it began with. Checking for a newer version reads one small
+        hint file, where going through the LanceDB table costs a round trip through its event loop."""
+        pinned = getattr(self._reading, "dataset", None)
+        if pinned is not None:
+            return pinned
         if self._latest is None:
             table = self.table
             if table is None:
@@ -284,14 +338,16 @@ class Collection:
             table.compact_files()
 
     def scan(self, columns: list[str], where: str | None = None, batch_size: int = 16384,
-             with_row_id: bool = False) -> Iterator[pa.RecordBatch]:
-        ds = self.dataset()
+             with_row_id: bool = False, version: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows matching `where` (the user's SQL), at `version` (default: the latest)."""
+        ds = self.at_version(version)
         if ds is None:
             return
+        check_where(where)
         try:
             scanner = ds.scanner(columns=columns, filter=where, batch_size=batch_size, with_row_id=with_row_id)
             yield from scanner.to_batches()
-        except (ValueError, OSError) as exc:  # lance reports SQL and column errors as ValueError
+        except (ValueError, OSError, RuntimeError) as exc:  # lance reports SQL and column errors as ValueError
             if is_lance_damage(exc):
                 raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             if where is None:
@@ -311,20 +367,30 @@ class Collection:
         """The rows at these Lance row addresses, in the order given, as they were at `version` (default:
         the latest): a direct read of those rows, where a filter on id would scan. Addresses belong to a
         version (compaction moves rows), so callers pass the version their addresses were read at."""
-        latest = self.snapshot()
-        version = latest.version if version is None else version
-        if latest.version == version:
-            ds = latest
-        else:
-            if self._pinned is None or self._pinned[0] != version:
-                self._pinned = (version, latest.checkout_version(version))
-            ds = self._pinned[1]
+        ds = self.at_version(version)
         try:  # the dataset's own take: lancedb's take_row_ids goes through its event loop, twice the latency
             return ds._take_rows(pa.array(np.asarray(row_ids, dtype=np.uint64)), columns=columns)
         except (ValueError, OSError) as exc:
             if is_lance_damage(exc):
                 raise damaged_table(self.location, exc, self.damaged_data_file(columns)) from exc
             raise
+
+    def at_version(self, version: int | None):
+        """The Lance dataset at `version` (None: the latest), opened once per version."""
+        latest = self.snapshot()
+        if latest is None or version is None or latest.version == version:
+            return latest
+        pinned = self._pinned  # read once: server threads may swap it for another version meanwhile
+        if pinned is None or pinned[0] != version:
+            pinned = self._pinned = (version, latest.checkout_version(version))
+        return pinned[1]
+
+    def matching_row_ids(self, where: str, version: int | None = None) -> np.ndarray:
+        """The Lance row addresses of the rows matching `where` at `version`: a scan that reads only the
+        filter's columns (ids would be read and compared too: 10x the time for a broad filter at 1M rows)."""
+        batches = [b.column("_rowid").to_numpy() for b in
+                   self.scan([], where, batch_size=65536, with_row_id=True, version=version)]
+        return np.concatenate(batches) if batches else np.zeros(0, dtype=np.uint64)
 
     def damaged_data_file(self, columns: list[str]) -> str | None:
         """The data file a failed scan could not read (each fragment read on its own: the error path only)."""
@@ -336,11 +402,13 @@ class Collection:
                 return f"lance/{TABLE}.lance/data/{fragment.data_files()[0].path}"
         return None
 
-    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None) -> dict[int, dict[str, Any]]:
+    def rows_by_row_id(self, row_ids: list[int], columns: list[str] | None = None,
+                       version: int | None = None) -> dict[int, dict[str, Any]]:
+        """Rows by their addresses at `version`: the one the addresses were read at (default: the latest)."""
         if not row_ids:
             return {}
         columns = columns or self.result_columns()
-        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"])
+        tbl = self.take_rows(row_ids, [c for c in columns if c != "_rowid"], version)
         return dict(zip(map(int, row_ids), tbl.to_pylist()))
 
     def rows_by_id(self, ids: Iterable[str], columns: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -355,7 +423,11 @@ class Collection:
 
     def result_columns(self) -> list[str]:
         ds = self.snapshot()
-        return [] if ds is None else [n for n in ds.schema.names if n not in HIDDEN_COLUMNS]
+        if ds is None:
+            return []
+        if self._columns is None or self._columns[0] != ds.version:  # reading the schema costs ~0.1 ms
+            self._columns = (ds.version, [n for n in ds.schema.names if n not in HIDDEN_COLUMNS])
+        return list(self._columns[1])
 
     def hit_columns(self, fields: Sequence[str] | str | None = None) -> list[str]:
         """The stored columns a search hit carries: `fields` (names, "a,b", or "all"), default DEFAULT_FIELDS;
@@ -421,4 +493,5 @@ class Collection:
             "chunking": self.manifest.chunking,
             "label_field": self.manifest.label_field,
             "drift": self.manifest.drift,
+            "auto_precision": self.manifest.auto_precision,
         }

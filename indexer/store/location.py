@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,8 @@ from typing import Any
 
 from ..errors import IndexerError
 from ..files import write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 LEASE_SECONDS = 120.0  # an object-store writer lease; renewed every 30 s while held
@@ -54,11 +57,22 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return isinstance(uri, str) and uri.startswith(REMOTE_SCHEMES)
 
 
+def _holder(record: str) -> str:
+    """Who holds a local lock, from what its file says (empty in the moment between taking and writing it)."""
+    try:
+        held = json.loads(record)
+        since = time.strftime("%H:%M:%S", time.localtime(held["since"]))
+        return f"process {held['pid']} ({held['purpose']}, since {since})"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "another process"
+
+
 class Location:
     """A collection's root. Names below it are relative, '/'-separated ("index/index.json")."""
 
     def __init__(self, uri: str | os.PathLike, storage_options: dict[str, str] | None = None):
         self.remote = is_remote(uri)
+        self._identity: str | None = None
         self.storage_options = {**_default_options, **(storage_options or {})}
         if self.remote:
             self.uri = str(uri).rstrip("/")
@@ -82,8 +96,10 @@ class Location:
         return self._root
 
     def identity(self) -> str:
-        """A key naming this collection in caches (absolute path or URI)."""
-        return self.uri if self.remote else str(self._root.resolve())
+        """A key naming this collection in caches (absolute path or URI); resolved once (the query path asks)."""
+        if self._identity is None:
+            self._identity = self.uri if self.remote else str(self._root.resolve())
+        return self._identity
 
     def lance_uri(self, name: str = "lance") -> str:
         return f"{self.uri}/{name}" if self.remote else str(self._root / name)
@@ -213,20 +229,36 @@ class Location:
     # ---- one writer at a time -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, name: str = ".lock") -> Iterator[None]:
-        """Exclusive writer lock. Local: flock, which the OS releases if the process dies. Object stores
-        have no locks: a lease object (owner + expiry) renewed by a thread while held; a writer that died
-        blocks others until its lease expires (LEASE_SECONDS), and the message says so."""
+    def lock(self, purpose: str = "a write", wait: bool = True, name: str = ".lock") -> Iterator[None]:
+        """Exclusive writer lock; `purpose` ("ingest", "index", ...) tells a waiting writer what it waits
+        for. Local: flock, which the OS releases if the process dies; a second writer waits for the first
+        (saying once, on stderr, which process it waits for), or with `wait=False` is refused at once.
+        Object stores have no locks: a lease object (owner + expiry) renewed by a thread while held; a
+        second writer is refused, and a writer that died blocks others until its lease expires
+        (LEASE_SECONDS), and the message says so."""
         if not self.remote:
             self._root.mkdir(parents=True, exist_ok=True)
-            with open(self._root / name, "w") as fh:
+            # Opened without truncating: the file names the holder, which a waiting writer reads.
+            with open(os.open(self._root / name, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8") as fh:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as exc:
-                    raise IndexerError(f"{self.uri} is being written by another process; wait for it") from exc
-                yield
+                    holder = _holder(fh.read())
+                    if not wait:
+                        raise IndexerError(f"{self.uri} is being written by {holder}; wait for it") from exc
+                    log.warning("%s is being written by %s; waiting for it to finish (Ctrl-C to stop)",
+                                self.uri, holder)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                fh.seek(0)
+                fh.truncate()
+                fh.write(json.dumps({"pid": os.getpid(), "purpose": purpose, "since": time.time()}))
+                fh.flush()
+                try:
+                    yield
+                finally:
+                    fh.truncate(0)  # still held: the next writer finds no stale holder
             return
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} ({purpose})"
         held = self._read_lease(name)
         if held is not None and held["owner"] != owner and held["expires"] > time.time():
             until = time.strftime("%H:%M:%S", time.localtime(held["expires"]))

@@ -20,9 +20,10 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = _TRACKED_PACKAGES) -> dict[str, str]:
+    """Ours and the installed versions of `names` (those installed)."""
     out = {DISTRIBUTION: __version__}  # ours from the source: right whatever is installed under the name
-    for name in _TRACKED_PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -45,18 +46,23 @@ class Manifest:
     # Vectors made with another backend or int8: how far they are from torch fp32's, measured on a sample
     # ({"backend", "precision", "sample", "mean_cosine", "overlap_at_10", "min_overlap", "seconds"}).
     drift: dict[str, Any] | None = None
+    # --precision auto: the way picked and what was measured ({"backend", "precision", "reason", "device",
+    # "sample", "min_overlap", "measurements": [{"backend", "precision", "items_per_s", "overlap_at_10", ...}]})
+    auto_precision: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "model": self.model.to_dict(), "metric": self.metric,
                 "created": self.created, "updated": self.updated, "packages": self.packages,
-                "chunking": self.chunking, "label_field": self.label_field, "drift": self.drift}
+                "chunking": self.chunking, "label_field": self.label_field, "drift": self.drift,
+                "auto_precision": self.auto_precision}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(model=ModelSpec.from_dict(data["model"]), metric=data.get("metric", "cosine"),
                    schema_version=data.get("schema_version", SCHEMA_VERSION), created=data.get("created", ""),
                    updated=data.get("updated", ""), packages=data.get("packages", {}),
-                   chunking=data.get("chunking"), label_field=data.get("label_field"), drift=data.get("drift"))
+                   chunking=data.get("chunking"), label_field=data.get("label_field"), drift=data.get("drift"),
+                   auto_precision=data.get("auto_precision"))
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")

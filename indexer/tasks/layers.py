@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import IndexerError
 from ..models import DEFAULT_MODELS, is_joint, load_embedder, resolve_runtime, resolve_spec
 from ..sources import guess_modality
 from ..wording import counted
@@ -28,8 +29,9 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
                  layers: str | None = None, pooling: Sequence[str] | None = None, weights: str | None = None,
                  folds: int = DEFAULT_FOLDS, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                  out: str | os.PathLike | None = None, batch_size: int | None = None, device: str = "auto",
-                 text_field: str = "text", image_field: str = "image", id_field: str | None = None,
-                 max_items: int | None = None, progress: bool = False) -> dict[str, Any]:
+                 precision: str = "default", backend: str = "torch", text_field: str = "text",
+                 image_field: str = "image", id_field: str | None = None, max_items: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
     """Cross-validated k-NN and linear-probe accuracy per layer; the best row is marked and its
     ingest flags given.
 
@@ -38,6 +40,10 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
     '--model minilm --layer 5 --pooling mean'
     """
     start = time.perf_counter()
+    if backend != "torch":
+        raise IndexerError(f"--backend {backend}: layers reads every layer from one torch forward pass; the "
+                           f"{backend} export gives the final features only (use --backend torch)")
+    runtime = resolve_runtime(device, precision, backend)  # before the model loads, so a bad flag fails at once
     sources = list(sources)
     modality = guess_modality(sources, text_field, image_field)
     model = model or DEFAULT_MODELS[modality]
@@ -47,7 +53,7 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
     if spec.modality == "text" and spec.pooling is None and not is_joint(model):
         # The sweep pools every way itself; a directory that configures no pooling still loads.
         spec = replace(spec, pooling="mean")
-    embedder = load_embedder(spec, resolve_runtime(device))
+    embedder = load_embedder(spec, runtime)
 
     keys = parse_layers(layers, embedder, pooling)
     inputs = read_inputs(sources, embedder.modality, label_field=label_field, text_field=text_field,
@@ -66,6 +72,8 @@ def sweep_layers(sources: Sequence[str], label_field: str = "label", *, model: s
     rows = [_evaluate(key, features[key], labels, fold, classes, k, temperature) for key in keys]
     best = _mark_best(rows)
     best["flags"] = _flags(embedder.spec.name, best, weights)
+    if runtime.precision == "int8":  # the layers were compared in int8: index with it too
+        best["flags"] += " --precision int8"
     result = {
         "model": embedder.spec.name, "modality": embedder.modality, "label_field": label_field,
         "n_items": len(keep), "n_classes": len(classes), "unlabelled": len(inputs.labels) - len(keep),

@@ -58,7 +58,18 @@ class Query:
             raise IndexerError(f"{where}: expected an object like {{\"query\": \"...\"}}")
         key = cls.pick({k: obj.get(k) for k in ("query", "image", "id", "vector")},
                        lambda message: IndexerError(f"{where}: {message}"))
-        return cls(**{"text" if key == "query" else key: obj[key]})
+        value = obj[key]
+        if key != "vector" and not isinstance(value, str):
+            raise IndexerError(f"{where}: {key!r} must be a string, not {type(value).__name__}")
+        if key == "vector":
+            numbers = isinstance(value, list) and value and not any(isinstance(x, bool | str) for x in value)
+            try:
+                value = [float(x) for x in value] if numbers else None
+            except (TypeError, OverflowError):  # a nested value, or an integer past float range
+                value = None
+            if value is None:
+                raise IndexerError(f"{where}: 'vector' must be a non-empty list of numbers")
+        return cls(**{"text" if key == "query" else key: value})
 
     def kind(self) -> str:
         return next(k for k in ("text", "image", "id", "vector") if getattr(self, k) is not None)
@@ -102,6 +113,13 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     passage with `other_chunks`.
     """
     coll = collection if isinstance(collection, Collection) else Collection.open_for_reading(collection)
+    with coll.one_version():
+        return _search_batch(coll, queries, k, where, engine, device, nprobe, ef, mode, group_by_doc, fields)
+
+
+def _search_batch(coll: Collection, queries: list[Query], k: int, where: str | None, engine: Engine, device: str,
+                  nprobe: int | None, ef: int | None, mode: Mode, group_by_doc: bool,
+                  fields: Sequence[str] | str | None) -> list[list[dict[str, Any]]]:
     if k < 1:
         raise IndexerError("-k must be at least 1")
     if engine not in ENGINES:
@@ -216,8 +234,8 @@ Ranked = list[tuple[list[str], list[float]]]  # per query: ids and scores, best 
 
 def _exact(coll: Collection, vectors: np.ndarray, k: int, where: str | None,
            columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
-    row_ids, scores = exact_search(coll, vectors, k, where)
-    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns)
+    row_ids, scores, version = exact_search(coll, vectors, k, where)
+    by_row = coll.rows_by_row_id(sorted({r for ids in row_ids for r in ids}), columns, version)
     ranked = [([by_row[r]["id"] for r in ids], sc) for ids, sc in zip(row_ids, scores)]
     return ranked, {row["id"]: row for row in by_row.values()}
 
@@ -226,14 +244,10 @@ def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None
          knobs: dict[str, int], columns: list[str]) -> tuple[Ranked, dict[str, dict]]:
     allowed = None
     if where:
-        import pyarrow as pa
-
-        matching = [b.column("id") for b in coll.scan(["id"], where)]
-        ids = pa.concat_arrays(matching) if matching else pa.array([], pa.string())
+        allowed = index.mask_for(coll, where)
         # Few matches: exact search among them is both exact and faster than a filtered graph walk.
-        if len(ids) <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
+        if allowed.sum() <= max(EXACT_FILTER_ROWS, 0.05 * len(index.live)):
             return _exact(coll, vectors, k, where, columns)
-        allowed = index.mask_for_ids(ids)
     positions, scores = index.search(vectors, k, allowed=allowed, knobs=knobs)
     ranked = []
     for pos, sc in zip(positions, scores):
@@ -255,7 +269,8 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
                                "search it with a text query, --id ID or a vector")
     if embed_idx:
         embedder = query_embedder(coll, device)
-        items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image)
+        min_size = embedder.spec.preprocessing.get("resize")
+        items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image, min_size)
                  for i in embed_idx]
         with few_threads(len(items)):
             out[embed_idx] = embedder.embed(items)
@@ -294,13 +309,15 @@ def query_embedder(coll: Collection, device: str) -> Embedder:
     return _EMBEDDERS[key]
 
 
-def _load_query_image(path: Any):
+def _load_query_image(path: Any, min_size: int | None):
+    """Decoded as ingest decodes (JPEG scaled in the DCT to `min_size`): a stored image found again
+    scores 1.0, even through an int8 model that amplifies small pixel differences."""
     from ..sources.images import ImageDecodeError, decode_image
 
     if not isinstance(path, str | Path):  # decoded already (an upload the server checked)
         return path
     try:
-        return decode_image(Path(path).read_bytes())
+        return decode_image(Path(path).read_bytes(), min_size)
     except FileNotFoundError as exc:
         raise IndexerError(f"query image not found: {path}") from exc
     except (ImageDecodeError, OSError) as exc:

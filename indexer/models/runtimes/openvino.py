@@ -1,5 +1,7 @@
-"""OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF's weight
-compression (int8 per-channel weights; the CPU plugin then quantises activations per batch itself)."""
+"""OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF: weight
+compression for transformers (int8 per-channel weights; the CPU plugin then quantises activations per
+batch itself), post-training quantisation on a calibration sample for CNNs (static int8, the first
+convolutions kept fp32 as in onnx.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from ...errors import IndexerError
 from ...spec import ModelSpec
-from .cache import cached, export_dir
+from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
 from .onnx import MODEL_FILE, export_onnx
 
 IR_FILE = "model.xml"  # + model.bin beside it
@@ -25,8 +27,10 @@ def _openvino():
     return openvino
 
 
-def _convert(onnx_file: Path, path: Path, precision: str) -> None:
+def _convert(onnx_file: Path, path: Path, spec: ModelSpec, precision: str, calibration: Calibration | None) -> None:
     ov = _openvino()
+    if precision == "int8" and calibration is not None and calibration.batches is None:
+        raise calibrated_export_missing(spec, "openvino")
     model = ov.convert_model(onnx_file)
     if precision == "int8":
         # NNCF prints progress and a table (its console binds stdout on import); stdout carries our JSON.
@@ -36,7 +40,15 @@ def _convert(onnx_file: Path, path: Path, precision: str) -> None:
             except ImportError as exc:
                 raise IndexerError("--backend openvino --precision int8 needs NNCF: "
                                    "pip install 'indexer-lancedb[openvino]'") from exc
-            model = nncf.compress_weights(model)  # int8 asymmetric, per channel
+            if calibration is None:
+                model = nncf.compress_weights(model)  # int8 asymmetric, per channel
+            else:  # one item per input row: NNCF's statistics assume a batch of one
+                rows = [{k: v[i : i + 1].numpy() for k, v in batch.items()} for batch in calibration.batches
+                        for i in range(len(next(iter(batch.values()))))]
+                convs = [op.get_friendly_name() for op in model.get_ordered_ops()
+                         if op.get_type_name() in ("Convolution", "GroupConvolution")]
+                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows),
+                                      ignored_scope=nncf.IgnoredScope(names=convs[:FLOAT_CONVS]))
     ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
 
 
@@ -56,11 +68,12 @@ class OpenVinoFeatures:
         return torch.from_numpy(self.compiled(feeds)[0].copy())
 
 
-def openvino_features(module: torch.nn.Module, example: dict[str, torch.Tensor],
-                      dynamic: dict[str, tuple[int, ...]], spec: ModelSpec, precision: str) -> OpenVinoFeatures:
+def openvino_features(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
+                      spec: ModelSpec, precision: str, calibration: Calibration | None = None) -> OpenVinoFeatures:
     _openvino()  # before exporting for a minute only to fail
     if precision not in ("fp32", "int8"):
         raise IndexerError(f"--backend openvino runs fp32 or int8, not {precision}")
     onnx_dir = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
-    ir = cached(export_dir(spec, "openvino", precision), lambda d: _convert(onnx_dir / MODEL_FILE, d / IR_FILE, precision))
+    ir = cached(export_dir(spec, "openvino", precision),
+                lambda d: _convert(onnx_dir / MODEL_FILE, d / IR_FILE, spec, precision, calibration))
     return OpenVinoFeatures(ir / IR_FILE)

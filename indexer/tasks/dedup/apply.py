@@ -32,7 +32,7 @@ def restore(collection: Collection | str, version: int) -> dict[str, Any]:
     known = [v["version"] for v in table.list_versions()]
     if version not in known:
         raise IndexerError(f"{coll.path} has no Lance version {version} (it has {known[0]}..{known[-1]})")
-    with coll.write_lock():
+    with coll.write_lock("dedup --restore"):
         before = coll.version()
         present = {i for b in coll.scan(["id"], batch_size=65536) for i in b.column("id").to_pylist()}
         old = coll.dataset().checkout_version(version)

@@ -101,7 +101,7 @@ def dedup(collection: Collection | str, *, threshold: float | None = None, metho
         from .distributed import ray_join
 
         join = ray_join(address)
-    with coll.write_lock() if apply else contextlib.nullcontext():
+    with coll.write_lock("dedup --apply") if apply else contextlib.nullcontext():
         version = coll.version()
         vecs = load_vectors(coll)
         if other is None:

@@ -44,7 +44,7 @@ class Hyper:
 def mixed_precision(device: str) -> str:
     """bf16 autocast where the GPU supports it (no loss scaling needed), else fp16 with a GradScaler;
     fp32 on CPU."""
-    runtime = resolve_runtime(device, "auto")
+    runtime = resolve_runtime(device)
     if runtime.is_cuda and torch.cuda.is_bf16_supported():
         return "bf16"
     return runtime.precision
