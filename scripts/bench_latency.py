@@ -85,6 +85,12 @@ def kept(path: Path, rows: int) -> bool:
     """A collection an earlier run built with these sizes, index included (the data is seeded: the same)."""
     if Collection.exists(path) and Collection.open(path).count() == rows and (path / "index" / "index.json").exists():
         log.info("reusing %s", path)
+        # Read through once, as a build leaves them: the index is memory-mapped, and on a cold page cache
+        # every query would wait for its inverted lists from disk (p50 4 ms, p99 350 ms measured so).
+        for f in sorted((path / "index").iterdir()):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
         return True
     shutil.rmtree(path, ignore_errors=True)
     return False
