@@ -68,6 +68,11 @@ def storage_options(fn):
     return wrapper
 
 
+def one_line(message: str) -> str:
+    """A user error as one line: ids, paths and values quoted in it may hold line breaks or control characters."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.strip())
+
+
 class _Group(click.Group):
     """Turns user errors (and writes the storage refuses: disk full, read-only) into one line on stderr
     (exit 1) and Ctrl-C into exit 130, never a traceback.
@@ -84,12 +89,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except IndexerError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         except (OSError, RuntimeError) as exc:
             error = storage_error(exc)
             if error is None:
                 raise
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(one_line(str(error))) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)

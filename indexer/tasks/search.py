@@ -279,7 +279,7 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
         stored = coll.rows_by_id(id_queries, columns=["id", "vector"])
         missing = id_queries - stored.keys()
         if missing:
-            raise IndexerError(f"id not found in {coll.path}: {', '.join(sorted(map(str, missing))[:5])}")
+            raise IndexerError(f"id not found in {coll.path}: {', '.join(map(repr, sorted(map(str, missing))[:5]))}")
     for i, q in enumerate(queries):
         if q.id is not None:
             out[i] = stored[q.id]["vector"]

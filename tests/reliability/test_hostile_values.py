@@ -240,7 +240,8 @@ ODD_LINES = ["", "   ", "{}", "[]", "null", '"cat"', '{"query": 5}', '{"query": 
              '{"vector": [[1]]}', '{"vector": []}', '{"vector": [true]}', '{"vector": ["1"]}', '{"id": 5}',
              '{"id": ["a"]}', '{"query": "a", "id": "b"}', '{"image": 7}', '{"image": "/nonexistent.png"}',
              "{not json", '{"query": "\\u0000"}', '{"vector": [1e999]}', '{"vector": [' + "9" * 400 + "]}",
-             '{"vector": [NaN]}', json.dumps({"query": "x" * 100_000}), '{"query": "a"} trailing', '{"id": "nope"}']
+             '{"vector": [NaN]}', json.dumps({"query": "x" * 100_000}), '{"query": "a"} trailing', '{"id": "nope"}',
+             '{"id": "\\n0"}']  # an unknown id holding a line break (found by hypothesis: a two-line error)
 LINE = st.one_of(
     st.builds(lambda t: json.dumps({"query": t}), UTF8_TEXT),
     st.builds(lambda i: json.dumps({"id": i}), st.one_of(NASTY, st.text(max_size=5))),
