@@ -11,6 +11,7 @@ import click
 
 from ..errors import IndexerError, storage_error
 from ..version import __version__
+from ..wording import one_line
 
 log = logging.getLogger("indexer")
 
@@ -66,11 +67,6 @@ def storage_options(fn):
         set_default_storage_options(parse_storage_options(storage_pairs))
         return fn(*args, **kwargs)
     return wrapper
-
-
-def one_line(message: str) -> str:
-    """A user error as one line: ids, paths and values quoted in it may hold line breaks or control characters."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.strip())
 
 
 class _Group(click.Group):

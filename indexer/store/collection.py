@@ -24,6 +24,7 @@ import pyarrow as pa
 from ..errors import IndexerError
 from ..sources.records import SkippedInput
 from ..spec import ModelSpec
+from ..wording import one_line
 from .arrow import conform, rows_to_table
 from .location import Location, is_remote
 from .manifest import MANIFEST, Manifest, now_iso
@@ -79,8 +80,7 @@ def where_error(where: str, exc: Exception) -> IndexerError:
     shown = repr(where) if len(where) <= 200 else f"{where[:200]!r}... ({len(where)} characters)"
     reason = "Lance cannot run this filter" if isinstance(exc, RuntimeError) else lance_reason(exc)
     # Lance quotes the filter back as it is: its line breaks and control characters are shown escaped.
-    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in reason.strip())
-    return IndexerError(f"invalid --where {shown}: {reason}"[:1000])
+    return IndexerError(f"invalid --where {shown}: {one_line(reason)}"[:1000])
 
 
 CREATE_RACE_CHECKS = 20  # looks for another writer's new manifest, 0.1 s apart, before calling a directory foreign
