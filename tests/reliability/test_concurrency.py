@@ -6,7 +6,10 @@ every answer valid, no 5xx, and each the exact top k of one committed version.""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -30,7 +33,7 @@ from .load import (
     vector,
 )
 
-WAITED = re.compile(r"is being written by process \d+ \((ingest|index), since [\d:]+\); waiting for it to finish")
+WAITED = re.compile(r"is being written by process \d+ \(([\w ]+), since [\d:]+\); waiting for it to finish")
 
 
 def _waits(errs: list[str]) -> list[str]:
@@ -64,10 +67,21 @@ def test_two_ingests_at_once_one_waits_and_both_land(tmp_path, record_property):
     assert added == [10000, 12000]  # the second found the shared rows stored, unchanged
 
 
+def _first_wait(proc: subprocess.Popen) -> str:
+    """The purpose `proc` says it waits for: its first stderr line must say so (read while it runs)."""
+    line = proc.stderr.readline()
+    found = WAITED.findall(line)
+    assert len(found) == 1, line + proc.stderr.read()[-2000:]
+    return found[0]
+
+
 @pytest.mark.slow
-def test_ingest_during_index(tmp_path, record_property):
-    """`indexer index` and `indexer ingest` (new rows and changed ones) at once: one waits for the other,
-    and the index ends current, holding every row at its newest version."""
+@pytest.mark.parametrize("order", [("index", "ingest"), ("ingest", "index")])
+def test_index_and_ingest_at_once(tmp_path, order, record_property):
+    """`indexer index` and `indexer ingest` (new rows and changed ones) started while another writer holds
+    the collection: both wait for it, then they run one after the other, in either order, and the index
+    ends current, holding every row at its newest version. The order is made certain: the second is
+    stopped (SIGSTOP) until the first has finished."""
     base = [f"r{i}" for i in range(12000)]
     coll = tmp_path / "c.idx"
     rc, _, err = finish(cli("ingest", str(coll), str(rows_file(tmp_path / "base.jsonl", base)),
@@ -75,10 +89,16 @@ def test_ingest_during_index(tmp_path, record_property):
     assert rc == 0, err
     changed, new = base[:500], [f"n{i}" for i in range(3000)]
     update = rows_file(tmp_path / "update.jsonl", changed + new, gen=1)
-    procs = [cli("index", str(coll), "--json"), cli("ingest", str(coll), str(update), "--vector-field", "vector", "-q")]
-    results = [finish(p) for p in procs]
+    args = {"index": ("index", str(coll), "--json", "-q"),
+            "ingest": ("ingest", str(coll), str(update), "--vector-field", "vector", "-q")}
+    with Collection.open(coll).write_lock("a test"):
+        first, second = (cli(*args[name]) for name in order)
+        assert [_first_wait(first), _first_wait(second)] == ["a test", "a test"]
+        os.kill(second.pid, signal.SIGSTOP)
+    results = [finish(first)]
+    os.kill(second.pid, signal.SIGCONT)
+    results.append(finish(second))
     assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
-    assert len(_waits([err for _, _, err in results])) == 1
     info = indexer.info(coll)
     assert info["index"]["current"] and info["rows"] == len(base) + len(new)
     record_property("rows_lost", len(base) + len(new) - info["rows"])
