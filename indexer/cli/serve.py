@@ -25,13 +25,19 @@ from .base import cli, device_option, log, output_options, print_json, storage_o
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=3.0, show_default=True,
               help="Hold a batch's first query this long for others to join (0: batch only what queued "
               "while the previous batch ran; 3 ms measured best at 8 clients, scripts/bench_serve.py).")
-@click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: half "
-              "the cores, at most 4; more threads help big batches on an idle machine, hurt on a busy one).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: for torch "
+              "and FAISS half the cores, at most 4: more help big batches on an idle machine, hurt on a busy one; "
+              "for an exported query model, whose idle threads sleep, all the cores, at most 4).")
+@click.option("--query-backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto",
+              show_default=True, help="What embeds text and image queries on a CPU when the collection's vectors "
+              "came from torch in fp32: an fp32 export of the same weights gives the same vectors (checked at "
+              "start-up), faster. auto: ONNX Runtime where it can, else torch. An int8 or exported collection "
+              "always embeds queries as its vectors were.")
 @device_option
 @storage_options
 @output_options
-def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, device, as_json,
-          quiet):
+def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch_wait_ms, threads, query_backend,
+          device, as_json, quiet):
     """Serve collections over HTTP: a JSON API and a search page.
 
     COLLECTIONS are served at / (the search page) and /docs (the API)."""
@@ -53,5 +59,6 @@ def serve(collections, host, port, token, max_body, max_pixels, max_batch, batch
         log.info("search page: %s  API docs: %sdocs", page, url)
 
     run(list(collections), host=host, port=port, token=token, max_body=max_body,
-        max_pixels=max_pixels, max_batch=max_batch, batch_wait=batch_wait_ms / 1000, threads=threads, device=device,
+        max_pixels=max_pixels, max_batch=max_batch, batch_wait=batch_wait_ms / 1000, threads=threads,
+        query_backend=query_backend, device=device,
         on_ready=ready)

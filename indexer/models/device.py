@@ -90,9 +90,11 @@ def resolve_runtime(device: str = "auto", precision: Precision = "default", back
     return Runtime(dev, precision)
 
 
-def query_runtime(backend: str, precision: str, device: str = "auto") -> Runtime:
+def query_runtime(backend: str, precision: str, device: str = "auto", float_backend: Backend = "torch") -> Runtime:
     """How to embed queries for vectors made with (backend, precision): the same backend, int8 again
-    if they were int8; float vectors take whatever float the device runs."""
+    if they were int8; float vectors take whatever float the device runs, on a CPU through
+    `float_backend` (an fp32 export of the same weights: the same vectors, faster for small batches)."""
     if backend == "torch" and precision != "int8":
-        return resolve_runtime(device)
+        runtime = resolve_runtime(device)
+        return runtime if runtime.is_cuda or float_backend == "torch" else resolve_runtime("cpu", "fp32", float_backend)
     return resolve_runtime("cpu" if device == "auto" else device, precision, backend)

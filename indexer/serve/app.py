@@ -57,7 +57,7 @@ register_url_convertor("anypath", _AnyPath())
 def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = None, host: str = "127.0.0.1",
                max_body: int = MAX_BODY,
                max_pixels: int = MAX_PIXELS, device: str = "auto", max_batch: int = 32,
-               batch_wait: float = 0.0, threads: int | None = None) -> FastAPI:
+               batch_wait: float = 0.0, threads: int | None = None, query_backend: str = "auto") -> FastAPI:
     """The app serving `collections` (opened now: a missing one fails here, not on the first request).
 
     >>> app = create_app(["notes.idx", "photos.idx"], token="s3cret")      # doctest: +SKIP
@@ -68,7 +68,8 @@ def create_app(collections: Sequence[str | os.PathLike], *, token: str | None = 
     if token is not None and not token.strip():  # an empty token must not quietly mean "no auth"
         raise IndexerError("the token is empty: give a real --token (or INDEXER_TOKEN), or leave it unset "
                            "to serve without one")
-    service = Service(collections, device=device, max_batch=max_batch, batch_wait=batch_wait, threads=threads)
+    service = Service(collections, device=device, max_batch=max_batch, batch_wait=batch_wait, threads=threads,
+                      query_backend=query_backend)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ log = logging.getLogger("indexer")
 def serve(collections: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, on_ready: Callable[[str], None] | None = None, **options) -> None:
     """Serve `collections` until interrupted. `options` go to `create_app` (max_body, max_pixels,
-    device, max_batch, batch_wait, threads). `on_ready(url)` is called once the socket is bound and
+    device, max_batch, batch_wait, threads, query_backend). `on_ready(url)` is called once the socket is bound and
     the models are loaded."""
     uvicorn = attempt_import("uvicorn", "serve")
     attempt_import("fastapi", "serve")

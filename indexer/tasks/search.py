@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import IndexerError
 from ..index.exact import exact_search
 from ..models import Embedder, load_embedder, query_runtime, respec
+from ..models.device import Backend
 from ..store import Collection
 from ..threads import few_threads
 from .hybrid import HYBRID_DEPTH, group_by_document, reciprocal_rank_fusion
@@ -102,8 +103,10 @@ def search(collection: Collection | str, query: str | None = None, *, image: str
 def search_batch(collection: Collection | str, queries: list[Query], *, k: int = 10, where: str | None = None,
                  engine: Engine = "auto", device: str = "auto", nprobe: int | None = None,
                  ef: int | None = None, mode: Mode = "vector", group_by_doc: bool = False,
-                 fields: Sequence[str] | str | None = None) -> list[list[dict[str, Any]]]:
-    """Results for many queries in input order; text and image queries are embedded in batches.
+                 fields: Sequence[str] | str | None = None,
+                 query_backend: Backend = "torch") -> list[list[dict[str, Any]]]:
+    """Results for many queries in input order; text and image queries are embedded in batches
+    (`query_backend`: see query_embedder).
 
     engine: `exact` scans every vector; `faiss` uses the collection's ANN index (caught up with the
     store first); `auto` uses the index when there is one. `nprobe`/`ef` override the tuned knobs.
@@ -114,12 +117,13 @@ def search_batch(collection: Collection | str, queries: list[Query], *, k: int =
     """
     coll = collection if isinstance(collection, Collection) else Collection.open_for_reading(collection)
     with coll.one_version():
-        return _search_batch(coll, queries, k, where, engine, device, nprobe, ef, mode, group_by_doc, fields)
+        return _search_batch(coll, queries, k, where, engine, device, nprobe, ef, mode, group_by_doc, fields,
+                             query_backend)
 
 
 def _search_batch(coll: Collection, queries: list[Query], k: int, where: str | None, engine: Engine, device: str,
                   nprobe: int | None, ef: int | None, mode: Mode, group_by_doc: bool,
-                  fields: Sequence[str] | str | None) -> list[list[dict[str, Any]]]:
+                  fields: Sequence[str] | str | None, query_backend: Backend) -> list[list[dict[str, Any]]]:
     if k < 1:
         raise IndexerError("-k must be at least 1")
     if engine not in ENGINES:
@@ -137,7 +141,7 @@ def _search_batch(coll: Collection, queries: list[Query], k: int, where: str | N
         _check_text_mode(coll, queries, mode)
 
     # Embedded once: a --group-by-doc search that looks deeper repeats only the ranking.
-    vectors = _query_vectors(coll, queries, device) if mode != "text" else None
+    vectors = _query_vectors(coll, queries, device, query_backend) if mode != "text" else None
 
     def ranked(depth: int) -> list[list[dict[str, Any]]]:
         return _ranked(coll, queries, vectors, depth, mode, where, engine, nprobe, ef, columns)
@@ -256,7 +260,7 @@ def _ann(coll: Collection, index, vectors: np.ndarray, k: int, where: str | None
     return ranked, index.rows_at(coll, positions[positions >= 0], columns)
 
 
-def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.ndarray:
+def _query_vectors(coll: Collection, queries: list[Query], device: str, query_backend: Backend) -> np.ndarray:
     spec = coll.spec
     out = np.zeros((len(queries), spec.dim), dtype=np.float32)
     embed_idx = [i for i, q in enumerate(queries) if q.text is not None or q.image is not None]
@@ -268,7 +272,7 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
             raise IndexerError(f"{coll.path} holds {spec.modality} embeddings ({spec.name}): "
                                "search it with a text query, --id ID or a vector")
     if embed_idx:
-        embedder = query_embedder(coll, device)
+        embedder = query_embedder(coll, device, query_backend)
         min_size = embedder.spec.preprocessing.get("resize")
         items = [queries[i].text if queries[i].text is not None else _load_query_image(queries[i].image, min_size)
                  for i in embed_idx]
@@ -297,16 +301,39 @@ def _query_vectors(coll: Collection, queries: list[Query], device: str) -> np.nd
 
 
 _EMBEDDERS: dict[tuple, Embedder] = {}
+# An fp32 export standing in for torch must give torch's vectors (measured: cosine 0.9999999 for MiniLM).
+SAME_VECTORS = 0.9999
 
 
-def query_embedder(coll: Collection, device: str) -> Embedder:
-    """The collection's model, loaded once per process (loading takes seconds; queries take ms)."""
-    key = (json.dumps(coll.spec.identity(), sort_keys=True), coll.spec.path, device)
+def query_embedder(coll: Collection, device: str, query_backend: Backend = "torch") -> Embedder:
+    """The collection's model, loaded once per process (loading takes seconds; queries take ms).
+    `query_backend` (onnx, openvino) runs a torch fp32 collection's queries on a CPU through an fp32 export
+    of the same weights instead, checked here to give the same vectors."""
+    key = (json.dumps(coll.spec.identity(), sort_keys=True), coll.spec.path, device, query_backend)
     if key not in _EMBEDDERS:
-        embedder = load_embedder(respec(coll.spec), query_runtime(coll.spec.backend, coll.spec.precision, device))
+        runtime = query_runtime(coll.spec.backend, coll.spec.precision, device, query_backend)
+        embedder = load_embedder(respec(coll.spec), runtime)
+        if runtime.backend != coll.spec.backend:
+            _check_same_vectors(embedder, query_embedder(coll, device))
+            embedder.spec = replace(embedder.spec, backend=coll.spec.backend)
         coll.check_compatible(embedder.spec)
         _EMBEDDERS[key] = embedder
     return _EMBEDDERS[key]
+
+
+def _check_same_vectors(embedder: Embedder, reference: Embedder) -> None:
+    from PIL import Image
+
+    if reference.spec.accepts("text"):
+        samples = ["warm up", "a longer query: which river runs through the old city, past the market?"]
+    else:
+        noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        samples = [Image.fromarray(noise), Image.new("RGB", (64, 64), "gray")]
+    a, b = embedder.embed(samples), reference.embed(samples)
+    cosine = float(((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+    if cosine < SAME_VECTORS:
+        raise IndexerError(f"the {embedder.spec.backend} export of {reference.spec.name} gives other vectors than "
+                           f"torch (cosine {cosine:.6f}): embed queries with torch")
 
 
 def _load_query_image(path: Any, min_size: int | None):
