@@ -486,6 +486,30 @@ def test_warm_up_puts_what_it_loaded_out_of_the_collectors_sight(served_collecti
         service.close()
 
 
+def test_a_lone_client_never_waits_for_company(served_collections):
+    """--batch-wait-ms holds a batch's first query only while queries come together: one client
+    searching again and again is answered without the wait."""
+    import asyncio
+    import time
+
+    from indexer.serve.service import SearchParams, Service
+    from indexer.tasks.search import Query
+
+    service = Service([served_collections["vectors"]], threads=1, batch_wait=5.0)
+
+    async def main() -> float:
+        await service.start()
+        try:
+            started = time.monotonic()
+            for _ in range(3):
+                assert len(await service.search("vectors", Query(vector=[0.5] * 8), SearchParams(k=2))) == 2
+            return time.monotonic() - started
+        finally:
+            await service.stop()
+
+    assert asyncio.run(main()) < 5.0
+
+
 def test_answer_reruns_a_failed_batch_one_by_one(served_collections):
     """[good, zero vector, good]: the batch fails as a whole, then each query runs alone."""
     from indexer import IndexerError

@@ -23,8 +23,8 @@ from .base import cli, device_option, log, output_options, print_json, storage_o
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most concurrent queries answered by one batched search (1: no batching).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=3.0, show_default=True,
-              help="Hold a batch's first query this long for others to join (0: batch only what queued "
-              "while the previous batch ran; 3 ms measured best at 8 clients, scripts/bench_serve.py).")
+              help="Hold a batch's first query this long for others to join, unless the last batch held one "
+              "query (a lone client waits for no one); 0: batch only what queued while the previous batch ran.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for model and index work (default: for torch "
               "and FAISS half the cores, at most 4: more help big batches on an idle machine, hurt on a busy one; "
               "for an exported query model, whose idle threads sleep, all the cores, at most 4).")

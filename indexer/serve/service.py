@@ -191,7 +191,7 @@ class Service:
     `max_batch=1` turns batching off (one search_batch call per query). Batching is adaptive: a query
     arriving while the compute thread is idle runs at once; queries arriving while it is busy queue
     up and run together next. `batch_wait` (seconds) additionally holds the first query of a batch
-    that long for others to join.
+    that long for others to join, unless the last batch held only one query (a lone client).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], *, device: str = "auto", max_batch: int = 32,
@@ -332,12 +332,13 @@ class Service:
 
         torch.set_num_threads(self.threads)
         faiss.omp_set_num_threads(self.threads)
+        last_batch = 0
         try:
             while (first := self._inbox.get()) is not None:
                 if isinstance(first, _Call):
                     self._run_call(first)
                     continue
-                if self.batch_wait and self.max_batch > 1:
+                if self.batch_wait and self.max_batch > 1 and last_batch > 1:  # a lone client waits for no one
                     time.sleep(self.batch_wait)
                 jobs, calls, closing = [first], [], False
                 while len(jobs) < self.max_batch and not closing:
@@ -351,6 +352,7 @@ class Service:
                     elif item is not None:
                         jobs.append(item)
                 self._run_batch([j for j in jobs if j.future.set_running_or_notify_cancel()])  # not clients gone
+                last_batch = len(jobs)
                 for call in calls:
                     self._run_call(call)
                 if closing:
