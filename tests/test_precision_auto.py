@@ -81,3 +81,36 @@ def test_auto_measures_picks_the_fastest_that_keeps_neighbours_and_caches(tmp_pa
     os.remove(cached)
     kept_way = ingest(tmp_path / "a.idx", texts, precision="auto", progress=False)  # a collection keeps its way
     assert kept_way.skipped == 48 and kept_way.auto_precision is None
+
+
+@pytest.mark.slow  # a CNN's static int8: an export and a quantisation (~30 s on two cores), torch fp32 timed
+def test_auto_calibrates_a_cnns_static_int8_as_the_ingest_does(tmp_path, sample_corpus, export_cache, lite0,
+                                                               monkeypatch):
+    """A CNN's onnx int8 is a candidate too: calibrated on the first images of the ingest's own sources,
+    measured, and, once chosen, the very model the ingest runs (quantised once, recorded in the spec)."""
+    from PIL import Image, ImageOps
+
+    from indexer.ingest.calibration import draw_sample
+    from indexer.models.runtimes import onnx
+    from indexer.sources import SourceOptions
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(sample_corpus["images"].glob("*.jpg")):  # 32 images: more than the 20 measured at least
+        with Image.open(path) as img:
+            img.convert("RGB").save(photos / path.name)
+            ImageOps.mirror(img.convert("RGB")).save(photos / f"mirrored-{path.name}")
+    ways = [("torch", "fp32"), ("onnx", "int8")]
+    monkeypatch.setattr(autotune, "candidates", lambda device: ways)
+    monkeypatch.setattr(autotune, "MIN_OVERLAP", 0.5)  # the choice under test is the faster way, int8
+    quantised = []
+    quantize_static = onnx._quantize_static
+    monkeypatch.setattr(onnx, "_quantize_static", lambda *a: quantised.append(1) or quantize_static(*a))
+    s = ingest(tmp_path / "auto.idx", [str(photos)], model="efficientnet-lite0", precision="auto", progress=False)
+    fp32, int8 = s.auto_precision["measurements"]
+    assert "skipped" not in int8 and int8["items_per_s"] > fp32["items_per_s"] and int8["overlap_at_10"] > 0.5
+    assert (s.auto_precision["backend"], s.auto_precision["precision"]) == ("onnx", "int8") and s.added == 32
+    coll = Collection.open(tmp_path / "auto.idx")
+    key = draw_sample(lite0, [str(photos)], SourceOptions(modality="image"), 64)[0]
+    assert (coll.spec.backend, coll.spec.precision, coll.spec.calibration) == ("onnx", "int8", key)
+    assert quantised == [1]  # measured and ingested with one model

@@ -112,7 +112,7 @@ def _auto_precision(spec: ModelSpec, sources: list[str], opts: SourceOptions, de
         log.info("--precision auto: %d usable inputs are too few to measure on (%d): %s %s", len(sample),
                  MIN_SAMPLE, default.backend, default.precision)
         return None, default
-    tuned = choose(spec, sample, device, batch_size)
+    tuned = choose(spec, sample, device, batch_size, lambda embedder: calibrate(embedder, sources, opts, None))
     return tuned, resolve_runtime(device, tuned["precision"], tuned["backend"])
 
 

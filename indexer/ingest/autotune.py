@@ -6,6 +6,8 @@ ONNX Runtime and OpenVINO in fp32 and int8 where they are installed (a candidate
 run is listed with the reason). Each embeds the sample after a warm-up batch (timed: the best of a few
 runs, since other processes share the machine); its vectors are compared with torch fp32's on the same
 sample (overlap@10: the share of each item's 10 nearest neighbours kept).
+A CNN's int8 is static: it is calibrated first, exactly as the ingest calibrates it (on the first images
+of the same sources; the ingest then finds that model in the export cache), and that is not timed.
 The fastest candidate with overlap@10 >= 0.95 wins; torch fp32 always qualifies. The decision is cached
 under the export cache root, keyed by the model's weights, the device (GPU name, or CPU model and core
 count) and the runtime packages' versions, so the next ingest of that model on that machine reads it.
@@ -21,13 +23,14 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import IndexerError
-from ..models import load_embedder, resolve_runtime
+from ..models import Embedder, load_embedder, resolve_runtime
 from ..models.runtimes.cache import cache_root
 from ..sources import SkippedInput, SourceOptions, iter_records
 from ..sources.images import ImageDecodeError, decode_image
@@ -104,12 +107,19 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
+Calibrate = Callable[[Embedder], None]
+
+
 def _measure(spec: ModelSpec, device: str, backend: str, precision: str, sample: list[Any], batch_size: int | None,
-             reference: np.ndarray | None) -> tuple[dict, np.ndarray | None]:
+             reference: np.ndarray | None, calibrate: Calibrate | None) -> tuple[dict, np.ndarray | None]:
     """One candidate's figures (or why it was skipped) and its vectors."""
     way = {"backend": backend, "precision": precision}
     try:
         embedder = load_embedder(spec, resolve_runtime(device, precision, backend))
+        if embedder.needs_calibration:  # static int8: a one-time cost, like the export, so not timed
+            if calibrate is None:
+                return {**way, "skipped": "static int8 needs a calibration sample"}, None
+            calibrate(embedder)
     except (IndexerError, ImportError) as exc:
         return {**way, "skipped": str(exc).splitlines()[0]}, None
     batch = batch_size or embedder.default_batch_size
@@ -129,8 +139,10 @@ def _measure(spec: ModelSpec, device: str, backend: str, precision: str, sample:
     return {**way, "items_per_s": round(len(sample) / seconds, 2), **figures}, vectors
 
 
-def choose(spec: ModelSpec, sample: list[Any], device: str = "auto", batch_size: int | None = None) -> dict:
-    """Measure every candidate on `sample` (or read the cached decision) and pick. Returns
+def choose(spec: ModelSpec, sample: list[Any], device: str = "auto", batch_size: int | None = None,
+           calibrate: Calibrate | None = None) -> dict:
+    """Measure every candidate on `sample` (or read the cached decision) and pick; `calibrate` gives a
+    static int8 embedder its model, as the ingest will (without it, such a candidate is skipped). Returns
     {"backend", "precision", "reason", "device", "sample", "min_overlap", "measurements", "cached"}."""
     dev = resolve_runtime(device).device
     ways = candidates(dev)
@@ -142,7 +154,7 @@ def choose(spec: ModelSpec, sample: list[Any], device: str = "auto", batch_size:
     started = time.perf_counter()
     measurements, reference = [], None
     for backend, precision in ways:
-        figures, vectors = _measure(spec, device, backend, precision, sample, batch_size, reference)
+        figures, vectors = _measure(spec, device, backend, precision, sample, batch_size, reference, calibrate)
         reference = vectors if reference is None else reference  # torch fp32 runs first
         measurements.append(figures)
         log.debug("--precision auto: %s", figures)
