@@ -139,6 +139,35 @@ def test_images_match_the_local_engine(tmp_path, ray_address, sample_corpus):
         s_ray.added / s_ray.stages["preprocess"]["seconds"], rel=0.01)
 
 
+@pytest.mark.slow
+def test_jpegs_left_to_the_embedding_workers_decoder(tmp_path, ray_address, sample_corpus, monkeypatch):
+    """The Ray engine's GPU path (decode tasks pass plain JPEGs on undecoded; each embedding actor decodes
+    them where its model runs, with torchvision's decoder), forced on the CPU: the same rows, vectors and
+    error lines as the local engine's GPU path, and not PIL's vectors (which shrinks large JPEGs)."""
+    import torch
+
+    from indexer.ingest import local, ray_engine
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(sample_corpus["images"], folder)
+    good = (folder / "cat.jpg").read_bytes()
+    (folder / "garbage.jpg").write_bytes(good[:700] + np.random.default_rng(0).bytes(3000) + b"\xff\xd9")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "text.png").write_text("not a png")
+    kw = {"model": "efficientnet-lite0", "progress": False}
+    pil = tmp_path / "pil.idx"
+    ingest(pil, [str(folder)], workers=0, **kw)
+    monkeypatch.setattr(local, "_jpeg_device", lambda embedder: torch.device("cpu"))
+    monkeypatch.setattr(ray_engine, "_gpu_decodes_jpegs", lambda plan, gpus_per_worker: True)
+    local_path, remote = tmp_path / "local.idx", tmp_path / "ray.idx"
+    s_local = ingest(local_path, [str(folder)], workers=0, **kw)
+    s_ray = ingest(remote, [str(folder)], engine="ray", workers=1, **kw)
+    assert _counts(s_ray) == _counts(s_local) and s_ray.added == 16 and s_ray.errors == 3
+    assert_same_collection(local_path, remote)
+    decoded_whole, shrunk = _table(remote), _table(pil)
+    assert max(1 - float(np.dot(decoded_whole[i]["vector"], shrunk[i]["vector"])) for i in shrunk) > 1e-4
+
+
 def test_ray_flags_and_sources_it_refuses(tmp_path, ray_address, text_sources):
     from indexer.errors import IndexerError
 

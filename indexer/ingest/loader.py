@@ -72,18 +72,20 @@ class ImageInputs(IterableDataset):
                 start = time.perf_counter()
                 item = prepare(record, self.known)
                 read = time.perf_counter()
-                if self.defer_jpegs and isinstance(item, Prepared) and plain_jpeg(item.record.data):
-                    item.jpeg, item.record.data = item.record.data, None
-                else:
-                    item = decode(item, self.transform, self.min_size)
+                item = decode(item, self.transform, self.min_size, self.defer_jpegs)
                 yield item, read - start, time.perf_counter() - read
 
 
-def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int | None) -> Item:
-    """A Prepared image's bytes -> its model input in `tensor`; an undecodable image becomes a SkippedInput."""
+def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int | None,
+           defer_jpegs: bool = False) -> Item:
+    """A Prepared image's bytes -> its model input in `tensor`; an undecodable image becomes a SkippedInput.
+    `defer_jpegs`: a plain JPEG's bytes move to `jpeg` undecoded instead, for decode_on_device."""
     if not isinstance(item, Prepared):
         return item
     record = item.record
+    if defer_jpegs and plain_jpeg(record.data):
+        item.jpeg, record.data = record.data, None
+        return item
     data, record.data = record.data, None
     try:
         image = decode_image(data, min_size)

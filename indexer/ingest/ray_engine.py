@@ -4,7 +4,8 @@
     read     tasks: each unit's records, hashed                                        sources.iter_unit, prepare
     claims   one actor, in input order: documents split into passages (chunked          chunking.Passages
              collections), new / changed / unchanged / duplicate id                     engine.Claims
-    decode   tasks (images): decode + the model's preprocessing                        loader.decode
+    decode   tasks (images): decode + the model's preprocessing; plain JPEGs are left    loader.decode
+             to GPU actors, which decode them with nvjpeg (loader.decode_on_device)
     embed    actors: `factory(spec, runtime)` once each, one GPU each where there are GPUs
     write    tasks: Lance fragments written by the worker; only their metadata goes back
     driver   commits groups of fragments, one atomic Lance commit each; a changed item's old row is
@@ -41,7 +42,7 @@ from ..store.collection import TABLE, _sql_str
 from ..timing import Stages
 from .chunking import Passages
 from .engine import Claims, Plan, Run, stored_row
-from .loader import Prepared, Unchanged, decode, prepare
+from .loader import Prepared, Unchanged, decode, decode_on_device, prepare
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ class Orphans:
     ids: frozenset
 
 
-def _decode(batch: dict[str, np.ndarray], transform, min_size: int | None) -> dict[str, np.ndarray]:
+def _decode(batch: dict[str, np.ndarray], transform, min_size: int | None, defer_jpegs: bool) -> dict[str, np.ndarray]:
     start = time.perf_counter()
-    out = [(decode(item, transform, min_size), update) for item, update in _loads(batch)]
+    out = [(decode(item, transform, min_size, defer_jpegs), update) for item, update in _loads(batch)]
     return _dumps(out, _seconds(batch, preprocess=time.perf_counter() - start))
 
 
@@ -166,26 +167,35 @@ class _Embed:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entries = _loads(batch)
-        prepared = [item for item, _ in entries if isinstance(item, Prepared)]
+        items = [item for item, _ in entries]
         truncated = getattr(self.embedder, "truncated", 0)
-        stages = Stages()  # tokenising (preprocess) and the model (embed)
-        vectors = iter(self._embed(prepared, stages))
-        out = [(item, update, next(vectors) if isinstance(item, Prepared) else None) for item, update in entries]
+        stages = Stages()  # tokenising or decoding deferred JPEGs (preprocess) and the model (embed)
+        vectors = iter(self._embed(items, stages))  # a JPEG no decoder reads becomes a SkippedInput in `items`
+        out = [(item, update, next(vectors) if isinstance(item, Prepared) else None)
+               for item, (_, update) in zip(items, entries)]
         counts = np.zeros(len(out), dtype=np.int64)
         if len(out):
             counts[0] = getattr(self.embedder, "truncated", 0) - truncated
         seconds = _seconds(batch, preprocess=stages.seconds["preprocess"], embed=stages.seconds["embed"])
         return {**_dumps(out, seconds), "truncated": counts}
 
-    def _embed(self, items: list[Prepared], stages: Stages) -> np.ndarray:
-        if not items or items[0].tensor is None:
-            payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in items]
+    def _embed(self, items: list, stages: Stages) -> np.ndarray:
+        prepared = [item for item in items if isinstance(item, Prepared)]
+        if not any(p.tensor is not None or p.jpeg is not None for p in prepared):  # texts, or vectors given
+            payloads = [p.record.vector if p.record.vector is not None else p.record.text for p in prepared]
             return self.embedder.embed(payloads, self.batch_size, stages)
-        pixels = torch.stack([p.tensor for p in items])
-        for p in items:
+        decoded = [p for p in prepared if p.jpeg is None]
+        batch = {"items": items, "pixels": torch.stack([p.tensor for p in decoded]) if decoded else None}
+        for p in decoded:
             p.tensor = None  # the writer needs the row, not the pixels
+        with stages.time("preprocess"):  # the deferred JPEGs, on this actor's device
+            decode_on_device(batch, self.embedder.preprocess_fn(), self.embedder.spec.preprocessing.get("resize"),
+                             self.embedder.runtime.device)
+        pixels = batch["pixels"]
+        if pixels is None:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
         return np.concatenate([self.embedder.embed_batch(pixels[i : i + self.batch_size], stages)
-                               for i in range(0, len(items), self.batch_size)])
+                               for i in range(0, len(pixels), self.batch_size)])
 
 
 @dataclass
@@ -313,7 +323,8 @@ class RayEngine:
             decode_cpus = {"num_cpus": 1} if spare >= 1 else light
             ds = ds.map_batches(_decode, batch_size=plan.batch_size, **decode_cpus,
                                 fn_kwargs={"transform": embedder.preprocess_fn(),
-                                           "min_size": embedder.spec.preprocessing.get("resize")})
+                                           "min_size": embedder.spec.preprocessing.get("resize"),
+                                           "defer_jpegs": _gpu_decodes_jpegs(plan, gpus_per)})
         ds = ds.map_batches(_Embed, batch_size=window, compute=ray.data.ActorPoolStrategy(size=workers),
                             num_cpus=cpus_per, num_gpus=gpus_per,
                             fn_constructor_kwargs={"factory": plan.factory, "spec": embedder.spec,
@@ -323,6 +334,14 @@ class RayEngine:
         # each worker's own environment, as for any S3 client).
         return ds.map_batches(_write, batch_size=plan.commit_rows, **light, fn_kwargs={
             "uri": uri, "storage_options": plan.collection.location.storage_options or None})
+
+
+def _gpu_decodes_jpegs(plan: Plan, gpus_per_worker: float) -> bool:
+    """Whether the embedding actors decode plain JPEGs on their GPUs (nvjpeg), as the local engine does:
+    they have GPUs, the model runs there, and its transform runs on tensors. The decode tasks then only
+    pass the JPEGs' bytes on (smaller than the pixels, too)."""
+    return (gpus_per_worker > 0 and not plan.device.startswith("cpu")
+            and hasattr(plan.embedder.preprocess_fn(), "from_tensor"))
 
 
 def _root_cause(exc: BaseException) -> str:
