@@ -57,3 +57,61 @@ def test_stages_iterate_counts_items():
     assert list(stages.iterate("read", range(5))) == [0, 1, 2, 3, 4]
     assert stages.items["read"] == 5 and stages.bottleneck() == "read"
     assert Stages().bottleneck() is None
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops_when_closed():
+    import threading
+
+    from indexer.ingest.loader import read_ahead
+
+    assert list(read_ahead(range(1000), 64, chunk=16)) == list(range(1000))
+
+    def broken():
+        yield from range(40)
+        raise ValueError("row 40 is broken")
+
+    got = []
+    with pytest.raises(ValueError, match="row 40"):
+        for item in read_ahead(broken(), 64, chunk=16):
+            got.append(item)
+    assert got == list(range(40))  # every row before the failure, then the failure
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    reader = read_ahead(endless(), 64, chunk=16)
+    assert [next(reader) for _ in range(100)] == list(range(100))
+    reader.close()  # a consumer that stops early: the thread stops and closes the source
+    assert closed.wait(5) and not any(t.name == "read-ahead" for t in threading.enumerate())
+
+
+def test_text_ingest_reading_ahead_stores_the_same(tmp_path, sample_corpus, monkeypatch):
+    """The GPU's way of reading text (a thread ahead of the model), forced on the CPU, in chunks of 4
+    rows at most 8 ahead so that the reader waits for the consumer many times: the same rows as reading
+    in line."""
+    import numpy as np
+
+    from indexer.ingest import loader, local
+    from indexer.store import Collection
+
+    def stored(path):
+        coll = Collection.open(path)
+        return {r["id"]: r["vector"] for b in coll.scan(["id", "vector"]) for r in b.to_pylist()}
+
+    plain = ingest(tmp_path / "plain.idx", [str(sample_corpus["texts"])], model="minilm", batch_size=4,
+                   progress=False)
+    monkeypatch.setattr(local, "_reads_ahead", lambda embedder: True)
+    monkeypatch.setattr(local, "read_ahead", lambda items, ahead: loader.read_ahead(items, 8, chunk=4))
+    ahead = ingest(tmp_path / "ahead.idx", [str(sample_corpus["texts"])], model="minilm", batch_size=4,
+                   progress=False)
+    assert (ahead.added, ahead.errors) == (plain.added, plain.errors) == (48, 0)
+    a, b = stored(tmp_path / "plain.idx"), stored(tmp_path / "ahead.idx")
+    assert a.keys() == b.keys() and all(np.allclose(a[i], b[i], atol=1e-5) for i in a)

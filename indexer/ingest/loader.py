@@ -1,13 +1,16 @@
 """Turning source records into model inputs: images are read, hashed, decoded and transformed in
-DataLoader worker processes; text is hashed in the main process (tokenising is the model's job)."""
+DataLoader worker processes; text is hashed in the main process (tokenising is the model's job), its
+records read by a thread ahead of it when a GPU runs the model (read_ahead)."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -35,6 +38,7 @@ class Unchanged:
 
 
 Item = Prepared | Unchanged | SkippedInput
+T = TypeVar("T")
 
 
 def prepare(record: Record | SkippedInput, known: dict[str, str]) -> Item:
@@ -177,3 +181,57 @@ def image_batches(dataset: ImageInputs, batch_size: int, workers: int, pin_memor
                       persistent_workers=False,
                       # lance and lancedb run native threads that fork() cannot safely copy
                       multiprocessing_context="forkserver" if workers else None)
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def read_ahead(items: Iterable[T], ahead: int, chunk: int = 256) -> Iterator[T]:
+    """`items`, produced by a thread up to about `ahead` items before the consumer takes them (in chunks
+    of `chunk`: one queue operation per item would cost more than parsing a short JSON row). An
+    exception of the producer is raised here after the items before it. Closing this generator stops
+    the thread and closes `items` there, the only thread that ever touches it (once a read under way
+    returns: a thread blocked on stdin is not waited for)."""
+    chunks: queue.Queue = queue.Queue(max(1, ahead // chunk))
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source, pending = iter(items), []
+        try:
+            for item in source:
+                pending.append(item)
+                if len(pending) == chunk:
+                    if not put(pending):
+                        return
+                    pending = []
+            put(pending)
+            put(None)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which raises it
+            put(pending)
+            put(_Raised(exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (got := chunks.get()) is not None:
+            if isinstance(got, _Raised):
+                raise got.exc
+            yield from got
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)

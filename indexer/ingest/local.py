@@ -11,7 +11,15 @@ import torch
 from ..models import Embedder
 from ..sources import iter_records
 from .engine import Plan, Run, stored_row
-from .loader import ImageInputs, Prepared, decode_on_device, image_batches, loader_workers, prepare
+from .loader import (
+    ImageInputs,
+    Prepared,
+    decode_on_device,
+    image_batches,
+    loader_workers,
+    prepare,
+    read_ahead,
+)
 from .writer import BatchWriter
 
 SMALL_IMAGE_RUN = 200  # images below which decoding stays in the main process
@@ -56,7 +64,10 @@ def _ingest_windows(out: _Output, plan: Plan) -> None:
     run = out.run
     window: list[Prepared] = []
     window_size = plan.batch_size * 64
-    for document in run.stages.iterate("read", iter_records(plan.sources, plan.opts)):
+    documents = iter_records(plan.sources, plan.opts)
+    if _reads_ahead(plan.embedder):  # "read" is then the time the model's thread waited for records
+        documents = read_ahead(documents, window_size)
+    for document in run.stages.iterate("read", documents):
         with run.stages.time("preprocess"):  # chunking tokenises
             records = plan.passages.expand(document)
         if len(records) > 1 and run.progress.total is not None:
@@ -71,6 +82,12 @@ def _ingest_windows(out: _Output, plan: Plan) -> None:
             _embed_window(out, plan.embedder, window, plan.batch_size)
             window = []
     _embed_window(out, plan.embedder, window, plan.batch_size)
+
+
+def _reads_ahead(embedder: Embedder) -> bool:
+    """Whether records are read (parsed, files opened) by a thread a window ahead of the model: on a GPU,
+    whose forward pass leaves the CPU idle. On a CPU the model takes every core anyway."""
+    return embedder.runtime.is_cuda
 
 
 def _embed_window(out: _Output, embedder: Embedder, window: list[Prepared], batch_size: int) -> None:
