@@ -101,6 +101,12 @@ def decode(item: Item, transform: Callable[[Any], torch.Tensor], min_size: int |
     return item
 
 
+def decodes_on_device(transform) -> bool:
+    """Whether decode_on_device can serve this transform: it runs on decoded image tensors (`from_tensor`),
+    so JPEGs can be decoded and transformed where the model runs."""
+    return hasattr(transform, "from_tensor")
+
+
 def decode_on_device(batch: dict[str, Any], transform, min_size: int | None, device: torch.device) -> None:
     """Decode the batch's deferred JPEGs on `device` (nvjpeg on a GPU, the whole batch in one call) and
     transform them there: afterwards batch["pixels"] holds every Prepared item's input, in order, on

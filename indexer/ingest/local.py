@@ -15,6 +15,7 @@ from .loader import (
     ImageInputs,
     Prepared,
     decode_on_device,
+    decodes_on_device,
     image_batches,
     loader_workers,
     prepare,
@@ -99,7 +100,7 @@ def _embed_window(out: _Output, embedder: Embedder, window: list[Prepared], batc
 def _jpeg_device(embedder: Embedder) -> torch.device | None:
     """Where JPEGs are decoded when not in the workers: on the model's GPU (nvjpeg), for the CNNs whose
     transform runs on tensors there. None: the workers decode every image with PIL."""
-    if embedder.runtime.is_cuda and hasattr(embedder.preprocess_fn(), "from_tensor"):
+    if embedder.runtime.is_cuda and decodes_on_device(embedder.preprocess_fn()):
         return embedder.runtime.device
     return None
 

@@ -42,7 +42,7 @@ from ..store.collection import TABLE, _sql_str
 from ..timing import Stages
 from .chunking import Passages
 from .engine import Claims, Plan, Run, stored_row
-from .loader import Prepared, Unchanged, decode, decode_on_device, prepare
+from .loader import Prepared, Unchanged, decode, decode_on_device, decodes_on_device, prepare
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ class _Embed:
     def __init__(self, factory, spec: ModelSpec, device: str, precision: str, batch_size: int):
         self.embedder = factory(spec, resolve_runtime(device, precision))
         self.batch_size = batch_size
+        self.transform = self.embedder.preprocess_fn()  # for JPEGs the decode tasks left to this actor
+        self.min_size = self.embedder.spec.preprocessing.get("resize")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entries = _loads(batch)
@@ -189,8 +191,7 @@ class _Embed:
         for p in decoded:
             p.tensor = None  # the writer needs the row, not the pixels
         with stages.time("preprocess"):  # the deferred JPEGs, on this actor's device
-            decode_on_device(batch, self.embedder.preprocess_fn(), self.embedder.spec.preprocessing.get("resize"),
-                             self.embedder.runtime.device)
+            decode_on_device(batch, self.transform, self.min_size, self.embedder.runtime.device)
         pixels = batch["pixels"]
         if pixels is None:
             return np.zeros((0, self.embedder.dim), dtype=np.float32)
@@ -341,7 +342,7 @@ def _gpu_decodes_jpegs(plan: Plan, gpus_per_worker: float) -> bool:
     they have GPUs, the model runs there, and its transform runs on tensors. The decode tasks then only
     pass the JPEGs' bytes on (smaller than the pixels, too)."""
     return (gpus_per_worker > 0 and not plan.device.startswith("cpu")
-            and hasattr(plan.embedder.preprocess_fn(), "from_tensor"))
+            and decodes_on_device(plan.embedder.preprocess_fn()))
 
 
 def _root_cause(exc: BaseException) -> str:
