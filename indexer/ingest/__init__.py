@@ -225,6 +225,7 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         coll.manifest.auto_precision = tuned  # saved by touch() below
     else:
         coll.check_compatible(embedder.spec)
+    given_batch_size = batch_size
     batch_size = batch_size or embedder.batch_size()  # on a GPU: what its free memory holds
 
     with coll.write_lock("ingest"):
@@ -238,7 +239,8 @@ def ingest(collection: str | os.PathLike, sources: list[str], *, model: str | No
         run = Run(coll, known, bar, dim=embedder.dim)
         passages = Passages(chunker, stored_chunks(coll), known)
         plan = Plan(coll, sources, opts, embedder, factory, batch_size, passages, device, precision,
-                    commit_rows=max(256, 8 * batch_size), total=total)
+                    commit_rows=max(256, 8 * batch_size), total=total,
+                    batch_size_given=given_batch_size is not None)
         try:
             runner.run(plan, run)
         except KeyboardInterrupt:

@@ -171,6 +171,7 @@ class Plan:
     precision: str
     commit_rows: int
     total: int | None
+    batch_size_given: bool = True  # False: `batch_size` is this machine's default, a worker picks its own
 
 
 class Engine(Protocol):

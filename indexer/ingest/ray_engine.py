@@ -161,9 +161,9 @@ def _decode(batch: dict[str, np.ndarray], transform, min_size: int | None, defer
 class _Embed:
     """Builds the embedder once, on its own device, with the factory the local engine uses."""
 
-    def __init__(self, factory, spec: ModelSpec, device: str, precision: str, batch_size: int):
+    def __init__(self, factory, spec: ModelSpec, device: str, precision: str, batch_size: int | None):
         self.embedder = factory(spec, resolve_runtime(device, precision))
-        self.batch_size = batch_size
+        self.batch_size = batch_size or self.embedder.default_batch_size  # none given: its device's default
         self.transform = self.embedder.preprocess_fn()  # for JPEGs the decode tasks left to this actor
         self.min_size = self.embedder.spec.preprocessing.get("resize")
 
@@ -312,7 +312,9 @@ class RayEngine:
         ctx.target_max_block_size = BLOCK_BYTES
         ds = ray.data.from_items([{"order": i, BLOB: pickle.dumps(u)} for i, u in enumerate(units)],
                                  override_num_blocks=max(1, len(units)))
-        window = plan.batch_size * (1 if plan.opts.modality == "image" else 8)  # texts sort by length in it
+        # Texts sort by length in a window of 8 batches, and at least 512 texts (8 GPU batches): each call
+        # to an embedding actor has a fixed cost, which CPU batches of 16 would pay 4x as often.
+        window = plan.batch_size if plan.opts.modality == "image" else max(plan.batch_size * 8, 512)
         ds = ds.map_batches(_read, batch_size=1, fn_kwargs={"opts": plan.opts}, **light)
         ds = ds.map_batches(_Claims, batch_size=None, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
                             # its state is the run's: a restart would forget the ids seen
@@ -330,7 +332,7 @@ class RayEngine:
                             num_cpus=cpus_per, num_gpus=gpus_per,
                             fn_constructor_kwargs={"factory": plan.factory, "spec": embedder.spec,
                                                    "device": plan.device, "precision": plan.precision,
-                                                   "batch_size": plan.batch_size})
+                                                   "batch_size": plan.batch_size if plan.batch_size_given else None})
         # Workers reach an object store with the collection's storage options (credentials come from
         # each worker's own environment, as for any S3 client).
         return ds.map_batches(_write, batch_size=plan.commit_rows, **light, fn_kwargs={

@@ -79,7 +79,6 @@ class PooledEncoder(torch.nn.Module):
 class TextEmbedder(Embedder):
     """Any transformers encoder. `layer` indexes `hidden_states` (0 = embeddings, -1 = last)."""
 
-    default_batch_size = 64
     backends = ("torch", "onnx", "openvino")
     prepare_in_thread = True  # the fast tokenizer releases the GIL: it runs beside the GPU's forward pass
 
@@ -123,6 +122,15 @@ class TextEmbedder(Embedder):
                                  padding=True, return_tensors="pt")
         example = {k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in example}
         self.features = compile_module(self.encoder, example, {k: (0, 1) for k in example}, self.spec, runtime)
+
+    @property
+    def default_batch_size(self) -> int:
+        """64 on a GPU (where free memory then sizes it). On a CPU, small batches of length-sorted texts:
+        less padding, and activations that stay in cache. MiniLM, 1,000 passages, 2 cores: OpenVINO fp32
+        87 texts/s at 8 vs 67 at 64, int8 114 vs 112; torch (sentence-transformers) 57 at 8 or 16, 47 at 64."""
+        if self.runtime.is_cuda:
+            return 64
+        return 16 if self.runtime.backend == "torch" else 8
 
     def batch_order(self, items: Sequence[str]) -> list[int]:
         return sorted(range(len(items)), key=lambda i: len(items[i]))
