@@ -114,6 +114,55 @@ def sample_sentences() -> dict[str, list[str]]:
     return by_label
 
 
+DOCSTRING_SOURCES = ("numpy", "transformers", "torch")  # after the standard library, until enough are found
+
+
+def docstring_passages(n: int, seed: int, cache: Path) -> list[str]:
+    """`n` real English passages, identical on any machine with the same Python and packages: the
+    distinct docstrings (whitespace folded, at least 8 words) of the standard library, then of
+    DOCSTRING_SOURCES, shuffled by `seed`. Technical prose of every length, from one line to pages
+    (the model truncates at its limit), unlike generated passages, whose near-copies make
+    neighbour lists depend on differences smaller than any quantisation's noise. Cached in `cache`."""
+    import ast
+    import hashlib
+    import importlib.util
+    import random
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    for name in DOCSTRING_SOURCES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots.append(Path(next(iter(spec.submodule_search_locations))))
+    key = hashlib.sha256(json.dumps([platform.python_version(), *map(str, roots), n, seed]).encode()).hexdigest()[:12]
+    cached = cache / f"docstrings-{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    found: dict[str, None] = {}  # ordered set
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if {"test", "tests", "site-packages", "idlelib"} & set(path.relative_to(root).parts):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError, UnicodeDecodeError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = " ".join((ast.get_docstring(node) or "").split())
+                    if len(doc.split()) >= 8:
+                        found[doc] = None
+        if len(found) >= n * 1.5:  # a margin, so the draw is not simply the first packages' docstrings
+            break
+    if len(found) < n:
+        raise SystemExit(f"only {len(found)} docstrings found in {', '.join(map(str, roots))}; {n} asked for")
+    passages = list(found)
+    random.Random(seed).shuffle(passages)
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(passages[:n]), encoding="utf-8")
+    return passages[:n]
+
+
 def write_jsonl(rows: Sequence[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
