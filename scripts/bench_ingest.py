@@ -28,8 +28,8 @@ everything also in the JSON report given by --out):
    generated: section 1's passages), end to end into a fresh collection, for plain
    `SentenceTransformer.encode` fp32 at its fastest batch size (16, 32 or 64, tried on 2,000 of the
    texts first), then one LanceDB table write, and `indexer.ingest` at its default batch size with
-   torch, onnx and openvino, each fp32 and int8; exports and static int8's calibration are built
-   before timing (one-time costs, reported apart). Each way's held-out queries (other passages of
+   torch, onnx and openvino, each fp32 and int8; exports are built before timing (a one-time cost,
+   reported apart). Each way's held-out queries (other passages of
    the corpus) are embedded the way the collection was and searched exactly; overlap@10 is the share
    of torch fp32's top 10 they keep, and `near_ties` says how close fp32's 10th and 11th are.
    Throughput leaves out model load and the one-time drift check (both reported).
@@ -357,10 +357,11 @@ def bench_backends(n: int, n_queries: int, work: Path, ways: list[tuple[str, str
     for backend, precision in ways:
         name = f"{backend}_{precision}"
         runtime = resolve_runtime("cpu", precision, backend)
-        log.info("%s: export and calibration (untimed), then indexer.ingest on %d texts", name, n)
+        log.info("%s: export (untimed), then indexer.ingest on %d texts", name, n)
         emb, prepare_s = timed(embedder_for, "minilm", runtime, source, "text")  # once; later loads reuse it
-        batch_size = emb.default_batch_size
-        _, load_s = timed(embedder_for, "minilm", runtime, source, "text")  # as ingest loads (and draws the sample)
+        batch_size = emb.batch_size()  # what ingest picks when given none
+        del emb
+        _, load_s = timed(embedder_for, "minilm", runtime, source, "text")
         coll = work / f"{name}.idx"
         summary, ingest_s, others = watched(indexer.ingest, coll, [str(source)], model="minilm", backend=backend,
                                             precision=precision, progress=False)  # the default batch size
@@ -368,14 +369,15 @@ def bench_backends(n: int, n_queries: int, work: Path, ways: list[tuple[str, str
             raise SystemExit(f"{name}: ingest added {summary.added} of {n}")
         stored = stored_vectors(coll)
         vectors = np.stack([stored[i] for i in ids])
-        q = load_embedder(Collection.open(coll).spec, query_runtime(backend, precision)).embed(queries)
+        spec = Collection.open(coll).spec
+        q = load_embedder(spec, query_runtime(backend, precision)).embed(queries)
         hits = top10(q, vectors)
         if reference is None:
             reference, ties = hits, near_ties(q, vectors)
         overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hits, reference)]))
         net = ingest_s - load_s - (summary.drift or {}).get("seconds", 0)  # the check runs once per collection
         results[name] = {"prepare_s": prepare_s, "load_s": load_s, "ingest_s": ingest_s, "items_per_s": n / net,
-                         "batch_size": batch_size, "calibration": Collection.open(coll).spec.calibration,
+                         "batch_size": batch_size, "calibration": spec.calibration,
                          "vs_st_encode": (n / net) / (n / peer_s), "overlap_at_10": overlap,
                          "drift": summary.drift, "stages": summary.stages, "others_cpu_share": others}
         log.info("%s: %.1f texts/s (%.2fx plain encode), overlap@10 %.3f", name, n / net,

@@ -203,7 +203,7 @@ def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, 
     assert np.allclose(rebuilt.embed_batch(pixels), ours, atol=1e-3)
 
 
-def test_text_batches_on_a_cpu_are_small(minilm):
+def test_text_batches_on_a_cpu_are_small(export_cache, minilm):
     """Length-sorted small batches: less padding, activations in cache (see TextEmbedder.default_batch_size)."""
     assert minilm.default_batch_size == 16
     assert load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx")).default_batch_size == 8

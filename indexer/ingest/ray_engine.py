@@ -163,7 +163,7 @@ class _Embed:
 
     def __init__(self, factory, spec: ModelSpec, device: str, precision: str, batch_size: int | None):
         self.embedder = factory(spec, resolve_runtime(device, precision))
-        self.batch_size = batch_size or self.embedder.default_batch_size  # none given: its device's default
+        self.batch_size = batch_size or self.embedder.batch_size()  # none given: as the local engine sizes it
         self.transform = self.embedder.preprocess_fn()  # for JPEGs the decode tasks left to this actor
         self.min_size = self.embedder.spec.preprocessing.get("resize")
 
