@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +161,9 @@ def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, 
     s = ingest(path, [str(images)], model="efficientnet-lite0", backend=backend, precision="int8", progress=False)
     coll = Collection.open(path)
     model = json.loads((path / "manifest.json").read_text())["model"]
-    assert (model["backend"], model["precision"], len(model["calibration"])) == (backend, "int8", 16)
+    key = model["calibration"]  # the sample's digest, and "-w7" if this CPU (no VNNI) gets 7-bit weights
+    assert (model["backend"], model["precision"]) == (backend, "int8")
+    assert key == cache.calibration_key(key[:16], cache.int8_weight_bits())
     # The drift recorded is what the stored vectors are: torch fp32 of the same images, compared here.
     drift = s.drift
     assert (drift["backend"], drift["sample"]) == (backend, s.added) and drift["mean_cosine"] > 0.97
@@ -172,9 +175,8 @@ def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, 
     assert abs(float((ours * fp32).sum(1).mean()) - drift["mean_cosine"]) < 1e-3
     assert abs(neighbour_overlap(ours, fp32) - drift["overlap_at_10"]) < 1e-3
     # The key is the first images' content: the same inputs give the same key, fewer images another one.
-    key = coll.spec.calibration
-    assert draw_sample(lite0, [str(images)], _image_opts(), 64)[0] == key
-    assert draw_sample(lite0, [str(images)], _image_opts(), 8)[0] != key
+    assert draw_sample(lite0, [str(images)], _image_opts(), 64)[0] == key[:16]
+    assert draw_sample(lite0, [str(images)], _image_opts(), 8)[0] != key[:16]
 
     def no_quantisation(*args, **kwargs):
         raise AssertionError("quantised again")
@@ -201,6 +203,73 @@ def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, 
     assert ingest(path, [str(images)], progress=False).skipped == len(paths)
     rebuilt = load_embedder(coll.spec, resolve_runtime("cpu", "int8", backend))
     assert np.allclose(rebuilt.embed_batch(pixels), ours, atol=1e-3)
+
+
+def _int8_weight_ranges(backend: str, export: Path) -> list[int]:
+    """The largest |value| of each int8 weight tensor of a convolution in an exported int8 CNN."""
+    if backend == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(export / "model.onnx").graph
+        return [int(np.abs(numpy_helper.to_array(t)).max()) for t in graph.initializer
+                if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 4]
+    import openvino as ov
+
+    def feeds_a_convolution(node) -> bool:
+        users = [t.get_node() for out in node.outputs() for t in out.get_target_inputs()]
+        return any(u.get_type_name() == "Convolution" or (u.get_type_name() in ("Convert", "Subtract", "Multiply")
+                                                         and feeds_a_convolution(u)) for u in users)
+
+    model = ov.Core().read_model(export / "model.xml")
+    return [int(np.abs(op.get_data()).max()) for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8 and feeds_a_convolution(op)]
+
+
+@pytest.mark.slow  # per backend: two static quantisations (~10 s each) and a drift check
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_cnn_int8_has_7_bit_weights_on_a_cpu_without_vnni(export_cache, tmp_path, sample_corpus, backend,
+                                                          monkeypatch):
+    """Where u8 x s8 products saturate (x86 without VNNI) a CNN's int8 weights take 7 bits; the key records
+    it, so queries and a rebuild on a CPU with VNNI run that same model."""
+    from indexer.ingest import calibration
+    from indexer.models.runtimes.cache import export_dir
+
+    images = [str(sample_corpus["images"])]
+    path = tmp_path / "w7.idx"
+    monkeypatch.setattr(calibration, "int8_weight_bits", lambda: 7)
+    s = ingest(path, images, model="efficientnet-lite0", backend=backend, precision="int8", progress=False)
+    coll = Collection.open(path)
+    assert coll.spec.calibration.endswith(cache.WEIGHTS_7BIT) and s.drift["mean_cosine"] > 0.97
+    ranges = _int8_weight_ranges(backend, export_dir(coll.spec, backend, "int8"))
+    assert len(ranges) > 20 and max(ranges) <= 64
+    # On a CPU with VNNI, with the export gone: the same ingest rebuilds the 7-bit model, not an 8-bit one.
+    import shutil
+
+    shutil.rmtree(export_dir(coll.spec, backend, "int8"))
+    monkeypatch.setattr(calibration, "int8_weight_bits", lambda: 8)
+    assert ingest(path, images, progress=False).skipped == s.added
+    assert max(_int8_weight_ranges(backend, export_dir(coll.spec, backend, "int8"))) <= 64
+    fresh = ingest(tmp_path / "w8.idx", images, model="efficientnet-lite0", backend=backend, precision="int8",
+                   progress=False)
+    w8 = Collection.open(tmp_path / "w8.idx").spec.calibration
+    assert w8 == coll.spec.calibration.removesuffix(cache.WEIGHTS_7BIT) and fresh.added == s.added
+    assert max(_int8_weight_ranges(backend, export_dir(Collection.open(tmp_path / "w8.idx").spec, backend,
+                                                       "int8"))) > 64
+    hits = search(coll, image=str(sorted(sample_corpus["images"].glob("*.jpg"))[3]), k=1)
+    assert hits[0]["score"] > 0.999  # the query ran the collection's 7-bit model
+
+
+@pytest.mark.parametrize("machine, flags, bits", [
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", 8), ("x86_64", "fpu avx avx2 fma", 7), ("AMD64", "avx_vnni", 8),
+    ("aarch64", "fp asimd asimddp", 8), ("x86_64", None, 7)])
+def test_int8_weight_bits_follow_the_cpu(monkeypatch, tmp_path, machine, flags, bits):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(cache, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(cache.platform, "machine", lambda: machine)
+    assert cache.int8_weight_bits() == bits
 
 
 def test_text_batches_on_a_cpu_are_small(export_cache, minilm):

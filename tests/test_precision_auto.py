@@ -92,6 +92,7 @@ def test_auto_calibrates_a_cnns_static_int8_as_the_ingest_does(tmp_path, sample_
 
     from indexer.ingest.calibration import draw_sample
     from indexer.models.runtimes import onnx
+    from indexer.models.runtimes.cache import calibration_key, int8_weight_bits
     from indexer.sources import SourceOptions
 
     photos = tmp_path / "photos"
@@ -111,6 +112,7 @@ def test_auto_calibrates_a_cnns_static_int8_as_the_ingest_does(tmp_path, sample_
     assert "skipped" not in int8 and int8["items_per_s"] > fp32["items_per_s"] and int8["overlap_at_10"] > 0.5
     assert (s.auto_precision["backend"], s.auto_precision["precision"]) == ("onnx", "int8") and s.added == 32
     coll = Collection.open(tmp_path / "auto.idx")
-    key = draw_sample(lite0, [str(photos)], SourceOptions(modality="image"), 64)[0]
+    key = calibration_key(draw_sample(lite0, [str(photos)], SourceOptions(modality="image"), 64)[0],
+                          int8_weight_bits())
     assert (coll.spec.backend, coll.spec.precision, coll.spec.calibration) == ("onnx", "int8", key)
     assert quantised == [1]  # measured and ingested with one model

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import IndexerError
 from ..models import Embedder
-from ..models.runtimes.cache import ExportMissing
+from ..models.runtimes.cache import WEIGHTS_7BIT, ExportMissing, calibration_key, int8_weight_bits
 from ..sources import SourceOptions
 from .loader import ImageInputs, Prepared
 
@@ -40,8 +40,10 @@ def calibrate(embedder: Embedder, sources: list[str], opts: SourceOptions, recor
         except ExportMissing:
             log.info("the collection's int8 model is not cached: calibrating again on the same first images")
     started = time.perf_counter()
-    key, pixels = draw_sample(embedder, sources, opts, sample)
-    if recorded is not None and key != recorded:
+    digest, pixels = draw_sample(embedder, sources, opts, sample)
+    # A rebuild keeps the collection's weight bits, whatever this CPU would choose: the same model again.
+    key = recorded if recorded is not None else calibration_key(digest, int8_weight_bits())
+    if recorded is not None and recorded.removesuffix(WEIGHTS_7BIT) != digest:
         raise IndexerError(f"the int8 model this collection was calibrated with ({recorded}) is not in the export "
                            f"cache, and these sources do not start with the same {sample} images: ingest into a "
                            "new collection, or run the first ingest's command again")
@@ -50,7 +52,8 @@ def calibrate(embedder: Embedder, sources: list[str], opts: SourceOptions, recor
 
 
 def draw_sample(embedder: Embedder, sources: list[str], opts: SourceOptions, sample: int) -> tuple[str, torch.Tensor]:
-    """(key, pixels) of the first `sample` images of `sources` that decode, whether stored already or not."""
+    """(digest, pixels) of the first `sample` images of `sources` that decode, whether stored already or
+    not; the digest identifies them and their preprocessing."""
     if "-" in sources:
         raise IndexerError("--precision int8 calibrates a CNN on the first images before embedding them all, "
                            "and stdin can be read once only: give the images as files")

@@ -160,7 +160,7 @@ class CNNEmbedder(Embedder):
             if runtime.precision != "int8":
                 self._compile(None)
             elif spec.calibration:  # the static int8 model calibrated before, from the export cache
-                self._compile(Calibration())
+                self._compile(Calibration.keyed(spec.calibration))
             # else: int8 waits for `calibrate` (dynamic quantisation suits Linear layers, not convolutions)
 
     @property
@@ -173,7 +173,7 @@ class CNNEmbedder(Embedder):
         self.spec = replace(self.spec, calibration=key)
         batches = None if pixels is None else [{"pixels": pixels[i : i + self.CALIBRATION_BATCH]}
                                                for i in range(0, len(pixels), self.CALIBRATION_BATCH)]
-        self._compile(Calibration(batches))
+        self._compile(Calibration.keyed(key, batches))
 
     def _compile(self, calibration: Calibration | None) -> None:
         example = torch.zeros(2, 3, self.transform.crop, self.transform.crop)

@@ -73,18 +73,19 @@ def _quantize(source: Path, path: Path) -> None:
         quantize_dynamic(source, path, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def _quantize_static(source: Path, path: Path, batches: list[dict[str, torch.Tensor]]) -> None:
+def _quantize_static(source: Path, path: Path, calibration: Calibration) -> None:
     """QDQ int8 with per-channel weights and uint8 activations (the u8s8 kernels x86 runs fastest),
     activation ranges by min/max over the calibration batches, the first FLOAT_CONVS convolutions kept
-    fp32. The graph is pre-processed first (shape inference, batch norms folded into convolutions) so
-    whole convolutions are quantised."""
+    fp32, 7-bit weights where the calibration asks for them (reduce_range: see cache.int8_weight_bits).
+    The graph is pre-processed first (shape inference, batch norms folded into convolutions) so whole
+    convolutions are quantised."""
     with _root_logging_kept():
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         class Batches(CalibrationDataReader):
             def __init__(self):
-                self.batches = iter(batches)
+                self.batches = iter(calibration.batches)
 
             def get_next(self) -> dict | None:
                 batch = next(self.batches, None)
@@ -97,7 +98,7 @@ def _quantize_static(source: Path, path: Path, batches: list[dict[str, torch.Ten
         convs = [n.name for n in onnx.load(prepared).graph.node if n.op_type == "Conv"]  # in graph order
         quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=convs[:FLOAT_CONVS])
+                        nodes_to_exclude=convs[:FLOAT_CONVS], reduce_range=calibration.weight_bits == 7)
         prepared.unlink()
 
 
@@ -140,4 +141,4 @@ def _int8(source: Path, path: Path, spec: ModelSpec, calibration: Calibration | 
     elif calibration.batches is None:
         raise calibrated_export_missing(spec, "onnx")
     else:
-        _quantize_static(source, path, calibration.batches)
+        _quantize_static(source, path, calibration)
