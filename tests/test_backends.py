@@ -18,7 +18,7 @@ from indexer import IndexerError, load_embedder
 from indexer.cli import cli
 from indexer.ingest import ingest
 from indexer.ingest.drift import measure, neighbour_overlap
-from indexer.models import query_runtime, resolve_runtime
+from indexer.models import device, query_runtime, resolve_runtime
 from indexer.models.runtimes import cache, onnx
 from indexer.store import Collection
 from indexer.tasks.search import query_embedder, search
@@ -267,7 +267,7 @@ def test_int8_weight_bits_follow_the_cpu(monkeypatch, tmp_path, machine, flags, 
     cpuinfo = tmp_path / "cpuinfo"
     if flags is not None:
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(cache, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(device, "CPUINFO", cpuinfo)
     monkeypatch.setattr(cache.platform, "machine", lambda: machine)
     assert cache.int8_weight_bits() == bits
 

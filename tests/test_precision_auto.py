@@ -28,6 +28,21 @@ def test_cpu_candidates_start_with_the_reference_and_list_installed_backends():
     assert (("onnx", "int8") in ways) == (autotune.importlib.util.find_spec("onnxruntime") is not None)
 
 
+def test_a_cpus_name_tells_apart_what_decides_int8(tmp_path, monkeypatch):
+    """Two CPUs a VM calls "AMD EPYC", with and without VNNI, do not share a cached decision."""
+    import torch
+
+    from indexer.models import device
+
+    names = []
+    for flags in ("fpu avx avx2 fma", "fpu avx2 avx512f avx512_vnni"):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(device, "CPUINFO", tmp_path / "cpuinfo")
+        names.append(autotune._device_name(torch.device("cpu")))
+    assert names[0].startswith("AMD EPYC x") and names[0].endswith("(avx2)")
+    assert names[1].endswith("(avx2 avx512f avx512_vnni)")
+
+
 def test_auto_is_refused_where_it_cannot_measure(tmp_path, sample_corpus):
     texts = [str(sample_corpus["texts"])]
     with pytest.raises(IndexerError, match="local engine only"):

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import IndexerError
 from ..models import Embedder, load_embedder, resolve_runtime
+from ..models.device import INT8_ISA, cpu_info
 from ..models.runtimes.cache import cache_root
 from ..sources import SkippedInput, SourceOptions, iter_records
 from ..sources.images import ImageDecodeError, decode_image
@@ -85,13 +86,12 @@ def sample_inputs(sources: list[str], opts: SourceOptions, n: int = SAMPLE) -> l
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"  # the same CPU with fewer cores favours other ways
+    cpu = cpu_info()
+    if cpu is None:
+        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    # The same CPU with fewer cores favours other ways; one name ("AMD EPYC" in a VM) can hide CPUs with
+    # and without fast int8 (VNNI), so the instruction sets that decide it are part of the name.
+    return f"{cpu[0]} x{os.cpu_count()} ({' '.join(f for f in INT8_ISA if f in cpu[1]) or 'no SIMD flags'})"
 
 
 def _cache_file(spec: ModelSpec, device: torch.device, ways: list[tuple[str, str]]):

@@ -4,7 +4,9 @@ in process, or an exported graph (runtimes/)."""
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,6 +17,24 @@ from ..errors import IndexerError
 Precision = Literal["default", "auto", "fp32", "fp16", "bf16", "int8"]
 Backend = Literal["torch", "onnx", "openvino"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "openvino")
+
+CPUINFO = Path("/proc/cpuinfo")
+# What decides which way is fastest on a CPU, and whether int8 products saturate (models/runtimes/cache.py).
+INT8_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")
+
+
+def cpu_info() -> tuple[str, set[str]] | None:
+    """This CPU's model name and instruction-set flags (Linux's /proc/cpuinfo), or None where unknown."""
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("model name") or platform.processor() or platform.machine(), \
+        set((fields.get("flags") or fields.get("Features") or "").split())
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import IndexerError
 from ...spec import ModelSpec
+from ..device import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,16 @@ def cached(target: Path, build: Callable[[Path], None]) -> Path:
 # lose nothing to saturation and keep more (0.9969 on onnx), so 7 bits are only for CPUs without it.
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 WEIGHTS_7BIT = "-w7"  # the suffix of a calibration key whose model has 7-bit weights
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def int8_weight_bits() -> int:
     """The weight bits of a static int8 model made on this CPU: 7 on x86 without VNNI, else 8."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return 8  # ARM's int8 dot products (sdot) accumulate in 32 bits
-    try:
-        flags = set(CPUINFO.read_text().split())
-    except OSError:
+    cpu = cpu_info()
+    if cpu is None:
         return 7  # an x86 CPU we cannot inspect: 7 bits lose a little, saturation a lot more
-    return 8 if flags & VNNI_FLAGS else 7
+    return 8 if cpu[1] & VNNI_FLAGS else 7
 
 
 def calibration_key(sample: str, weight_bits: int) -> str:
