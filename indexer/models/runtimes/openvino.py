@@ -1,7 +1,7 @@
 """OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF: weight
-compression for transformers (int8 per-channel weights; the CPU plugin then quantises activations per
-batch itself), post-training quantisation on a calibration sample for CNNs (static int8, the first
-convolutions kept fp32 and 7-bit weights on CPUs without VNNI, as in onnx.py)."""
+compression for transformers (int8 per-channel weights, fp32 activations), post-training quantisation
+on a calibration sample for CNNs (static int8, the first convolutions kept fp32 and 7-bit weights on
+CPUs without VNNI, as in onnx.py)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ def _convert(onnx_file: Path, path: Path, spec: ModelSpec, precision: str, calib
                          if op.get_type_name() in ("Convolution", "GroupConvolution")]
                 model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows),
                                       ignored_scope=nncf.IgnoredScope(names=convs[:FLOAT_CONVS]),
-                                      advanced_parameters=_weight_bits(nncf, calibration.weight_bits))
+                                      advanced_parameters=_weight_bits(calibration.weight_bits))
     ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
 
 
-def _weight_bits(nncf, bits: int):
+def _weight_bits(bits: int):
     """NNCF's overflow fix on every layer gives 7-bit weights (see cache.int8_weight_bits); its default
     touches the first quantised layer only."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
