@@ -41,9 +41,11 @@ def calibrate(embedder: Embedder, sources: list[str], opts: SourceOptions, recor
             log.info("the collection's int8 model is not cached: calibrating again on the same first images")
     started = time.perf_counter()
     digest, pixels = draw_sample(embedder, sources, opts, sample)
-    # A rebuild keeps the collection's weight bits, whatever this CPU would choose: the same model again.
-    key = recorded if recorded is not None else calibration_key(digest, int8_weight_bits())
-    if recorded is not None and recorded.removesuffix(WEIGHTS_7BIT) != digest:
+    if recorded is None:
+        key = calibration_key(digest, int8_weight_bits())
+    elif recorded.removesuffix(WEIGHTS_7BIT) == digest:
+        key = recorded  # a rebuild keeps the collection's weight bits, whatever this CPU would choose
+    else:
         raise IndexerError(f"the int8 model this collection was calibrated with ({recorded}) is not in the export "
                            f"cache, and these sources do not start with the same {sample} images: ingest into a "
                            "new collection, or run the first ingest's command again")
