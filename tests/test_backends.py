@@ -199,6 +199,12 @@ def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, 
     shutil.rmtree(export_dir(coll.spec, backend, "int8"))
     with pytest.raises(ExportMissing, match="run the same indexer ingest again"):
         load_embedder(coll.spec, resolve_runtime("cpu", "int8", backend))
+    # Other first images cannot rebuild it: refused in one line, before anything is quantised or stored.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(paths[0], other / paths[0].name)
+    with pytest.raises(IndexerError, match="do not start with the same 64 images"):
+        ingest(path, [str(other)], progress=False)
     monkeypatch.undo()
     assert ingest(path, [str(images)], progress=False).skipped == len(paths)
     rebuilt = load_embedder(coll.spec, resolve_runtime("cpu", "int8", backend))
