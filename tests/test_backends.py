@@ -57,16 +57,78 @@ def test_vectors_match_torch_fp32(export_cache, fp32_vectors, backend, precision
 
 
 def test_export_cache_is_reused(export_cache, monkeypatch):
-    load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))  # exported (by now, or here)
-    [model] = export_cache.glob("exports/minilm-onnx-fp32-*/model.onnx")
-    mtime = model.stat().st_mtime_ns
+    load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))  # exported and fused (by now, or here)
+    models = sorted(export_cache.glob("exports/minilm-onnx-fp32-*/model.onnx"))
+    assert [m.parent.name.count(onnx.FUSED) for m in models] == [0, 1]  # the plain export, and its rewrite
+    mtimes = [m.stat().st_mtime_ns for m in models]
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
     monkeypatch.setattr(onnx, "export_onnx", no_export)
+    monkeypatch.setattr(onnx, "_fuse", no_export)
     load_embedder("minilm", resolve_runtime("cpu", "fp32", "onnx"))
-    assert model.stat().st_mtime_ns == mtime
+    assert [m.stat().st_mtime_ns for m in models] == mtimes
+
+
+def _op_types(model: Path) -> set[str]:
+    import onnx as onnx_format
+
+    return {node.op_type for node in onnx_format.load(model).graph.node}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_onnx_runs_transformers_on_fused_kernels(export_cache, precision):
+    emb = load_embedder("minilm", resolve_runtime("cpu", precision, "onnx"))
+    assert onnx.FUSED in emb.features.path.parent.name
+    ops = _op_types(emb.features.path)
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
+    assert ("MatMulInteger" in ops) == (precision == "int8")
+
+
+@pytest.mark.parametrize("pooling, layer", [("cls", None), ("max", None), ("pooler", None), ("mean", "1")])
+def test_fused_kernels_give_torchs_features_for_every_pooling(tmp_path, monkeypatch, caplog, tiny_bert_dir,
+                                                              pooling, layer):
+    """An intermediate layer's states and every pooling, through the rewritten graph (a random 3-layer BERT)."""
+    monkeypatch.setenv("INDEXER_CACHE", str(tmp_path))
+    texts = TEXTS[:12]
+    options = {"pooling": pooling, "layer": layer}
+    expected = load_embedder(f"hf:{tiny_bert_dir}", **options).embed(texts)
+    with caplog.at_level(logging.INFO, logger="indexer"):
+        emb = load_embedder(f"hf:{tiny_bert_dir}", resolve_runtime("cpu", "fp32", "onnx"), **options)
+    assert onnx.FUSED in emb.features.path.parent.name and "Attention" in _op_types(emb.features.path)
+    assert "fused kernels" in caplog.text and "plain export" not in caplog.text
+    assert np.abs(emb.embed(texts) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("fault", ["doubles the features", "raises"])
+def test_a_rewrite_that_fails_or_changes_features_is_not_used(tmp_path, monkeypatch, caplog, tiny_bert_dir, fault):
+    import onnx as onnx_format
+    import onnxscript.rewriter.ort_fusions as ort_fusions
+    from onnxscript import ir
+
+    def doubling(model):
+        """A faulty rewrite: the features times two."""
+        proto = ir.serde.serialize_model(model)
+        out = proto.graph.output[0].name
+        [producer] = [n for n in proto.graph.node if out in n.output]
+        producer.output[list(producer.output).index(out)] = "undoubled"
+        proto.graph.initializer.append(onnx_format.numpy_helper.from_array(np.array(2, np.float32), "two"))
+        proto.graph.node.append(onnx_format.helper.make_node("Mul", ["undoubled", "two"], [out]))
+        return ir.serde.deserialize_model(proto), {"attention": 1}
+
+    def raising(model):
+        raise ValueError("no pattern\nfor this graph")
+
+    monkeypatch.setenv("INDEXER_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_fusions, "optimize_for_ort", doubling if fault == "doubles the features" else raising)
+    expected = load_embedder(f"hf:{tiny_bert_dir}", pooling="mean").embed(TEXTS[:12])
+    emb = load_embedder(f"hf:{tiny_bert_dir}", resolve_runtime("cpu", "fp32", "onnx"), pooling="mean")
+    expected_reason = "change its features" if fault == "doubles the features" else r"fail (no pattern\nfor this graph)"
+    assert expected_reason in caplog.text and "running the plain export" in caplog.text
+    [plain] = [p for p in tmp_path.glob("exports/*-onnx-fp32-*/model.onnx") if onnx.FUSED not in p.parent.name]
+    assert emb.features.path.read_bytes() == plain.read_bytes()
+    assert np.abs(emb.embed(TEXTS[:12]) - expected).max() < 1e-4
 
 
 def test_killed_export_leaves_nothing_behind(tmp_path):

@@ -121,7 +121,8 @@ class TextEmbedder(Embedder):
         example = self.tokenizer(["an example to export with", "and a second, longer one, padded to the first"],
                                  padding=True, return_tensors="pt")
         example = {k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in example}
-        self.features = compile_module(self.encoder, example, {k: (0, 1) for k in example}, self.spec, runtime)
+        self.features = compile_module(self.encoder, example, {k: (0, 1) for k in example}, self.spec, runtime,
+                                       transformer=True)
 
     @property
     def default_batch_size(self) -> int:

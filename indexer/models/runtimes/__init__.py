@@ -25,14 +25,15 @@ Features = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def compile_module(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
-                   spec: ModelSpec, runtime: Runtime, calibration: Calibration | None = None) -> Features:
+                   spec: ModelSpec, runtime: Runtime, calibration: Calibration | None = None,
+                   transformer: bool = False) -> Features:
     """`module(**inputs)` run by the runtime's backend. `example` is a batch to export with (its keys
     in `module.forward`'s order); `dynamic` names the axes of each input that vary (batch, sequence);
-    `calibration` makes int8 static."""
+    `calibration` makes int8 static; `transformer` lets a backend run its fused transformer kernels."""
     if runtime.backend == "onnx":
         from .onnx import onnx_features
 
-        return onnx_features(module, example, dynamic, spec, runtime.precision, calibration)
+        return onnx_features(module, example, dynamic, spec, runtime.precision, calibration, transformer)
     if runtime.backend == "openvino":
         from .openvino import openvino_features
 

@@ -37,11 +37,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("INDEXER_CACHE") or Path.home() / ".cache" / "indexer")
 
 
-def export_dir(spec: ModelSpec, backend: str, precision: str) -> Path:
+def export_dir(spec: ModelSpec, backend: str, precision: str, graph: str | None = None) -> Path:
     """Where the export of `spec`'s features graph for (backend, precision) lives (and, for a static
-    int8 model, the calibration sample it was made with)."""
+    int8 model, the calibration sample it was made with); `graph` names a rewrite of the plain export
+    (a backend's fused kernels)."""
     key = {"weights": spec.weights_sha256 or spec.name, "layer": spec.layer, "pooling": spec.pooling,
            "options": spec.options, "backend": backend, "precision": precision, "format": EXPORT_FORMAT}
+    if graph:
+        key["graph"] = graph
     if precision == "int8" and spec.calibration:
         # A static int8 model is its calibration too: two collections of different images do not
         # share one (its ranges fit one's data), while the same inputs find the same export again.
@@ -49,7 +52,7 @@ def export_dir(spec: ModelSpec, backend: str, precision: str) -> Path:
         key["float_convs"] = FLOAT_CONVS
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     name = Path(spec.name.removeprefix("hf:")).name or "model"
-    return cache_root() / "exports" / f"{name}-{backend}-{precision}-{digest}"
+    return cache_root() / "exports" / "-".join(filter(None, (name, backend, precision, graph, digest)))
 
 
 def cached(target: Path, build: Callable[[Path], None]) -> Path:

@@ -1,11 +1,13 @@
-"""ONNX Runtime: the features graph exported with torch.onnx (dynamo exporter), int8 by ONNX
-Runtime's own quantisers: dynamic (weights int8, activations quantised per batch) for transformers,
-static QDQ (activation ranges measured on a calibration sample) for CNNs."""
+"""ONNX Runtime: the features graph exported with torch.onnx (dynamo exporter), transformers rewritten
+to ONNX Runtime's fused kernels, int8 by ONNX Runtime's own quantisers: dynamic (weights int8,
+activations quantised per batch) for transformers, static QDQ (activation ranges measured on a
+calibration sample) for CNNs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -15,11 +17,16 @@ import torch
 
 from ...errors import IndexerError
 from ...spec import ModelSpec
+from ...wording import one_line
 from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+# A transformer's export rewritten to ONNX Runtime's fused kernels (Attention, SkipLayerNormalization,
+# BiasGelu) by onnxscript's rewriter. MiniLM on 2 AVX2 cores, 1,500 docstrings in batches of 8, model
+# only: fp32 55-59 texts/s vs 46-49 plain, dynamic int8 83-89 vs 63, the same vectors (cosine 1.0).
+FUSED = "ort-fused"
 
 
 def _onnxruntime():
@@ -63,6 +70,29 @@ def _root_logging_kept() -> Iterator[None]:
     finally:
         for handler in set(root.handlers) - set(handlers):
             root.removeHandler(handler)
+
+
+def _fuse(source: Path, path: Path, example: dict[str, torch.Tensor]) -> None:
+    """`source` with ONNX Runtime's fused transformer kernels, kept only if it computes the same
+    features on the example batch (a rewrite is pattern matching: an unforeseen graph must not change
+    vectors); otherwise the plain graph."""
+    from onnxscript import ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model, counts = optimize_for_ort(ir.load(source))
+        ir.save(model, path)
+        plain, fused = OnnxFeatures(source)(example), OnnxFeatures(path)(example)
+    except Exception as exc:  # noqa: BLE001 - a speed-up that fails must not stop the export
+        problem = f"fail ({one_line(str(exc))})"
+    else:
+        if torch.allclose(fused, plain, rtol=1e-3, atol=1e-4):
+            log.info("fused kernels: %s", {k: v for k, v in counts.items() if v})
+            return
+        problem = f"change its features (by up to {float((fused - plain).abs().max()):.2g})"
+    log.warning("ONNX Runtime's fused kernels %s for %s: running the plain export", problem, source.parent.name)
+    shutil.copyfile(source, path)
 
 
 def _quantize(source: Path, path: Path) -> None:
@@ -123,22 +153,27 @@ class OnnxFeatures:
 
 
 def onnx_features(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
-                  spec: ModelSpec, precision: str, calibration: Calibration | None = None) -> OnnxFeatures:
+                  spec: ModelSpec, precision: str, calibration: Calibration | None = None,
+                  transformer: bool = False) -> OnnxFeatures:
+    """`transformer`: run ONNX Runtime's fused kernels (FUSED), and quantise that graph for int8."""
     _onnxruntime()  # before exporting for a minute only to fail
-    fp32 = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+    if precision not in ("fp32", "int8"):
+        raise IndexerError(f"--backend onnx runs fp32 or int8, not {precision}")
+    plain = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+    if precision == "int8" and calibration is not None:
+        int8 = cached(export_dir(spec, "onnx", "int8"), lambda d: _int8_static(plain / MODEL_FILE, d / MODEL_FILE,
+                                                                                spec, calibration))
+        return OnnxFeatures(int8 / MODEL_FILE)
+    graph = FUSED if transformer else None
+    fp32 = plain if graph is None else cached(export_dir(spec, "onnx", "fp32", graph),
+                                              lambda d: _fuse(plain / MODEL_FILE, d / MODEL_FILE, example))
     if precision == "fp32":
         return OnnxFeatures(fp32 / MODEL_FILE)
-    if precision == "int8":
-        int8 = cached(export_dir(spec, "onnx", "int8"), lambda d: _int8(fp32 / MODEL_FILE, d / MODEL_FILE, spec,
-                                                                         calibration))
-        return OnnxFeatures(int8 / MODEL_FILE)
-    raise IndexerError(f"--backend onnx runs fp32 or int8, not {precision}")
+    int8 = cached(export_dir(spec, "onnx", "int8", graph), lambda d: _quantize(fp32 / MODEL_FILE, d / MODEL_FILE))
+    return OnnxFeatures(int8 / MODEL_FILE)
 
 
-def _int8(source: Path, path: Path, spec: ModelSpec, calibration: Calibration | None) -> None:
-    if calibration is None:
-        _quantize(source, path)
-    elif calibration.batches is None:
+def _int8_static(source: Path, path: Path, spec: ModelSpec, calibration: Calibration) -> None:
+    if calibration.batches is None:
         raise calibrated_export_missing(spec, "onnx")
-    else:
-        _quantize_static(source, path, calibration)
+    _quantize_static(source, path, calibration)
