@@ -47,10 +47,7 @@ def _convert(onnx_file: Path, path: Path, spec: ModelSpec, precision: str, calib
                         for i in range(len(next(iter(batch.values()))))]
                 convs = [op.get_friendly_name() for op in model.get_ordered_ops()
                          if op.get_type_name() in ("Convolution", "GroupConvolution")]
-                # Full bias correction: EfficientNet-Lite0, 512 photos, 7-bit weights (AVX2): mean cosine to
-                # fp32 0.9946 -> 0.9966, overlap@10 0.949 -> 0.954 (items), 0.942 -> 0.949 (queries);
-                # calibration (64 images, 2 cores) 13-14 s instead of 8-10.
-                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows), fast_bias_correction=False,
+                model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows),
                                       ignored_scope=nncf.IgnoredScope(names=convs[:FLOAT_CONVS]),
                                       advanced_parameters=_weight_bits(calibration.weight_bits))
     ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
