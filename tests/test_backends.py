@@ -225,13 +225,19 @@ def test_cnn_features_through_onnx_and_openvino(export_cache, lite0, sample_corp
 def test_cnn_static_int8(export_cache, lite0, tmp_path, sample_corpus, backend, monkeypatch):
     """Lite0 int8, calibrated on the ingest's own images: vectors within the recorded drift of torch fp32,
     the calibration recorded and reused (no second quantisation), queries through the same model."""
+    import nncf
+
     from indexer.ingest.calibration import draw_sample
     from indexer.models.runtimes.cache import ExportMissing, export_dir
     from indexer.sources.images import decode_image
 
     images = sample_corpus["images"]
     path = tmp_path / "int8.idx"
+    nncf_calls = []
+    real_quantize = nncf.quantize
+    monkeypatch.setattr(nncf, "quantize", lambda *a, **kw: nncf_calls.append(kw) or real_quantize(*a, **kw))
     s = ingest(path, [str(images)], model="efficientnet-lite0", backend=backend, precision="int8", progress=False)
+    assert [kw["fast_bias_correction"] for kw in nncf_calls] == ([False] if backend == "openvino" else [])
     coll = Collection.open(path)
     model = json.loads((path / "manifest.json").read_text())["model"]
     key = model["calibration"]  # the sample's digest, and "-w7" if this CPU (no VNNI) gets 7-bit weights
@@ -319,7 +325,7 @@ def test_cnn_int8_has_7_bit_weights_on_a_cpu_without_vnni(export_cache, tmp_path
     monkeypatch.setattr(calibration, "int8_weight_bits", lambda: 7)
     s = ingest(path, images, model="efficientnet-lite0", backend=backend, precision="int8", progress=False)
     coll = Collection.open(path)
-    assert coll.spec.calibration.endswith(cache.WEIGHTS_7BIT) and s.drift["mean_cosine"] > 0.97
+    assert cache.Calibration.keyed(coll.spec.calibration).weight_bits == 7 and s.drift["mean_cosine"] > 0.97
     ranges = _int8_weight_ranges(backend, export_dir(coll.spec, backend, "int8"))
     assert len(ranges) > 20 and max(ranges) <= 64
     # On a CPU with VNNI, with the export gone: the same ingest rebuilds the 7-bit model, not an 8-bit one.
@@ -332,11 +338,23 @@ def test_cnn_int8_has_7_bit_weights_on_a_cpu_without_vnni(export_cache, tmp_path
     fresh = ingest(tmp_path / "w8.idx", images, model="efficientnet-lite0", backend=backend, precision="int8",
                    progress=False)
     w8 = Collection.open(tmp_path / "w8.idx").spec.calibration
-    assert w8 == coll.spec.calibration.removesuffix(cache.WEIGHTS_7BIT) and fresh.added == s.added
+    assert w8 == cache.calibration_key(cache.calibration_sample(coll.spec.calibration), 8) and fresh.added == s.added
     assert max(_int8_weight_ranges(backend, export_dir(Collection.open(tmp_path / "w8.idx").spec, backend,
                                                        "int8"))) > 64
     hits = search(coll, image=str(sorted(sample_corpus["images"].glob("*.jpg"))[3]), k=1)
     assert hits[0]["score"] > 0.999  # the query ran the collection's 7-bit model
+
+
+def test_a_calibration_key_records_the_recipe_its_model_is_rebuilt_with():
+    digest = "0123456789abcdef"
+    assert cache.calibration_key(digest, 7) == digest + "-w7-bc" and cache.calibration_key(digest, 8) == digest + "-bc"
+    recipes = {key: (c.weight_bits, c.full_bias_correction) for key in (digest, digest + "-w7", digest + "-bc",
+                                                                         digest + "-w7-bc")
+               for c in [cache.Calibration.keyed(key)]}
+    # keys made before full bias correction (no -bc) keep the fast one when their model is rebuilt
+    assert recipes == {digest: (8, False), digest + "-w7": (7, False), digest + "-bc": (8, True),
+                       digest + "-w7-bc": (7, True)}
+    assert {cache.calibration_sample(key) for key in recipes} == {digest}
 
 
 @pytest.mark.parametrize("machine, flags, bits", [

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import IndexerError
 from ..models import Embedder
-from ..models.runtimes.cache import WEIGHTS_7BIT, ExportMissing, calibration_key, int8_weight_bits
+from ..models.runtimes.cache import ExportMissing, calibration_key, calibration_sample, int8_weight_bits
 from ..sources import SourceOptions
 from .loader import ImageInputs, Prepared
 
@@ -43,8 +43,8 @@ def calibrate(embedder: Embedder, sources: list[str], opts: SourceOptions, recor
     digest, pixels = draw_sample(embedder, sources, opts, sample)
     if recorded is None:
         key = calibration_key(digest, int8_weight_bits())
-    elif recorded.removesuffix(WEIGHTS_7BIT) == digest:
-        key = recorded  # a rebuild keeps the collection's weight bits, whatever this CPU would choose
+    elif calibration_sample(recorded) == digest:
+        key = recorded  # a rebuild keeps the collection's recipe, whatever this CPU would choose
     else:
         raise IndexerError(f"the int8 model this collection was calibrated with ({recorded}) is not in the export "
                            f"cache, and these sources do not start with the same {sample} images: ingest into a "

@@ -1,7 +1,7 @@
 """OpenVINO: the ONNX export (onnx.py) converted by openvino.convert_model; int8 by NNCF: weight
 compression for transformers (int8 per-channel weights, fp32 activations), post-training quantisation
 on a calibration sample for CNNs (static int8, the first convolutions kept fp32 and 7-bit weights on
-CPUs without VNNI, as in onnx.py)."""
+CPUs without VNNI, as in onnx.py; biases corrected by NNCF's full algorithm where the key says so)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def _convert(onnx_file: Path, path: Path, spec: ModelSpec, precision: str, calib
                 convs = [op.get_friendly_name() for op in model.get_ordered_ops()
                          if op.get_type_name() in ("Convolution", "GroupConvolution")]
                 model = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows),
+                                      fast_bias_correction=not calibration.full_bias_correction,  # see cache.py
                                       ignored_scope=nncf.IgnoredScope(names=convs[:FLOAT_CONVS]),
                                       advanced_parameters=_weight_bits(calibration.weight_bits))
     ov.save_model(model, path, compress_to_fp16=False)  # fp16 storage would change fp32's vectors
