@@ -91,8 +91,9 @@ def _fuse(source: Path, path: Path, example: dict[str, torch.Tensor], dynamic: d
         fused = path / MODEL_FILE
         ir.save(model, fused)
         worst = 0.0
+        plain_session, fused_session = OnnxFeatures(source), OnnxFeatures(fused)
         for batch in (example, longer):
-            want, got = OnnxFeatures(source)(batch), OnnxFeatures(fused)(batch)
+            want, got = plain_session(batch), fused_session(batch)
             if got.shape != want.shape:
                 raise ValueError(f"features of shape {tuple(got.shape)} instead of {tuple(want.shape)}")
             worst = max(worst, float((got - want).abs().max() / want.abs().max()))
@@ -172,13 +173,19 @@ class OnnxFeatures:
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
+def plain_export(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
+                 spec: ModelSpec) -> Path:
+    """The cached directory of `module`'s plain fp32 export (MODEL_FILE), what every other model derives from."""
+    return cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+
+
 def onnx_features(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
                   spec: ModelSpec, precision: str, calibration: Calibration | None = None,
                   transformer: bool = False) -> OnnxFeatures:
     """`transformer`: fp32 runs on ONNX Runtime's fused transformer kernels (FUSED) where they give the
     same features."""
     _onnxruntime()  # before exporting for a minute only to fail
-    plain = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+    plain = plain_export(module, example, dynamic, spec)
     if precision == "fp32" and transformer:
         fused = cached(export_dir(spec, "onnx", "fp32", FUSED),
                        lambda d: _fuse(plain / MODEL_FILE, d, example, dynamic))

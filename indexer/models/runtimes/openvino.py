@@ -14,7 +14,7 @@ import torch
 from ...errors import IndexerError
 from ...spec import ModelSpec
 from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
-from .onnx import MODEL_FILE, export_onnx
+from .onnx import MODEL_FILE, plain_export
 
 IR_FILE = "model.xml"  # + model.bin beside it
 
@@ -83,7 +83,7 @@ def openvino_features(module: torch.nn.Module, example: dict[str, torch.Tensor],
     _openvino()  # before exporting for a minute only to fail
     if precision not in ("fp32", "int8"):
         raise IndexerError(f"--backend openvino runs fp32 or int8, not {precision}")
-    onnx_dir = cached(export_dir(spec, "onnx", "fp32"), lambda d: export_onnx(module, example, dynamic, d / MODEL_FILE))
+    onnx_dir = plain_export(module, example, dynamic, spec)
     ir = cached(export_dir(spec, "openvino", precision),
                 lambda d: _convert(onnx_dir / MODEL_FILE, d / IR_FILE, spec, precision, calibration))
     return OpenVinoFeatures(ir / IR_FILE)
