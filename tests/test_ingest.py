@@ -144,6 +144,18 @@ def test_stdin_source(tmp_path, monkeypatch):
     assert s.added == 2 and set(_rows(tmp_path / "s.idx")) == {"stdin:1", "stdin:2"}
 
 
+def test_stdin_vectors_into_a_new_collection_keep_the_first_row(tmp_path, monkeypatch):
+    """The first vector's row is read to learn the dim before the collection exists; stdin cannot rewind,
+    and that row was once lost."""
+    import io
+    import sys
+
+    rows = "".join(json.dumps({"id": f"r{i}", "vector": [float(i), 1.0, 2.0]}) + "\n" for i in range(5))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(rows))
+    s = ingest(tmp_path / "v.idx", ["-"], model="none", vector_field="vector", progress=False)
+    assert s.added == 5 and set(_rows(tmp_path / "v.idx")) == {f"r{i}" for i in range(5)}
+
+
 def test_other_model_is_refused(tmp_path, tiny_bert_dir):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello there"}])
     coll = tmp_path / "m.idx"

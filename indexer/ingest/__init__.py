@@ -97,7 +97,7 @@ def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOption
     elif coll is not None and model is None:
         spec = coll.spec
     else:
-        first = next((r for r in iter_records(sources, opts) if getattr(r, "vector", None) is not None), None)
+        first = next((r for r in iter_records(sources, opts, look_ahead=True) if getattr(r, "vector", None) is not None), None)
         if first is None:
             raise IndexerError("no vectors found in the sources (check --vector-field)")
         spec = ModelSpec(name="none", modality="vector", dim=len(first.vector), normalize=normalize)

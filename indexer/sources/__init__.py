@@ -104,10 +104,12 @@ def guess_modality(paths: list[str], text_field: str = "text", image_field: str 
     return "text"
 
 
-def iter_records(paths: list[str], opts: SourceOptions) -> Iterator[Record | SkippedInput]:
+def iter_records(paths: list[str], opts: SourceOptions, look_ahead: bool = False) -> Iterator[Record | SkippedInput]:
+    """The inputs of `paths` in order. `look_ahead`: a first look (at the first vector, say) that the
+    next read starts over from: stdin's lines it reads are kept for that read."""
     for p in paths:
         if p == "-":
-            yield from _table_rows(_jsonl_rows(sys.stdin, "stdin"), "stdin", Path.cwd(), opts)
+            yield from _table_rows(_jsonl_rows(_STDIN.lines(look_ahead), "stdin"), "stdin", Path.cwd(), opts)
             continue
         path = Path(p)
         if path.is_dir():
@@ -118,6 +120,29 @@ def iter_records(paths: list[str], opts: SourceOptions) -> Iterator[Record | Ski
             yield from _npy_rows(path)
         else:
             yield _file_record(path, path.name, opts)
+
+
+class _StdinLines:
+    """Standard input cannot rewind: the lines a look-ahead read are kept and read again first."""
+
+    def __init__(self) -> None:
+        self.stream, self.kept = None, []
+
+    def lines(self, keep: bool) -> Iterator[str]:
+        if self.stream is not sys.stdin:  # another stdin (a test's): nothing kept is from it
+            self.stream, self.kept = sys.stdin, []
+        if keep:
+            yield from list(self.kept)
+        else:
+            while self.kept:
+                yield self.kept.pop(0)
+        for line in sys.stdin:
+            if keep:
+                self.kept.append(line)
+            yield line
+
+
+_STDIN = _StdinLines()
 
 
 def count_inputs(paths: list[str], opts: SourceOptions) -> int | None:
