@@ -41,13 +41,15 @@ def query_vectors(n: int = 8) -> np.ndarray:
     return np.random.default_rng(7).standard_normal((n, DIM)).astype(np.float32)
 
 
-def cli(*args: str) -> subprocess.Popen:
+def cli(*args: str, stdin: bool = False) -> subprocess.Popen:
+    """`indexer ARGS` in its own process; with `stdin`, the test writes its standard input."""
     return subprocess.Popen([sys.executable, "-m", "indexer.cli", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+def finish(proc: subprocess.Popen, timeout: float = 300, stdin: str | None = None) -> tuple[int, str, str]:
+    """Wait for `proc` (writing `stdin` to it, then closing it): its exit status, stdout and stderr."""
+    out, err = proc.communicate(stdin, timeout=timeout)
     return proc.returncode, out, err
 
 

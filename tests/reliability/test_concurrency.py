@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -34,35 +35,53 @@ from .load import (
 WAITED = re.compile(r"is being written by process \d+ \(([\w ]+), since [\d:]+\); waiting for it to finish")
 
 
-def _waits(errs: list[str]) -> list[str]:
-    """The purposes the processes with these stderrs waited for (one line each, at most one per process)."""
-    out = []
-    for err in errs:
-        found = WAITED.findall(err)
-        assert len(found) <= 1, err
-        out += found
-    return out
-
-
 @pytest.mark.slow
 def test_two_ingests_at_once_one_waits_and_both_land(tmp_path, record_property):
-    """Started together into a new collection: one ingests, the other waits for it, then adds its own
-    rows; the ids both share are stored once."""
+    """A second ingest into a new collection started while the first holds it: it waits for the first
+    (saying so once), then adds its own rows; the ids both share are stored once. The first reads its
+    rows from stdin, held open until the second says it waits: started freely, the first sometimes
+    finished before the second reached the lock, and neither waited."""
     shared = [f"s{i}" for i in range(2000)]
     sources = {name: rows_file(tmp_path / f"{name}.jsonl", [f"{name}{i}" for i in range(10000)] + shared)
                for name in ("a", "b")}
     coll = tmp_path / "c.idx"
-    procs = [cli("ingest", str(coll), str(src), "--vector-field", "vector", "--model", "none", "--json")
-             for src in sources.values()]
-    results = [finish(p) for p in procs]
+    args = ("--vector-field", "vector", "--model", "none", "--json", "-q")
+    first = cli("ingest", str(coll), "-", *args, stdin=True)
+    second = None
+    head, rest = sources["a"].read_text().split("\n", 1)
+    try:
+        first.stdin.write(head + "\n")  # its vector's dim, read before the collection is made
+        first.stdin.flush()
+        _wait_for_holder(coll, first)
+        second = cli("ingest", str(coll), str(sources["b"]), *args)
+        assert _first_wait(second) == "ingest"
+        results = [finish(first, stdin=rest), finish(second)]
+    finally:
+        for p in (first, second):
+            if p is not None:
+                p.kill()
     assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
-    assert _waits([err for _, _, err in results]) == ["ingest"]
+    assert not any(WAITED.search(err) for _, _, err in results)  # the second said it once: the line read above
     ids = [r["id"] for r in stored(coll)]
     union = {f"{n}{i}" for n in "ab" for i in range(10000)} | set(shared)
     record_property("rows_lost", len(union - set(ids)))
     assert len(ids) == len(set(ids)) == len(union) and set(ids) == union
-    added = sorted(json.loads(out)["added"] for _, out, _ in results)
-    assert added == [10000, 12000]  # the second found the shared rows stored, unchanged
+    added = [json.loads(out)["added"] for _, out, _ in results]
+    assert added == [12000, 10000]  # the second found the shared rows stored, unchanged
+
+
+def _wait_for_holder(coll, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once `proc` holds the collection's write lock (the lock file names the holder)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        try:
+            if json.loads((coll / ".lock").read_text() or "{}").get("pid") == proc.pid:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"process {proc.pid} did not take the write lock in {timeout} s")
 
 
 def _first_wait(proc: subprocess.Popen) -> str:
