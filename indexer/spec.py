@@ -3,7 +3,7 @@ the manifest and `indexer info` stand alone."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Modality = Literal["text", "image"]
@@ -38,6 +38,9 @@ class ModelSpec:
     # A statically quantised model (int8 CNNs on onnx/openvino): the key of the sample of the user's own
     # inputs it was calibrated on. Another calibration gives other vectors, so queries use this one.
     calibration: str | None = None
+    # Dynamic int8 where a backend has more than one way (onnx text models): "per-token" activation
+    # scales, or "per-tensor" (ONNX Runtime's quantize_dynamic: the collections made before per-token).
+    quantization: str | None = None
 
     @property
     def joint(self) -> bool:
@@ -59,6 +62,7 @@ class ModelSpec:
             "backend": self.backend,
             "int8": self.precision == "int8",
             "calibration": self.calibration,
+            "quantization": self.quantization,
         }
         if self.joint:  # one space for both towers: a text and an image collection are comparable
             ident["modality"] = "+".join(sorted(self.towers))
@@ -73,7 +77,7 @@ class ModelSpec:
             parts.append(f"pooling={self.pooling}")
         parts.append("normalized" if self.normalize else "raw")
         if self.backend != "torch" or self.precision == "int8":
-            parts.append(f"{self.backend} {self.precision}")
+            parts.append(" ".join(filter(None, (self.backend, self.precision, self.quantization))))
         if self.calibration:
             parts.append(f"calibration={self.calibration[:12]}")
         return " ".join(parts)
@@ -84,4 +88,8 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        spec = cls(**{k: v for k, v in data.items() if k in known})
+        if "quantization" not in data and spec.backend == "onnx" and spec.precision == "int8" and not spec.calibration:
+            # Recorded before per-token int8 existed: these vectors came from ONNX Runtime's per-tensor one.
+            spec = replace(spec, quantization="per-tensor")  # runtimes.per_token.PER_TENSOR
+        return spec

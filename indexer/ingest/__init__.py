@@ -77,8 +77,9 @@ def _resolve(coll: Collection | None, sources: list[str], model: str | None, wei
             raise IndexerError(f"{coll.path} holds precomputed vectors (model none): add more with --vector-field")
         if model is None and weights is None and layer is None and pooling is None:
             return respec(coll.spec)
-        return resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
-                            normalize=normalize, modality=coll.spec.modality)
+        return replace(resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
+                                    normalize=normalize, modality=coll.spec.modality),
+                       quantization=coll.spec.quantization)  # an int8 collection's recipe, as respec keeps it
     modality = guess_modality(sources, opts.text_field, opts.image_field)  # a joint text-image model embeds the sources' kind with its tower
     if model is None:
         model = DEFAULT_MODELS[modality]

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 SAMPLE = 256  # inputs the candidates embed
 MIN_SAMPLE = 20  # fewer: nothing worth measuring, the default way is taken
 REPEATS = {"cuda": 3, "cpu": 2}  # timed runs per candidate (a GPU's take milliseconds)
-FORMAT = 3  # bump when what a cached decision means changes (2: text batches of 8-16 on a CPU; 3: onnx fp32
-# runs transformers on fused kernels)
+FORMAT = 4  # bump when what a cached decision means changes (2: text batches of 8-16 on a CPU; 3: onnx fp32
+# runs transformers on fused kernels; 4: onnx int8 scales a transformer's activations per token)
 PACKAGES = ("torch", "transformers", "onnxruntime", "onnxscript", "openvino", "nncf")
 
 

@@ -307,10 +307,11 @@ def resolve_spec(name: str, *, weights: str | None = None, layer: int | str | No
 
 def respec(spec: ModelSpec) -> ModelSpec:
     """Resolve a recorded spec again on this machine (files may live elsewhere; hashes are re-checked).
-    The backend, precision and int8 calibration it records are kept: `query_runtime` embeds with them again."""
+    The backend, precision and int8 recipe it records are kept: `query_runtime` embeds with them again."""
     return replace(resolve_spec(spec.name, weights=spec.options.get("weights"), layer=spec.layer, pooling=spec.pooling,
                                 normalize=spec.normalize, modality=spec.modality),
-                   backend=spec.backend, precision=spec.precision, calibration=spec.calibration)
+                   backend=spec.backend, precision=spec.precision, calibration=spec.calibration,
+                   quantization=spec.quantization)
 
 
 def _quiet_transformers() -> None:

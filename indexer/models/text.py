@@ -14,6 +14,7 @@ from ..spec import ModelSpec
 from .base import Embedder
 from .device import Runtime
 from .runtimes import compile_module
+from .runtimes.per_token import PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,11 @@ class TextEmbedder(Embedder):
         limit = st_max_len or spec.max_length or self.tokenizer.model_max_length
         limit = min(limit, getattr(model.config, "max_position_embeddings", limit) or limit)
         dim = model.config.hidden_size
+        # onnx int8: per-token activation scales unless the collection was made per tensor (per_token.py).
+        quantization = spec.quantization or PER_TOKEN if (runtime.backend, runtime.precision) == ("onnx", "int8") \
+            else None
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": pooling, "dim": dim,
-                                 "max_length": int(limit)})
+                                 "max_length": int(limit), "quantization": quantization})
         self.encoder = PooledEncoder(self.model, layer, self._last_layer, pooling)
         example = self.tokenizer(["an example to export with", "and a second, longer one, padded to the first"],
                                  padding=True, return_tensors="pt")

@@ -4,8 +4,8 @@ or OpenVINO (`openvino`).
 A family (text, vision) builds one torch module that maps its model inputs to features, and hands it
 to `compile_module` with an example batch: every family gets every runtime without branches of its own.
 Exports and int8 models are cached by weights hash (cache.py), never downloaded. int8 is dynamic
-(transformers: weights int8, activations quantised per batch) unless the family gives a `Calibration`
-(CNNs: activation ranges measured once on a sample of the user's inputs, static int8).
+(transformers: weights int8, activations quantised as they come, per token on onnx) unless the family
+gives a `Calibration` (CNNs: activation ranges measured once on a sample of the user's inputs, static int8).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """ONNX Runtime: the features graph exported with torch.onnx (dynamo exporter), a transformer's fp32
-graph rewritten to ONNX Runtime's fused kernels, int8 by ONNX Runtime's own quantisers: dynamic (weights int8,
-activations quantised per batch) for transformers, static QDQ (activation ranges measured on a
-calibration sample) for CNNs."""
+graph rewritten to ONNX Runtime's fused kernels. int8: for transformers dynamic, weights int8 and
+activations quantised per token (per_token.py; per batch by ONNX Runtime's quantize_dynamic for the
+collections made before), for CNNs static QDQ by ONNX Runtime's quantize_static (activation ranges
+measured on a calibration sample)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ from ...errors import IndexerError
 from ...spec import ModelSpec
 from ...wording import one_line
 from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
+from .per_token import PER_TOKEN, quantize_per_token
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 # A transformer's fp32 export rewritten to ONNX Runtime's fused kernels (Attention, SkipLayerNormalization,
 # BiasGelu) by onnxscript's rewriter. MiniLM on 2 AVX2 cores, 1,500 docstrings in batches of 8, model
-# only: 55-59 texts/s vs 46-49 plain, the same vectors (cosine 1.0). int8 still quantises the plain
-# export: its vectors are the collection's identity (backend, precision), and the fused graph's int8
-# (83-89 texts/s, Attention left fp32) would be another model for collections made before it.
+# only: 55-59 texts/s vs 46-49 plain, the same vectors (cosine 1.0). Per-token int8 (per_token.py)
+# quantises the fused graph; a collection made with per-tensor int8 keeps that model: the plain export's.
 FUSED = "ort-fused"
 UNFUSED_FILE = "unfused.txt"  # in place of the rewrite, when it is not used: why
 NO_MATCH = "matched nothing in this graph"  # not a fault: a graph without a transformer's patterns
@@ -124,6 +125,12 @@ def _quantize(source: Path, path: Path) -> None:
         quantize_dynamic(source, path, weight_type=QuantType.QInt8, per_channel=True)
 
 
+def _quantize_per_token(source: Path, path: Path) -> None:
+    with _root_logging_kept():
+        count = quantize_per_token(source, path)
+    log.info("int8 with per-token activation scales: %d matrix products", count)
+
+
 def _quantize_static(source: Path, path: Path, calibration: Calibration) -> None:
     """QDQ int8 with per-channel weights and uint8 activations (the u8s8 kernels x86 runs fastest),
     activation ranges by min/max over the calibration batches, the first FLOAT_CONVS convolutions kept
@@ -182,20 +189,27 @@ def plain_export(module: torch.nn.Module, example: dict[str, torch.Tensor], dyna
 def onnx_features(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
                   spec: ModelSpec, precision: str, calibration: Calibration | None = None,
                   transformer: bool = False) -> OnnxFeatures:
-    """`transformer`: fp32 runs on ONNX Runtime's fused transformer kernels (FUSED) where they give the
-    same features."""
+    """`transformer`: fp32 and per-token int8 run on ONNX Runtime's fused transformer kernels (FUSED) where
+    they give the same features."""
     _onnxruntime()  # before exporting for a minute only to fail
     plain = plain_export(module, example, dynamic, spec)
-    if precision == "fp32" and transformer:
+    graph, rewrite = plain / MODEL_FILE, None
+    if transformer and (precision == "fp32" or spec.quantization == PER_TOKEN):
         fused = cached(export_dir(spec, "onnx", "fp32", FUSED),
                        lambda d: _fuse(plain / MODEL_FILE, d, example, dynamic))
         reason = _unfused_reason(fused)
         if reason is None:
-            return OnnxFeatures(fused / MODEL_FILE)
-        log.log(logging.INFO if reason == NO_MATCH else logging.WARNING, "ONNX Runtime's fused kernels %s for %s: "
-                "running the plain export (delete %s to try again)", reason, spec.name, fused)
+            graph, rewrite = fused / MODEL_FILE, FUSED
+        else:
+            log.log(logging.INFO if reason == NO_MATCH else logging.WARNING, "ONNX Runtime's fused kernels %s for "
+                    "%s: running the plain export (delete %s to try again)", reason, spec.name, fused)
     if precision == "fp32":
-        return OnnxFeatures(plain / MODEL_FILE)
+        return OnnxFeatures(graph)
+    if precision == "int8" and spec.quantization == PER_TOKEN:
+        # Keyed by the graph it rewrites: the plain one (no fused kernels here) has Q, K and V quantised too.
+        int8 = cached(export_dir(spec, "onnx", "int8", "-".join(filter(None, (PER_TOKEN, rewrite)))),
+                      lambda d: _quantize_per_token(graph, d / MODEL_FILE))
+        return OnnxFeatures(int8 / MODEL_FILE)
     if precision == "int8":
         int8 = cached(export_dir(spec, "onnx", "int8"), lambda d: _int8(plain / MODEL_FILE, d / MODEL_FILE, spec,
                                                                          calibration))
