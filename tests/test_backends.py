@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from indexer.ingest import ingest
 from indexer.ingest.drift import measure, neighbour_overlap
 from indexer.models import device, query_runtime, resolve_runtime
 from indexer.models.runtimes import cache, onnx
-from indexer.models.runtimes.per_token import PER_TENSOR, PER_TOKEN
+from indexer.models.runtimes.per_token import PER_TENSOR, PER_TOKEN, PER_TOKEN_PLAIN
 from indexer.store import Collection
 from indexer.tasks.search import query_embedder, search
 
@@ -85,9 +86,24 @@ def test_onnx_runs_a_transformers_fp32_on_fused_kernels(export_cache):
     assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= _op_types(fp32)
     # Per-token int8 quantises the fused graph's other matrix products.
     int8 = load_embedder("minilm", resolve_runtime("cpu", "int8", "onnx"))
-    assert int8.spec.quantization == PER_TOKEN and onnx.FUSED in int8.features.path.parent.name
+    assert int8.spec.quantization == int8.features.quantization == PER_TOKEN
     assert {"MatMulIntegerToFloat", "Attention"} <= _op_types(int8.features.path)
     assert "MatMul" not in _op_types(int8.features.path)
+
+
+def test_per_token_int8_records_the_graph_it_quantised(export_cache, monkeypatch):
+    """Where the fused kernels are not used, int8 quantises the plain export: other vectors, so another
+    recipe; vectors made on the fused kernels are not embedded there on the plain graph."""
+    fused_spec = load_embedder("minilm", resolve_runtime("cpu", "int8", "onnx")).spec
+    monkeypatch.setattr(onnx, "_fused_graph", lambda *args: None)
+    plain = load_embedder("minilm", resolve_runtime("cpu", "int8", "onnx"))
+    assert plain.spec.quantization == PER_TOKEN_PLAIN
+    assert "MatMulIntegerToFloat" in _op_types(plain.features.path) and "Attention" not in _op_types(plain.features.path)
+    assert (plain.embed(TEXTS[:8]) * load_embedder("minilm").embed(TEXTS[:8])).sum(1).min() > 0.99
+    with pytest.raises(IndexerError, match="made on ONNX Runtime's fused kernels, which do not run here"):
+        load_embedder(fused_spec, resolve_runtime("cpu", "int8", "onnx"))
+    with pytest.raises(IndexerError, match="unknown to this version"):
+        load_embedder(replace(fused_spec, quantization="per-group"), resolve_runtime("cpu", "int8", "onnx"))
 
 
 def test_a_collection_made_per_tensor_keeps_its_int8_model(export_cache, tmp_path, sample_corpus):

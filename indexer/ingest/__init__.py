@@ -93,8 +93,10 @@ def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOption
     """The spec for vectors made elsewhere: the named model's (its dim is checked), `none`, or the
     collection's own."""
     if model not in (None, "none"):
-        spec = load_embedder(resolve_spec(model, weights=weights, layer=layer, pooling=pooling,
-                                          normalize=normalize), runtime).spec
+        spec = resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
+        if coll is not None:  # an int8 collection's recipe (to check against, as _resolve keeps it)
+            spec = replace(spec, quantization=coll.spec.quantization)
+        spec = load_embedder(spec, runtime).spec
     elif coll is not None and model is None:
         spec = coll.spec
     else:

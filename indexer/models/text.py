@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ from ..spec import ModelSpec
 from .base import Embedder
 from .device import Runtime
 from .runtimes import compile_module
-from .runtimes.per_token import PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,18 @@ class TextEmbedder(Embedder):
         limit = st_max_len or spec.max_length or self.tokenizer.model_max_length
         limit = min(limit, getattr(model.config, "max_position_embeddings", limit) or limit)
         dim = model.config.hidden_size
-        # onnx int8: per-token activation scales unless the collection was made per tensor (per_token.py).
-        quantization = spec.quantization or PER_TOKEN if (runtime.backend, runtime.precision) == ("onnx", "int8") \
-            else None
+        # onnx int8: the recorded recipe, or (None) the one the runtime picks and reports (per_token.py).
+        onnx_int8 = (runtime.backend, runtime.precision) == ("onnx", "int8")
         self.spec = ModelSpec(**{**spec.to_dict(), "layer": layer, "pooling": pooling, "dim": dim,
-                                 "max_length": int(limit), "quantization": quantization})
+                                 "max_length": int(limit), "quantization": spec.quantization if onnx_int8 else None})
         self.encoder = PooledEncoder(self.model, layer, self._last_layer, pooling)
         example = self.tokenizer(["an example to export with", "and a second, longer one, padded to the first"],
                                  padding=True, return_tensors="pt")
         example = {k: example[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in example}
         self.features = compile_module(self.encoder, example, {k: (0, 1) for k in example}, self.spec, runtime,
                                        transformer=True)
+        if onnx_int8:
+            self.spec = replace(self.spec, quantization=self.features.quantization)
 
     @property
     def default_batch_size(self) -> int:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,16 +127,16 @@ class _StdinLines:
     """Standard input cannot rewind: the lines a look-ahead read are kept and read again first."""
 
     def __init__(self) -> None:
-        self.stream, self.kept = None, []
+        self.stream, self.kept = None, deque()
 
     def lines(self, keep: bool) -> Iterator[str]:
         if self.stream is not sys.stdin:  # another stdin (a test's): nothing kept is from it
-            self.stream, self.kept = sys.stdin, []
+            self.stream, self.kept = sys.stdin, deque()
         if keep:
             yield from list(self.kept)
         else:
             while self.kept:
-                yield self.kept.pop(0)
+                yield self.kept.popleft()
         for line in sys.stdin:
             if keep:
                 self.kept.append(line)

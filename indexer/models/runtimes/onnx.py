@@ -19,7 +19,7 @@ from ...errors import IndexerError
 from ...spec import ModelSpec
 from ...wording import one_line
 from .cache import FLOAT_CONVS, Calibration, cached, calibrated_export_missing, export_dir
-from .per_token import PER_TOKEN, quantize_per_token
+from .per_token import PER_TENSOR, PER_TOKEN, PER_TOKEN_PLAIN, quantize_per_token
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ MODEL_FILE = "model.onnx"
 # A transformer's fp32 export rewritten to ONNX Runtime's fused kernels (Attention, SkipLayerNormalization,
 # BiasGelu) by onnxscript's rewriter. MiniLM on 2 AVX2 cores, 1,500 docstrings in batches of 8, model
 # only: 55-59 texts/s vs 46-49 plain, the same vectors (cosine 1.0). Per-token int8 (per_token.py)
-# quantises the fused graph; a collection made with per-tensor int8 keeps that model: the plain export's.
+# quantises the fused graph (the plain one where the rewrite is not used: another recipe, recorded so);
+# a collection made with per-tensor int8 keeps that model, the plain export's.
 FUSED = "ort-fused"
 UNFUSED_FILE = "unfused.txt"  # in place of the rewrite, when it is not used: why
 NO_MATCH = "matched nothing in this graph"  # not a fault: a graph without a transformer's patterns
@@ -163,7 +164,8 @@ def _quantize_static(source: Path, path: Path, calibration: Calibration) -> None
 class OnnxFeatures:
     """A session over an exported features graph: named torch inputs -> a (n, d) torch tensor."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, quantization: str | None = None):
+        """`quantization`: the dynamic int8 recipe of the graph (per_token.py), recorded in the spec."""
         ort = _onnxruntime()
         options = ort.SessionOptions()
         # As many threads as torch uses here (it respects the process's CPU affinity and OMP settings).
@@ -171,7 +173,7 @@ class OnnxFeatures:
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: they would take CPU from our own tokeniser and writer threads.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.path = path
+        self.path, self.quantization = path, quantization
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -189,32 +191,43 @@ def plain_export(module: torch.nn.Module, example: dict[str, torch.Tensor], dyna
 def onnx_features(module: torch.nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
                   spec: ModelSpec, precision: str, calibration: Calibration | None = None,
                   transformer: bool = False) -> OnnxFeatures:
-    """`transformer`: fp32 and per-token int8 run on ONNX Runtime's fused transformer kernels (FUSED) where
-    they give the same features."""
+    """`transformer`: fp32 runs on ONNX Runtime's fused transformer kernels (FUSED) where they give the
+    same features, and int8 is per token (`spec.quantization`: the recorded recipe, or None to pick one);
+    the features' `quantization` says which recipe ran."""
     _onnxruntime()  # before exporting for a minute only to fail
+    if precision not in ("fp32", "int8"):
+        raise IndexerError(f"--backend onnx runs fp32 or int8, not {precision}")
     plain = plain_export(module, example, dynamic, spec)
-    graph, rewrite = plain / MODEL_FILE, None
-    if transformer and (precision == "fp32" or spec.quantization == PER_TOKEN):
-        fused = cached(export_dir(spec, "onnx", "fp32", FUSED),
-                       lambda d: _fuse(plain / MODEL_FILE, d, example, dynamic))
-        reason = _unfused_reason(fused)
-        if reason is None:
-            graph, rewrite = fused / MODEL_FILE, FUSED
-        else:
-            log.log(logging.INFO if reason == NO_MATCH else logging.WARNING, "ONNX Runtime's fused kernels %s for "
-                    "%s: running the plain export (delete %s to try again)", reason, spec.name, fused)
-    if precision == "fp32":
-        return OnnxFeatures(graph)
-    if precision == "int8" and spec.quantization == PER_TOKEN:
-        # Keyed by the graph it rewrites: the plain one (no fused kernels here) has Q, K and V quantised too.
-        int8 = cached(export_dir(spec, "onnx", "int8", "-".join(filter(None, (PER_TOKEN, rewrite)))),
-                      lambda d: _quantize_per_token(graph, d / MODEL_FILE))
-        return OnnxFeatures(int8 / MODEL_FILE)
-    if precision == "int8":
+    if not transformer or (precision == "int8" and spec.quantization == PER_TENSOR):
+        if precision == "fp32":
+            return OnnxFeatures(plain / MODEL_FILE)
         int8 = cached(export_dir(spec, "onnx", "int8"), lambda d: _int8(plain / MODEL_FILE, d / MODEL_FILE, spec,
                                                                          calibration))
-        return OnnxFeatures(int8 / MODEL_FILE)
-    raise IndexerError(f"--backend onnx runs fp32 or int8, not {precision}")
+        return OnnxFeatures(int8 / MODEL_FILE, PER_TENSOR if calibration is None else None)
+    fused = _fused_graph(plain, example, dynamic, spec)
+    if precision == "fp32":
+        return OnnxFeatures(fused or plain / MODEL_FILE)
+    recipe = spec.quantization or (PER_TOKEN if fused else PER_TOKEN_PLAIN)
+    if recipe == PER_TOKEN and fused is None:
+        raise IndexerError(f"the int8 vectors were made on ONNX Runtime's fused kernels, which do not run here "
+                           f"(the log says why): embed {spec.name} where they do, or ingest into a new collection")
+    if recipe not in (PER_TOKEN, PER_TOKEN_PLAIN):
+        raise IndexerError(f"int8 recipe {recipe!r} is unknown to this version of indexer: upgrade it")
+    graph = fused if recipe == PER_TOKEN else plain / MODEL_FILE
+    int8 = cached(export_dir(spec, "onnx", "int8", recipe), lambda d: _quantize_per_token(graph, d / MODEL_FILE))
+    return OnnxFeatures(int8 / MODEL_FILE, recipe)
+
+
+def _fused_graph(plain: Path, example: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
+                 spec: ModelSpec) -> Path | None:
+    """The plain export rewritten to fused kernels, or None (logged) where the rewrite is not used."""
+    fused = cached(export_dir(spec, "onnx", "fp32", FUSED), lambda d: _fuse(plain / MODEL_FILE, d, example, dynamic))
+    reason = _unfused_reason(fused)
+    if reason is None:
+        return fused / MODEL_FILE
+    log.log(logging.INFO if reason == NO_MATCH else logging.WARNING, "ONNX Runtime's fused kernels %s for %s: "
+            "running the plain export (delete %s to try again)", reason, spec.name, fused)
+    return None
 
 
 def _int8(source: Path, path: Path, spec: ModelSpec, calibration: Calibration | None) -> None:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 LEVELS = 127  # a token's largest |x| maps to 127: x / scale + 128 stays in 1..255 (uint8)
-PER_TOKEN = "per-token"
+# The recipes, as a spec records them (its `quantization`): the graph quantised is part of the vectors.
+PER_TOKEN = "per-token"  # on ONNX Runtime's fused transformer kernels (their Attention's projections stay fp32)
+PER_TOKEN_PLAIN = "per-token-plain"  # on the plain export, where the fused kernels are not used
 PER_TENSOR = "per-tensor"  # ONNX Runtime's own quantize_dynamic: what int8 text collections were made with first
 
 
@@ -40,9 +42,9 @@ def quantize_per_token(source: Path, path: Path) -> int:
     levels, eps = constant("pt_levels", np.float32(LEVELS)), constant("pt_eps", np.float32(1e-12))
     middle, zero_point = constant("pt_middle", np.float32(128)), constant("pt_zero_point", np.uint8(128))
     one, last_axis = constant("pt_one", np.float32(1)), constant("pt_last_axis", np.array([-1], np.int64))
-    nodes, quantised, count = [], {}, 0
+    nodes, quantised, replaced, count = [], {}, set(), 0
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
+        if node.op_type != "MatMul" or node.input[1] not in weights or len(weights[node.input[1]].dims) != 2:
             nodes.append(node)
             continue
         x, w = node.input
@@ -62,17 +64,17 @@ def quantize_per_token(source: Path, path: Path) -> int:
         x_u8, x_scale = quantised[x]
         weight = numpy_helper.to_array(weights[w]).astype(np.float32)  # (in, out)
         w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / LEVELS
-        p = f"pt_mm{count}"
+        p, count = f"pt_mm{count}", count + 1
         constant(p + "_w", np.clip(np.round(weight / w_scale), -LEVELS, LEVELS).astype(np.int8))
         constant(p + "_w_scale", w_scale.astype(np.float32))
         nodes += [helper.make_node("MatMulIntegerToFloat", [x_u8, p + "_w", one, p + "_w_scale", zero_point],
                                    [p + "_out"], domain="com.microsoft"),
                   helper.make_node("Mul", [p + "_out", x_scale], [node.output[0]])]
-        count += 1
+        replaced.add(w)
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
+    kept = [init for init in graph.initializer if init.name not in replaced or init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
