@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Modality = Literal["text", "image"]
+# Dynamic int8 recipes a spec records (its `quantization`; models/runtimes/per_token.py): the graph and the
+# activation scales are part of the vectors.
+PER_TOKEN = "per-token"  # per-token scales on ONNX Runtime's fused transformer kernels
+PER_TOKEN_PLAIN = "per-token-plain"  # per-token scales on the plain export, where the fused kernels are not used
+PER_TENSOR = "per-tensor"  # ONNX Runtime's own quantize_dynamic: what int8 text collections were made with first
 Pooling = Literal["cls", "pooler", "mean", "max"]
 
 
@@ -38,8 +43,8 @@ class ModelSpec:
     # A statically quantised model (int8 CNNs on onnx/openvino): the key of the sample of the user's own
     # inputs it was calibrated on. Another calibration gives other vectors, so queries use this one.
     calibration: str | None = None
-    # Dynamic int8 where a backend has more than one way (onnx text models): "per-token" activation
-    # scales, or "per-tensor" (ONNX Runtime's quantize_dynamic: the collections made before per-token).
+    # Dynamic int8 where a backend has more than one way (onnx text models): PER_TOKEN, PER_TOKEN_PLAIN
+    # or PER_TENSOR.
     quantization: str | None = None
 
     @property
@@ -91,5 +96,5 @@ class ModelSpec:
         spec = cls(**{k: v for k, v in data.items() if k in known})
         if "quantization" not in data and spec.backend == "onnx" and spec.precision == "int8" and not spec.calibration:
             # Recorded before per-token int8 existed: these vectors came from ONNX Runtime's per-tensor one.
-            spec = replace(spec, quantization="per-tensor")  # runtimes.per_token.PER_TENSOR
+            spec = replace(spec, quantization=PER_TENSOR)
         return spec

@@ -77,9 +77,8 @@ def _resolve(coll: Collection | None, sources: list[str], model: str | None, wei
             raise IndexerError(f"{coll.path} holds precomputed vectors (model none): add more with --vector-field")
         if model is None and weights is None and layer is None and pooling is None:
             return respec(coll.spec)
-        return replace(resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
-                                    normalize=normalize, modality=coll.spec.modality),
-                       quantization=coll.spec.quantization)  # an int8 collection's recipe, as respec keeps it
+        return _with_recipe(resolve_spec(model or coll.spec.name, weights=weights, layer=layer, pooling=pooling,
+                                         normalize=normalize, modality=coll.spec.modality), coll)
     modality = guess_modality(sources, opts.text_field, opts.image_field)  # a joint text-image model embeds the sources' kind with its tower
     if model is None:
         model = DEFAULT_MODELS[modality]
@@ -88,15 +87,18 @@ def _resolve(coll: Collection | None, sources: list[str], model: str | None, wei
                         modality=modality)
 
 
+def _with_recipe(spec: ModelSpec, coll: Collection | None) -> ModelSpec:
+    """`spec` with the int8 recipe the collection's vectors were made with (as `respec` keeps it)."""
+    return spec if coll is None else replace(spec, quantization=coll.spec.quantization)
+
+
 def _precomputed(coll: Collection | None, sources: list[str], opts: SourceOptions, model: str | None, weights,
                  layer, pooling, normalize: bool, runtime) -> Embedder:
     """The spec for vectors made elsewhere: the named model's (its dim is checked), `none`, or the
     collection's own."""
     if model not in (None, "none"):
         spec = resolve_spec(model, weights=weights, layer=layer, pooling=pooling, normalize=normalize)
-        if coll is not None:  # an int8 collection's recipe (to check against, as _resolve keeps it)
-            spec = replace(spec, quantization=coll.spec.quantization)
-        spec = load_embedder(spec, runtime).spec
+        spec = load_embedder(_with_recipe(spec, coll), runtime).spec
     elif coll is not None and model is None:
         spec = coll.spec
     else:

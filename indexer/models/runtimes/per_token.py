@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ...spec import PER_TENSOR, PER_TOKEN, PER_TOKEN_PLAIN
+
+__all__ = ["PER_TENSOR", "PER_TOKEN", "PER_TOKEN_PLAIN", "quantize_per_token"]
+
 LEVELS = 127  # a token's largest |x| maps to 127: x / scale + 128 stays in 1..255 (uint8)
-# The recipes, as a spec records them (its `quantization`): the graph quantised is part of the vectors.
-PER_TOKEN = "per-token"  # on ONNX Runtime's fused transformer kernels (their Attention's projections stay fp32)
-PER_TOKEN_PLAIN = "per-token-plain"  # on the plain export, where the fused kernels are not used
-PER_TENSOR = "per-tensor"  # ONNX Runtime's own quantize_dynamic: what int8 text collections were made with first
 
 
 def quantize_per_token(source: Path, path: Path) -> int:
